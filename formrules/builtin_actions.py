@@ -1,0 +1,186 @@
+"""The built-in actions: set, log, send_email, http_request, simulate_work, report."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import mail, sandbox
+from .actions import action
+from .context import Context
+from .duration import parse_duration
+from .errors import PermanentError, RetryableError
+
+_SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>[^{}]*)\}\}\s*$")
+
+
+def _check_set(checker, args, pos, path) -> list[str]:
+    """`set` takes {field: value}; every field must be declared."""
+    if not isinstance(args, dict) or not args:
+        return ["'set' takes a mapping of field names to values, like {status: done}"]
+    for name, value in args.items():
+        checker.field_name(name, checker.key_pos(args, name), path)
+        if isinstance(value, str):
+            checker.template(value, checker.value_pos(args, name), path, expression=False)
+    return []
+
+
+@action("set", render_args=False, extra_check=_check_set)
+def set_fields(ctx: Context, args: dict[str, Any]) -> None:
+    """Set fields of the record; values are templates (`{{ expr }}` keeps its type)."""
+    variables = ctx.variables()
+    for name, value in args.items():
+        if isinstance(value, str):
+            match = _SINGLE_EXPRESSION.match(value)
+            value = (sandbox.evaluate(match["expr"], variables) if match
+                     else sandbox.render(value, variables))
+        ctx.set(name, value)
+
+
+@action("log", {"message": "text!", "level": "text"}, positional="message")
+def log(ctx: Context, message: str, level: str = "info") -> None:
+    """Write a line to the run's log (and trace)."""
+    ctx.log.log({"debug": 10, "info": 20, "warning": 30, "error": 40}.get(level, 20),
+                "%s: %s", ctx.path, message)
+
+
+@action("send_email", {"to": "text!", "subject": "text!", "body": "text!", "cc": "text",
+                       "reply_to": "text", "html": "text"})
+def send_email(ctx: Context, to: str, subject: str, body: str, cc: str = "",
+               reply_to: str = "", html: str = "") -> None:
+    """Send an e-mail (SMTP, or an .eml file in the outbox when SMTP is not set up)."""
+    if not to.strip():
+        raise PermanentError("send_email: empty recipient", "No e-mail address was given.")
+    message = EmailMessage()
+    message["From"] = ctx.settings.mail_from
+    message["To"] = to
+    if cc:
+        message["Cc"] = cc
+    if reply_to:
+        message["Reply-To"] = reply_to
+    message["Subject"] = subject
+    message["Date"] = formatdate(localtime=False)
+    # A stable Message-ID per step lets receivers (and our outbox) drop a repeated send.
+    digest = hashlib.sha256(ctx.idempotency_key.encode()).hexdigest()[:32]
+    message["Message-ID"] = f"<{digest}@formrules>"
+    message.set_content(body)
+    if html:
+        message.add_alternative(html, subtype="html")
+    try:
+        where = mail.send(ctx.settings, message)
+    except OSError as exc:  # smtplib errors are OSErrors too
+        raise RetryableError(f"send_email: {exc}", "The e-mail could not be sent yet.") from exc
+    ctx.log.info("%s: e-mail to %s via %s", ctx.path, to, where)
+
+
+@action("http_request", {"url": "text!", "method": "text", "headers": "mapping",
+                         "json": "any", "body": "text", "timeout": "duration",
+                         "save": "mapping"})
+def http_request(ctx: Context, url: str, method: str = "POST", headers: dict | None = None,
+                 json: Any = None, body: str | None = None, timeout: Any = "30s",
+                 save: dict | None = None) -> None:
+    """Call an allowed HTTP endpoint, sending the step's Idempotency-Key header."""
+    host = (urlsplit(url).hostname or "").lower()
+    if urlsplit(url).scheme not in ("http", "https") or host not in ctx.settings.http_allow:
+        raise PermanentError(f"http_request: host {host!r} is not in FORMRULES_HTTP_ALLOW",
+                             "This form is not allowed to contact that service.")
+    data = None
+    sent_headers = {"Idempotency-Key": ctx.idempotency_key, **(headers or {})}
+    if json is not None:
+        data = _json_dumps(json).encode()
+        sent_headers.setdefault("Content-Type", "application/json")
+    elif body is not None:
+        data = body.encode()
+    request = urllib.request.Request(url, data=data, method=method.upper(),
+                                     headers=sent_headers)
+    seconds = parse_duration(timeout).total_seconds()
+    safe = f"The service at {host} could not be reached."
+    try:
+        with urllib.request.urlopen(request, timeout=seconds) as response:  # noqa: S310
+            payload = response.read(10_000_000)
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        if exc.code in (408, 425, 429) or exc.code >= 500:
+            raise RetryableError(f"http_request {url}: HTTP {exc.code}", safe) from exc
+        raise PermanentError(f"http_request {url}: HTTP {exc.code}",
+                             f"The service at {host} refused the request.") from exc
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        raise RetryableError(f"http_request {url}: {exc}", safe) from exc
+    ctx.log.info("%s: %s %s -> %s", ctx.path, method.upper(), url, status)
+    if save:
+        text = payload.decode("utf-8", errors="replace")
+        try:
+            parsed = _json_loads(text)
+        except ValueError:
+            parsed = None
+        variables = {**ctx.variables(), "response": {"status": status, "text": text,
+                                                     "json": parsed}}
+        for name, template in save.items():
+            ctx.set(name, sandbox.render(str(template), variables))
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+def _json_loads(text: str) -> Any:
+    return json.loads(text)
+
+
+@action("simulate_work", {"seconds": "number", "steps": "int", "message": "text",
+                          "fail_attempts": "int"})
+def simulate_work(ctx: Context, seconds: float = 5, steps: int = 10, message: str = "",
+                  fail_attempts: int = 0) -> None:
+    """Sleep `seconds` in `steps`, reporting progress; fail the first `fail_attempts` tries."""
+    steps = max(1, int(steps))
+    if ctx.attempt <= int(fail_attempts):
+        raise RetryableError(f"simulate_work: planned failure on attempt {ctx.attempt}",
+                             "A simulated hiccup; trying again shortly.")
+    for i in range(steps):
+        ctx.check_cancelled()
+        time.sleep(float(seconds) / steps)
+        ctx.progress(i + 1, steps, message or f"Step {i + 1} of {steps}")
+
+
+@action("report", {"filename": "text!", "columns": "list", "rows": "list",
+                   "content": "text", "records": "text", "content_type": "text"})
+def report(ctx: Context, filename: str, columns: list | None = None, rows: list | None = None,
+           content: str | None = None, records: str | None = None,
+           content_type: str | None = None) -> None:
+    """Attach a result file: `content` as is, or CSV of `rows`, this record, or `records`."""
+    if content is not None:
+        ctx.attach(filename, content, content_type or "text/plain; charset=utf-8")
+        return
+    if rows is None:
+        if records == "all":
+            rows = ctx.extra.get("all_records", lambda: [])()
+        else:
+            rows = [ctx.data]
+    columns = [str(c) for c in (columns or list(ctx.field_types))]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    for row in rows:
+        if isinstance(row, dict):
+            writer.writerow([_cell(row.get(c)) for c in columns])
+        else:
+            writer.writerow([_cell(v) for v in (row if isinstance(row, list) else [row])])
+    ctx.attach(filename, out.getvalue(), content_type or "text/csv; charset=utf-8")
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    if isinstance(value, int | float) or re.fullmatch(r"-?\d+(\.\d+)?", text):
+        return text
+    # Spreadsheet formula injection: a text cell starting with = + - @ is kept as text.
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text

@@ -1,0 +1,385 @@
+"""Validation of event-tree nodes: raw YAML in, frozen tree nodes and problems out.
+
+A node's kind is decided by its single key; an unknown kind is an error, never ignored.
+Every problem carries file:line:col and the node path. `formrules.rules` drives this over
+whole files.
+"""
+
+from __future__ import annotations
+
+import difflib
+from datetime import timedelta
+from typing import Any
+
+from jinja2 import meta
+
+from . import actions, sandbox
+from .duration import parse_duration
+from .errors import Problem
+from .tree import (
+    DEFAULT_RETRY,
+    NO_RETRY,
+    ActionNode,
+    DeferNode,
+    IfNode,
+    Node,
+    ProgressNode,
+    RetryPolicy,
+)
+from .yamlsource import Map, Pos, Seq, plain
+
+DEFER_KEYS = {
+    "background": ("title", "flag", "await", "timeout", "retry", "do", "on_error",
+                   "inline_for"),
+    "delay": ("title", "flag", "await", "timeout", "retry", "do", "on_error", "for", "at",
+              "on_change", "cancel_if", "when"),
+}
+KINDS = ("if", "background", "delay", "progress")
+# Names templates and expressions may use besides the sandbox globals.
+VARIABLES = ("record", "old", "changed", "form", "run", "error", "response", "loop", "range",
+             "true", "false", "none", "True", "False", "None")
+
+
+def did_you_mean(word: str, options) -> str:
+    """` (did you mean 'x'?)` when a close option exists, else ``."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class Checker:
+    """Validates one file's raw YAML and builds tree nodes, collecting problems."""
+
+    def __init__(self, file: str, fields: dict[str, str] | None = None):
+        self.file = file
+        self.fields: dict[str, str] = dict(fields or {})
+        self.problems: list[Problem] = []
+
+    # -- reporting ---------------------------------------------------------------------
+    def error(self, pos: Pos | None, path: str, message: str) -> None:
+        """Record a problem at `pos` (the file's start when unknown)."""
+        pos = pos or Pos(self.file, 1, 1)
+        self.problems.append(Problem(pos.file, pos.line, pos.col, path, message))
+
+    @staticmethod
+    def key_pos(mapping: Any, key: Any) -> Pos | None:
+        """Where `key` is written in `mapping`."""
+        return getattr(mapping, "key_pos", {}).get(key) or getattr(mapping, "pos", None)
+
+    @staticmethod
+    def value_pos(container: Any, key: Any) -> Pos | None:
+        """Where the value of `key` (or item `key`) is written."""
+        if isinstance(container, Seq) and isinstance(key, int):
+            return container.item_pos[key] if key < len(container.item_pos) else container.pos
+        return getattr(container, "value_pos", {}).get(key) or getattr(container, "pos", None)
+
+    def known_keys(self, mapping: Map, allowed, path: str, what: str) -> None:
+        """Report keys of `mapping` not in `allowed`, with a suggestion."""
+        for key in mapping:
+            if key not in allowed:
+                self.error(self.key_pos(mapping, key), path,
+                           f"unknown {what} option '{key}'{did_you_mean(key, allowed)}")
+
+    def mapping(self, value: Any, pos: Pos | None, path: str, what: str) -> Map | None:
+        """`value` when it is a mapping; else report and return None."""
+        if isinstance(value, dict):
+            return value
+        self.error(pos, path, f"{what} must be a mapping, got {_kind(value)}")
+        return None
+
+    # -- scalars -----------------------------------------------------------------------
+    def text(self, value: Any, pos: Pos | None, path: str, *, template: bool = True) -> str:
+        """A string (numbers allowed); checked as a template when `template`."""
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            self.error(pos, path, f"expected text, got {_kind(value)}")
+            return ""
+        value = str(value)
+        if template:
+            self.template(value, pos, path, expression=False)
+        return value
+
+    def template(self, source: str, pos: Pos | None, path: str, *, expression: bool) -> None:
+        """Compile a template or expression and check the fields it names."""
+        what = "expression" if expression else "template"
+        message, used = sandbox.check(source, expression=expression)
+        if message:
+            self.error(pos, path, f"{what} does not compile: {message}")
+            return
+        for variable, attr in used:
+            if variable in ("record", "old", "changed") and self.fields and \
+                    attr not in self.fields:
+                self.error(pos, path, f"unknown field '{attr}' in {what}"
+                                      f"{did_you_mean(attr, self.fields)}")
+        env = sandbox.environment()
+        ast = env.parse("{{ (" + source + ") }}" if expression else source)
+        for name in meta.find_undeclared_variables(ast):
+            if name not in VARIABLES and name not in sandbox.GLOBALS:
+                self.error(pos, path, f"unknown name '{name}' in {what}"
+                                      f"{did_you_mean(name, VARIABLES + tuple(sandbox.GLOBALS))}")
+
+    def expression(self, value: Any, pos: Pos | None, path: str) -> str:
+        """An expression string (a bool or number is accepted as its literal)."""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if not isinstance(value, str | int | float):
+            self.error(pos, path, f"expected an expression, got {_kind(value)}")
+            return "false"
+        self.template(str(value), pos, path, expression=True)
+        return str(value)
+
+    def duration(self, value: Any, pos: Pos | None, path: str) -> timedelta | None:
+        """A duration, or None after reporting a bad one."""
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.error(pos, path, str(exc))
+            return None
+
+    def boolean(self, value: Any, pos: Pos | None, path: str) -> bool:
+        """A YAML boolean."""
+        if not isinstance(value, bool):
+            self.error(pos, path, f"expected true or false, got {_kind(value)}")
+            return False
+        return value
+
+    def integer(self, value: Any, pos: Pos | None, path: str, minimum: int = 0) -> int:
+        """A whole number no smaller than `minimum`."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.error(pos, path, f"expected a whole number >= {minimum}, got {value!r}")
+            return minimum
+        return value
+
+    def field_name(self, name: Any, pos: Pos | None, path: str, *, boolean: bool = False) -> str:
+        """A declared field's name (a boolean one when `boolean`)."""
+        if name not in self.fields:
+            self.error(pos, path, f"unknown field '{name}'{did_you_mean(name, self.fields)}")
+        elif boolean and self.fields[name] != "boolean":
+            self.error(pos, path, f"flag field '{name}' must have type boolean, "
+                                  f"not {self.fields[name]}")
+        return str(name)
+
+    # -- nodes -------------------------------------------------------------------------
+    def nodes(self, value: Any, pos: Pos | None, path: str) -> tuple[Node, ...]:
+        """A list of nodes."""
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.error(pos, path, f"expected a list of nodes, got {_kind(value)}")
+            return ()
+        out = []
+        for i, item in enumerate(value):
+            node = self.node(item, self.value_pos(value, i), f"{path}/{i}")
+            if node is not None:
+                out.append(node)
+        return tuple(out)
+
+    def node(self, item: Any, pos: Pos | None, path: str) -> Node | None:
+        """One node; its kind is its single key (`if` takes `then`/`else` beside it)."""
+        if not isinstance(item, dict) or not item:
+            self.error(pos, path, "a node must be a mapping like '- set: {field: value}', "
+                                  f"got {_kind(item)}")
+            return None
+        if "if" in item:
+            return self.if_node(item, pos, path)
+        if len(item) != 1:
+            keys = ", ".join(map(str, item))
+            self.error(pos, path, f"a node has exactly one key naming its kind (an action, "
+                                  f"if, background, delay or progress); got {keys}")
+            return None
+        (kind, args), = item.items()
+        kpos, vpos = self.key_pos(item, kind), self.value_pos(item, kind)
+        if kind in DEFER_KEYS:
+            return self.defer_node(kind, args, kpos, vpos, f"{path}/{kind}", item)
+        if kind == "progress":
+            return self.progress_node(args, kpos, vpos, path)
+        if kind in ("then", "else"):
+            self.error(kpos, path, f"'{kind}' belongs beside an 'if:' key")
+            return None
+        spec = actions.get(kind)
+        if spec is None:
+            known = list(actions.registry()) + list(KINDS)
+            self.error(kpos, path, f"unknown action '{kind}'{did_you_mean(kind, known)}")
+            return None
+        args = self.action_args(spec, args, vpos, path)
+        return ActionNode(path, kpos, kind, args)
+
+    def if_node(self, item: Map, pos: Pos | None, path: str) -> IfNode:
+        """`if:` with `then:` and optional `else:`."""
+        self.known_keys(item, ("if", "then", "else"), path, "if")
+        test = self.expression(item["if"], self.value_pos(item, "if"), path)
+        if "then" not in item:
+            self.error(self.key_pos(item, "if"), path, "'if' needs a 'then:' list")
+        then = self.nodes(item.get("then"), self.value_pos(item, "then"), f"{path}/then")
+        other = self.nodes(item.get("else"), self.value_pos(item, "else"), f"{path}/else")
+        return IfNode(path, self.key_pos(item, "if") or pos, test, then, other)
+
+    def progress_node(self, args: Any, kpos: Pos | None, vpos: Pos | None, path: str):
+        """`progress: {done, total, message, title}`."""
+        args = self.mapping(args, vpos, path, "progress") or {}
+        self.known_keys(args, ("done", "total", "message", "title"), path, "progress")
+        for key in ("done", "total"):
+            if key in args and not isinstance(args[key], int | float):
+                self.expression(args[key], self.value_pos(args, key), path)
+        for key in ("message", "title"):
+            if key in args:
+                self.text(args[key], self.value_pos(args, key), path)
+        return ProgressNode(path, kpos, args.get("done"), args.get("total"),
+                            args.get("message"), args.get("title"))
+
+    def defer_node(self, kind: str, args: Any, kpos, vpos, path: str, item: Any):
+        """`background:` or `delay:`; a background is a delay of `now`."""
+        args = self.mapping(args, vpos, path, kind)
+        if args is None:
+            return None
+        self.known_keys(args, DEFER_KEYS[kind], path, kind)
+        pos = lambda k: self.value_pos(args, k)  # noqa: E731
+        delay_for, when_at = (timedelta(0), None) if kind == "background" else (None, None)
+        if kind == "delay":
+            if ("for" in args) == ("at" in args):
+                self.error(kpos, path, "a delay needs exactly one of 'for:' or 'at:'")
+            if "for" in args:
+                delay_for = self.duration(args["for"], pos("for"), path)
+            elif "at" in args and str(args["at"]).strip() == "now":
+                delay_for = timedelta(0)
+            elif "at" in args:
+                when_at = self.expression(args["at"], pos("at"), path)
+        if "do" not in args:
+            self.error(kpos, path, f"'{kind}' needs a 'do:' list of nodes")
+        awaited = args.get("await", kind == "background" or delay_for == timedelta(0))
+        if awaited not in (True, False, "optional"):
+            self.error(pos("await"), path, f"'await' must be true, false or optional, "
+                                           f"got {awaited!r}")
+        on_change = args.get("on_change", "recompute" if when_at else "keep")
+        if on_change not in ("recompute", "keep"):
+            self.error(pos("on_change"), path, "'on_change' must be recompute or keep")
+        title = self.text(args.get("title", "Working on it"), pos("title"), path)
+        flag = args.get("flag")
+        if flag is not None:
+            self.field_name(flag, pos("flag"), path, boolean=True)
+        return DeferNode(
+            path=path, pos=kpos, kind=kind, title=title,
+            do=self.nodes(args.get("do"), pos("do"), f"{path}/do"),
+            flag=flag, awaited=str(awaited).lower(), delay_for=delay_for, at=when_at,
+            timeout=self.duration(args["timeout"], pos("timeout"), path)
+            if "timeout" in args else None,
+            retry=self.retry(args["retry"], pos("retry"), path) if "retry" in args
+            else DEFAULT_RETRY,
+            on_error=self.nodes(args.get("on_error"), pos("on_error"), f"{path}/on_error"),
+            inline_for=self.duration(args["inline_for"], pos("inline_for"), path)
+            if "inline_for" in args else None,
+            on_change=on_change,
+            cancel_if=self.expression(args["cancel_if"], pos("cancel_if"), path)
+            if "cancel_if" in args else None,
+            when=self.expression(args["when"], pos("when"), path) if "when" in args else None,
+            raw=plain(item),
+        )
+
+    def retry(self, value: Any, pos: Pos | None, path: str) -> RetryPolicy:
+        """`retry: {attempts, backoff: [..] | exponential, base, max, jitter}`."""
+        if value is False or value == 0:
+            return NO_RETRY
+        value = self.mapping(value, pos, f"{path}/retry", "retry")
+        if value is None:
+            return DEFAULT_RETRY
+        rpath = f"{path}/retry"
+        self.known_keys(value, ("attempts", "backoff", "base", "max", "jitter"), rpath, "retry")
+        vp = lambda k: self.value_pos(value, k)  # noqa: E731
+        attempts = self.integer(value.get("attempts", DEFAULT_RETRY.attempts), vp("attempts"),
+                                rpath, minimum=1)
+        jitter = value.get("jitter", 0.1)
+        if isinstance(jitter, bool) or not isinstance(jitter, int | float) \
+                or not 0 <= jitter <= 1:
+            self.error(vp("jitter"), rpath, "'jitter' must be a fraction from 0 to 1")
+            jitter = 0.1
+        backoff = value.get("backoff")
+        if backoff == "exponential":
+            base = self.duration(value.get("base", "10s"), vp("base"), rpath)
+            cap = self.duration(value.get("max", "1d"), vp("max"), rpath)
+            return RetryPolicy(attempts, (), (base or timedelta(10)).total_seconds(),
+                               (cap or timedelta(1)).total_seconds(), float(jitter))
+        for key in ("base", "max"):
+            if key in value:
+                self.error(self.key_pos(value, key), rpath,
+                           f"'{key}' goes with 'backoff: exponential'")
+        if backoff is None:
+            steps = DEFAULT_RETRY.backoff
+        elif isinstance(backoff, list) and backoff:
+            steps = tuple((self.duration(b, self.value_pos(backoff, i), rpath)
+                           or timedelta(0)).total_seconds() for i, b in enumerate(backoff))
+        else:
+            self.error(vp("backoff"), rpath,
+                       "'backoff' must be a list of durations or 'exponential'")
+            steps = DEFAULT_RETRY.backoff
+        return RetryPolicy(attempts, steps, None, None, float(jitter))
+
+    def action_args(self, spec: actions.ActionSpec, args: Any, pos: Pos | None, path: str):
+        """Check an action's arguments against what it declares."""
+        if spec.extra_check is not None:
+            for message in spec.extra_check(self, args, pos, path):
+                self.error(pos, path, message)
+            return plain(args)
+        if spec.params is None:
+            self._templates_in(args, pos, path)
+            return plain(args)
+        if not isinstance(args, dict):
+            if spec.positional and args is not None:
+                args = Map({spec.positional: args})
+                args.pos, args.key_pos, args.value_pos = pos, {}, {}
+            elif args is None and not any(p.required for p in spec.params.values()):
+                return {}
+            else:
+                self.error(pos, path, f"'{spec.name}' takes a mapping of "
+                                      f"{', '.join(spec.params)}; got {_kind(args)}")
+                return {}
+        for key, value in args.items():
+            param = spec.params.get(key)
+            kpos = self.value_pos(args, key)
+            if param is None:
+                self.error(self.key_pos(args, key), path,
+                           f"'{spec.name}' has no option '{key}'{did_you_mean(key, spec.params)}")
+            else:
+                self._param(spec.name, key, param, value, kpos, path)
+        for key, param in spec.params.items():
+            if param.required and key not in args:
+                self.error(pos, path, f"'{spec.name}' needs '{key}'")
+        return plain(args)
+
+    def _param(self, action: str, key: str, param: actions.Param, value: Any, pos, path):
+        kind = param.kind
+        ok = {
+            "text": lambda v: isinstance(v, str | int | float) and not isinstance(v, bool),
+            "int": lambda v: isinstance(v, int) and not isinstance(v, bool) or
+            isinstance(v, str) and "{" in v,
+            "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool) or
+            isinstance(v, str) and "{" in v,
+            "bool": lambda v: isinstance(v, bool),
+            "mapping": lambda v: isinstance(v, dict),
+            "list": lambda v: isinstance(v, list),
+            "any": lambda v: True,
+            "duration": lambda v: True,
+        }[kind]
+        if not ok(value):
+            self.error(pos, path, f"'{action}' option '{key}' expects {kind}, got {_kind(value)}")
+        elif kind == "duration":
+            self.duration(value, pos, path)
+        else:
+            self._templates_in(value, pos, path)
+
+    def _templates_in(self, value: Any, pos: Pos | None, path: str) -> None:
+        if isinstance(value, str):
+            self.template(value, pos, path, expression=False)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                self._templates_in(v, self.value_pos(value, k), path)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                self._templates_in(v, self.value_pos(value, i), path)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"

@@ -1,0 +1,276 @@
+"""The `formrules` command: check, run, web, worker, runs, users, tokens, tasks.
+
+Expected failures (`FormrulesError`) print a clean message and exit 1; anything else is a
+bug and keeps its traceback. The web layer is imported only by the commands that serve it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from .config import from_env
+from .errors import FormrulesError, RuleError
+from .rules import check_rules
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """formrules: forms and event trees in YAML, with background work on RQ."""
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except FormrulesError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("directory", required=False)
+def check(directory: str | None) -> None:
+    """Validate the rules in DIRECTORY (default: FORMRULES_RULES or rules/)."""
+    from . import actions
+
+    settings = from_env()
+    actions.load_modules(settings.actions_modules)
+    directory = directory or settings.rules_dir
+    ruleset, problems = check_rules(directory)
+    for problem in problems:
+        click.echo(str(problem))
+    if problems:
+        click.echo(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} found.",
+                   err=True)
+        sys.exit(1)
+    click.echo(f"{len(ruleset.forms)} form(s) OK in {directory}: "
+               + ", ".join(sorted(ruleset.forms)))
+
+
+@cli.command()
+@click.option("--rules", "rules_dir", help="rules directory (default: rules/)")
+@click.option("--port", default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def run(rules_dir: str | None, port: int, host: str) -> None:
+    """Run everything: web + worker (+ a private Redis when REDIS_URL is unset)."""
+    from .redis_server import RedisServer
+
+    if rules_dir:
+        os.environ["FORMRULES_RULES"] = rules_dir
+    settings = from_env()
+    _require_valid_rules(settings.rules_dir, settings.actions_modules)
+    redis_server = None
+    children: list[subprocess.Popen] = []
+
+    def shutdown(*_args) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, shutdown)
+    try:
+        if not os.environ.get("REDIS_URL"):
+            redis_server = RedisServer(Path(settings.instance_dir) / "redis").start()
+            os.environ["REDIS_URL"] = redis_server.url
+            click.echo(f"Started a private Redis at {redis_server.url} "
+                       f"(data in {redis_server.data_dir})")
+        from .children import die_with_parent
+        children.append(subprocess.Popen([sys.executable, "-m", "formrules.worker"],
+                                         env=os.environ.copy(), preexec_fn=die_with_parent))
+        from werkzeug.serving import run_simple
+
+        from .web import create_app
+        app = create_app(settings=from_env())
+        click.echo(f"formrules is running at http://{host}:{port}/  (Ctrl-C stops it all)")
+        run_simple(host, port, app, threaded=True, use_reloader=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if redis_server is not None:
+            redis_server.stop()
+        click.echo("Stopped.")
+
+
+def _require_valid_rules(directory: str, modules: str) -> None:
+    from . import actions
+
+    actions.load_modules(modules)
+    _, problems = check_rules(directory)
+    if problems:
+        raise RuleError(problems)
+
+
+@cli.command()
+@click.option("--port", default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def web(port: int, host: str) -> None:
+    """Run the web app alone (development server; use gunicorn in production)."""
+    from werkzeug.serving import run_simple
+
+    from .web import create_app
+    run_simple(host, port, create_app(), threaded=True, use_reloader=False)
+
+
+@cli.command()
+@click.option("--simple", is_flag=True, help="run jobs in-process (no fork per job)")
+@click.option("--burst", is_flag=True, help="stop when the queue is empty")
+def worker(simple: bool, burst: bool) -> None:
+    """Run a worker: RQ worker + scheduler + reconciler."""
+    from .worker import run_worker
+    run_worker(from_env(), simple=simple, burst=burst)
+
+
+@cli.command()
+def reconcile() -> None:
+    """Run one reconciler pass now and print what it did."""
+    from .reconciler import reconcile_once
+    from .runtime import Runtime, install
+    rt = install(Runtime(from_env()))
+    rt.store.create_all()
+    click.echo(str(reconcile_once(rt)))
+
+
+@cli.group()
+def runs() -> None:
+    """Inspect and repair Runs."""
+
+
+def _runtime():
+    from .runtime import Runtime, install
+    rt = install(Runtime(from_env()))
+    rt.store.create_all()
+    return rt
+
+
+@runs.command("list")
+@click.option("--status", help="e.g. dead, running, retrying")
+@click.option("--form", "form_id")
+@click.option("--limit", default=50, show_default=True)
+def runs_list(status: str | None, form_id: str | None, limit: int) -> None:
+    """List Runs, newest first."""
+    from sqlalchemy import select
+
+    from .models import Run
+    rt = _runtime()
+    with rt.store.session() as s:
+        query = select(Run).order_by(Run.created_at.desc()).limit(limit)
+        if status:
+            query = query.where(Run.status == status)
+        if form_id:
+            query = query.where(Run.form_id == form_id)
+        for run in s.scalars(query):
+            click.echo(f"{run.id}  {run.status:<9}  {run.attempt}/{run.max_attempts}  "
+                       f"{run.form_id}  {run.node_path}  {run.title}")
+
+
+@runs.command("show")
+@click.argument("run_id")
+def runs_show(run_id: str) -> None:
+    """Show a Run with its trace and full error."""
+    from sqlalchemy import select
+
+    from .models import Run, RunEvent
+    rt = _runtime()
+    with rt.store.session() as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            raise FormrulesError(f"no run {run_id}")
+        for key in ("id", "status", "form_id", "node_path", "title", "attempt", "max_attempts",
+                    "due_at", "started_at", "finished_at", "recoveries", "safe_error"):
+            click.echo(f"{key:>12}: {getattr(run, key)}")
+        click.echo("       trace:")
+        for ev in s.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
+                            .order_by(RunEvent.id)):
+            first = (ev.detail or "").strip().splitlines()[-1:] or [""]
+            click.echo(f"  {ev.at:%Y-%m-%d %H:%M:%S} #{ev.attempt} {ev.event:<8} "
+                       f"{ev.path or '-'}  {first[0][:120]}")
+        if run.last_error:
+            click.echo("  last error:\n" + run.last_error)
+
+
+@runs.command("retry")
+@click.argument("run_ids", nargs=-1, required=True)
+def runs_retry(run_ids: tuple[str, ...]) -> None:
+    """Retry dead or cancelled Runs."""
+    _control(run_ids, "retry")
+
+
+@runs.command("cancel")
+@click.argument("run_ids", nargs=-1, required=True)
+def runs_cancel(run_ids: tuple[str, ...]) -> None:
+    """Cancel Runs (running ones stop at their next step)."""
+    _control(run_ids, "cancel")
+
+
+def _control(run_ids: tuple[str, ...], what: str) -> None:
+    from . import control
+    from .models import Run
+    rt = _runtime()
+    failed = False
+    for run_id in run_ids:
+        with rt.store.session() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                click.echo(f"{run_id}: no such run", err=True)
+                failed = True
+                continue
+            try:
+                outcome = getattr(control, what)(s, run, "the CLI") or "queued"
+            except control.NotAllowed as exc:
+                click.echo(f"{run_id}: {exc}", err=True)
+                failed = True
+                continue
+        control.after_commit(rt.dispatcher, run)
+        click.echo(f"{run_id}: {outcome}")
+    if failed:
+        sys.exit(1)
+
+
+@cli.group()
+def users() -> None:
+    """Manage user accounts."""
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--operator", is_flag=True, help="may use the operator pages")
+@click.option("--password", envvar="FORMRULES_PASSWORD",
+              help="default: asked for (or FORMRULES_PASSWORD)")
+def users_add(name: str, operator: bool, password: str | None) -> None:
+    """Create a user (or reset its password and role)."""
+    from sqlalchemy import select
+    from werkzeug.security import generate_password_hash
+
+    from .models import User
+    if not password:
+        password = getpass.getpass(f"Password for {name}: ")
+    if len(password) < 8:
+        raise FormrulesError("a password needs at least 8 characters")
+    rt = _runtime()
+    with rt.store.session() as s:
+        user = s.scalar(select(User).where(User.name == name)) or User(name=name)
+        user.password_hash = generate_password_hash(password)
+        user.is_operator = operator
+        s.add(user)
+    click.echo(f"user {name} saved{' (operator)' if operator else ''}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Settings from the environment (and test overrides), in one typed place."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything web, worker and CLI need to agree on."""
+
+    rules_dir: str = "rules"
+    instance_dir: str = "instance"
+    database_url: str = ""  # empty: SQLite file in the instance folder
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue: str = "formrules"
+    secret_key: str = ""
+    actions_modules: str = ""
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_tls: bool = False
+    mail_from: str = "formrules@localhost"
+    http_allow: tuple[str, ...] = ()  # hosts `http_request` may call
+    heartbeat_seconds: float = 5.0  # how often a running Run proves it is alive
+    stale_seconds: float = 30.0  # a Run silent this long is resumed elsewhere
+    reconcile_seconds: float = 10.0  # reconciler interval
+    default_timeout_seconds: float = 3600.0
+    progress_write_seconds: float = 0.5  # progress is written at most this often
+    max_recoveries: int = 5  # a Run that kills its worker this often goes dead
+    timezone: str = "UTC"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Where e-mail goes as .eml files when no SMTP host is set."""
+        return Path(self.instance_dir) / "outbox"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """DATABASE_URL, or the default SQLite file in the instance folder."""
+        url = self.database_url or f"sqlite:///{Path(self.instance_dir).resolve()}/formrules.db"
+        if url.startswith("postgresql://") or url.startswith("postgres://"):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]  # use psycopg 3
+        return url
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with some settings changed (tests, CLI flags)."""
+        return replace(self, **changes)
+
+
+_ENV = {
+    "rules_dir": "FORMRULES_RULES", "instance_dir": "FORMRULES_INSTANCE",
+    "database_url": "DATABASE_URL", "redis_url": "REDIS_URL", "queue": "FORMRULES_QUEUE",
+    "secret_key": "SECRET_KEY", "actions_modules": "FORMRULES_ACTIONS",
+    "smtp_host": "SMTP_HOST", "smtp_port": "SMTP_PORT", "smtp_user": "SMTP_USER",
+    "smtp_password": "SMTP_PASSWORD", "smtp_tls": "SMTP_TLS", "mail_from": "MAIL_FROM",
+    "http_allow": "FORMRULES_HTTP_ALLOW", "heartbeat_seconds": "FORMRULES_HEARTBEAT",
+    "stale_seconds": "FORMRULES_STALE_AFTER", "reconcile_seconds": "FORMRULES_RECONCILE",
+    "default_timeout_seconds": "FORMRULES_DEFAULT_TIMEOUT",
+    "progress_write_seconds": "FORMRULES_PROGRESS_INTERVAL",
+    "max_recoveries": "FORMRULES_MAX_RECOVERIES", "timezone": "FORMRULES_TIMEZONE",
+}
+
+
+def from_env(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from environment variables, then `overrides` on top."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    types = {f.name: f.type for f in fields(Settings)}
+    for name, var in _ENV.items():
+        if var not in env or env[var] == "":
+            continue
+        raw, kind = env[var], types[name]
+        if kind == "int":
+            values[name] = int(raw)
+        elif kind == "float":
+            values[name] = float(raw)
+        elif kind == "bool":
+            values[name] = raw.lower() in ("1", "true", "yes", "on")
+        elif name == "http_allow":
+            values[name] = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+        else:
+            values[name] = raw
+    values.update(overrides)
+    settings = Settings(**values)
+    if not settings.secret_key:
+        settings = replace(settings, secret_key=instance_secret(settings.instance_dir))
+    return settings
+
+
+def instance_secret(instance_dir: str) -> str:
+    """The SECRET_KEY kept in the instance folder, generated on first use."""
+    path = Path(instance_dir) / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    # O_EXCL: when web and worker start together, one of them writes and both read it.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    return key

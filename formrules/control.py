@@ -1,0 +1,57 @@
+"""Operations on Runs shared by the web pages, the JSON API and the CLI.
+
+Each function changes the database (the source of truth) and then tells RQ; if Redis is
+unreachable the reconciler brings RQ in line later.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis.exceptions import RedisError
+from sqlalchemy.orm import Session
+
+from .models import PENDING, Run, RunEvent, RunStatus, utcnow
+from .queue import Dispatcher
+
+log = logging.getLogger("formrules.control")
+
+
+class NotAllowed(Exception):
+    """The Run is not in a state where this operation makes sense."""
+
+
+def cancel(s: Session, run: Run, who: str) -> str:
+    """Cancel a Run: pending ones stop now, a running one at its next step or progress."""
+    if run.status in {p.value for p in PENDING}:
+        run.status, run.finished_at = RunStatus.CANCELLED.value, utcnow()
+        s.add(RunEvent(run_id=run.id, attempt=run.attempt, event="cancel",
+                       detail=f"cancelled by {who} before it ran"))
+        return "cancelled"
+    if run.status == RunStatus.RUNNING:
+        run.cancel_requested = True
+        s.add(RunEvent(run_id=run.id, attempt=run.attempt, event="cancel",
+                       detail=f"cancel requested by {who}; stops at the next step"))
+        return "stopping"
+    raise NotAllowed(f"a {run.status} run cannot be cancelled")
+
+
+def retry(s: Session, run: Run, who: str) -> None:
+    """Run a dead or cancelled Run again now, resuming after its completed steps."""
+    if run.status not in (RunStatus.DEAD, RunStatus.CANCELLED):
+        raise NotAllowed(f"a {run.status} run cannot be retried")
+    run.status, run.due_at, run.finished_at = RunStatus.QUEUED.value, utcnow(), None
+    run.attempt, run.cancel_requested, run.lease = 0, False, None
+    run.safe_error = None
+    s.add(RunEvent(run_id=run.id, event="retry", detail=f"retried by {who}"))
+
+
+def after_commit(dispatcher: Dispatcher, run: Run) -> None:
+    """Bring RQ in line with a Run's new state (failures left to the reconciler)."""
+    try:
+        if run.status == RunStatus.CANCELLED:
+            dispatcher.cancel(run.id)
+        elif run.status == RunStatus.QUEUED:
+            dispatcher.dispatch(run)
+    except RedisError as exc:
+        log.warning("run %s: Redis unavailable (%s); the reconciler will catch up", run.id, exc)

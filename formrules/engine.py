@@ -1,0 +1,143 @@
+"""The engine: walks event trees. Actions run, `if` branches, deferred nodes become Runs.
+
+At submit time (`submit`) everything runs inline in the request's transaction and each
+Background/Delay node becomes a Run row in that same transaction (the outbox); the caller
+enqueues them after commit. Workers (`formrules.job`) use the same walker for a Run's
+children, with checkpoints around each action.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy.orm import Session
+
+from . import actions, sandbox
+from .context import Context
+from .errors import PermanentError
+from .models import Record, Run, RunStatus, utcnow
+from .tree import ActionNode, DeferNode, Form, IfNode, Node, ProgressNode
+
+
+def call_action(node: ActionNode, ctx: Context) -> None:
+    """Render an action node's arguments and call its function."""
+    spec = actions.get(node.action)
+    if spec is None:  # validated away; only a snapshot from another version gets here
+        raise PermanentError(f"unknown action {node.action!r}")
+    args = sandbox.render_value(node.args, ctx.variables()) if spec.render_args else node.args
+    if spec.params is None:
+        spec.fn(ctx, args)
+    else:
+        spec.fn(ctx, **(args or {}))
+
+
+def test(node: IfNode, variables: dict[str, Any]) -> bool:
+    """Evaluate an `if` node's condition."""
+    try:
+        return bool(sandbox.evaluate(node.test, variables))
+    except Exception as exc:  # a TypeError from comparing None, say: the author's to fix
+        raise PermanentError(f"{node.path}: condition {node.test!r} failed: {exc}",
+                             "This form's rules could not be evaluated.") from exc
+
+
+def walk(nodes: tuple[Node, ...], variables: Callable[[], dict[str, Any]],
+         on_action: Callable[[ActionNode], None], on_defer: Callable[[DeferNode], None],
+         on_progress: Callable[[ProgressNode], None]) -> None:
+    """Visit nodes in order, choosing `if` branches against fresh variables."""
+    for node in nodes:
+        if isinstance(node, ActionNode):
+            on_action(node)
+        elif isinstance(node, IfNode):
+            branch = node.then if test(node, variables()) else node.otherwise
+            walk(branch, variables, on_action, on_defer, on_progress)
+        elif isinstance(node, DeferNode):
+            on_defer(node)
+        elif isinstance(node, ProgressNode):
+            on_progress(node)
+
+
+def due_time(node: DeferNode, variables: dict[str, Any], now: datetime, tz: str) -> datetime:
+    """When a deferred node's Run is due: now + `for`, or the `at` expression's value."""
+    if node.at is None:
+        return now + (node.delay_for or timedelta(0))
+    try:
+        value = sandbox.evaluate(node.at, variables)
+    except Exception as exc:
+        raise PermanentError(f"{node.path}: 'at' expression failed: {exc}",
+                             "A date in this form could not be worked out.") from exc
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day, tzinfo=ZoneInfo(tz))
+    if not isinstance(value, datetime):
+        raise PermanentError(f"{node.path}: 'at' gave {value!r}, not a date or time",
+                             "A date in this form could not be worked out.")
+    return value if value.tzinfo else value.replace(tzinfo=ZoneInfo(tz))
+
+
+def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner: str,
+            variables: dict[str, Any], record_id: int | None, now: datetime, tz: str,
+            kind: str | None = None, **extra: Any) -> Run:
+    """A Run row for a deferred node; the snapshot carries the subtree it started with."""
+    due = due_time(node, variables, now, tz).astimezone(UTC)
+    try:
+        title = sandbox.render(node.title, variables)
+    except Exception:  # a title must never stop work from being recorded
+        title = node.title
+    snapshot = {
+        "raw": node.raw, "fields": field_types,
+        "intervals": node.retry.intervals(),
+        "timeout": node.timeout.total_seconds() if node.timeout else None,
+    }
+    return Run(
+        record_id=record_id, form_id=form_id, owner=owner, kind=kind or node.kind,
+        node_path=node.path, title=title[:300], snapshot=snapshot,
+        status=(RunStatus.SCHEDULED if due > now + timedelta(seconds=1)
+                else RunStatus.QUEUED).value,
+        awaited=node.awaited, flag=node.flag, due_at=due, max_attempts=node.retry.attempts,
+        **extra,
+    )
+
+
+def submit(session: Session, form: Form, values: dict[str, Any], *, owner: str,
+           settings, submit_key: str | None = None,
+           event: str = "submit") -> tuple[Record, list[Run]]:
+    """Store a record and run its submit tree inline; return it with its new Runs.
+
+    Everything happens in `session`'s transaction: when a synchronous action fails the
+    caller rolls back, and nothing of the submission is half-written.
+    """
+    record = Record(form_id=form.id, owner=owner, data=dict(values), submit_key=submit_key)
+    session.add(record)
+    session.flush()  # the record id is needed by its Runs
+    runs = run_inline(session, form, record, form.events.get(event, ()), settings=settings)
+    return record, runs
+
+
+def run_inline(session: Session, form: Form, record: Record, nodes: tuple[Node, ...], *,
+               settings, extra: dict[str, Any] | None = None) -> list[Run]:
+    """Run `nodes` inline against `record` (in the caller's transaction)."""
+    ctx = Context(settings=settings, form_id=form.id, field_types=form.field_types,
+                  data=dict(record.data), record_token=record.token, extra=dict(extra or {}))
+    runs: list[Run] = []
+    now = utcnow()
+
+    def on_action(node: ActionNode) -> None:
+        ctx.path = node.path
+        call_action(node, ctx)
+
+    def on_defer(node: DeferNode) -> None:
+        run = new_run(node, form_id=form.id, field_types=form.field_types,
+                      owner=record.owner, variables=ctx.variables(), record_id=record.id,
+                      now=now, tz=settings.timezone)
+        session.add(run)
+        runs.append(run)
+
+    walk(nodes, ctx.variables, on_action, on_defer, lambda node: None)
+    if ctx.updates:
+        record.data = {**record.data, **ctx.updates}
+    session.flush()
+    return runs

@@ -1,0 +1,240 @@
+"""Database tables. The database is the source of truth; Redis only carries work.
+
+A Record is one submission; each deferred node becomes a Run (the outbox row, written in
+the same transaction as the record); RunEvent rows are the Run's trace and checkpoints.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A random id (32 hex chars); Run ids double as RQ job ids."""
+    return uuid.uuid4().hex
+
+
+def new_token() -> str:
+    """An unguessable token for status URLs (192 random bits)."""
+    return secrets.token_urlsafe(24)
+
+
+class UTCDateTime(TypeDecorator):
+    """Store UTC, always hand back aware datetimes (SQLite drops the zone otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class RunStatus(enum.StrEnum):
+    """Where a Run is in its life."""
+
+    SCHEDULED = "scheduled"  # waiting for its due time (a Delay, or a retry)
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"  # failed; another attempt is scheduled
+    DONE = "done"
+    DEAD = "dead"  # out of attempts or failed permanently: needs an operator
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # a `when:` was false at fire time, or `cancel_if` matched
+
+
+PENDING = (RunStatus.SCHEDULED, RunStatus.QUEUED, RunStatus.RETRYING)
+ACTIVE = (*PENDING, RunStatus.RUNNING)
+FINAL = (RunStatus.DONE, RunStatus.DEAD, RunStatus.CANCELLED, RunStatus.SKIPPED)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class Record(Base):
+    __tablename__ = "records"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token: Mapped[str] = mapped_column(String(64), unique=True, default=new_token)
+    form_id: Mapped[str] = mapped_column(String(100), index=True)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    submit_key: Mapped[str | None] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_status_due", "status", "due_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    record_id: Mapped[int | None] = mapped_column(ForeignKey("records.id", ondelete="CASCADE"),
+                                                  index=True)
+    form_id: Mapped[str] = mapped_column(String(100), index=True)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    kind: Mapped[str] = mapped_column(String(20))  # background | delay | task | schedule
+    node_path: Mapped[str] = mapped_column(String(300))
+    title: Mapped[str] = mapped_column(String(300))
+    snapshot: Mapped[dict[str, Any]] = mapped_column(JSON)  # the subtree it started with
+    status: Mapped[str] = mapped_column(String(20), default=RunStatus.QUEUED.value)
+    awaited: Mapped[str] = mapped_column(String(10), default="true")
+    flag: Mapped[str | None] = mapped_column(String(100))
+    due_at: Mapped[datetime] = mapped_column(default=utcnow)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)  # attempts started
+    max_attempts: Mapped[int] = mapped_column(Integer, default=1)
+    lease: Mapped[str | None] = mapped_column(String(32))  # the execution that owns it
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    progress_done: Mapped[float] = mapped_column(Float, default=0)
+    progress_total: Mapped[float] = mapped_column(Float, default=0)
+    progress_message: Mapped[str] = mapped_column(String(500), default="")
+    last_error: Mapped[str | None] = mapped_column(Text)  # full detail: operators only
+    safe_error: Mapped[str | None] = mapped_column(String(500))  # what the user sees
+    recoveries: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    hidden: Mapped[bool] = mapped_column(Boolean, default=False)  # deleted from "my tasks"
+    batch_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    parent_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    @property
+    def percent(self) -> int:
+        """Progress 0–100 (100 once done)."""
+        if self.status == RunStatus.DONE.value:
+            return 100
+        if self.progress_total <= 0:
+            return 0
+        return max(0, min(100, int(100 * self.progress_done / self.progress_total)))
+
+    @property
+    def is_final(self) -> bool:
+        """True once the Run will not change by itself any more."""
+        return self.status in {s.value for s in FINAL}
+
+
+class RunEvent(Base):
+    """One line of a Run's trace; `done` events are also its step checkpoints."""
+
+    __tablename__ = "run_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    path: Mapped[str] = mapped_column(String(300), default="")
+    event: Mapped[str] = mapped_column(String(20))  # start done error skip retry dead …
+    detail: Mapped[str] = mapped_column(Text, default="")
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+
+
+class ResultFile(Base):
+    """A file an action attached to a Run (a report, an export)."""
+
+    __tablename__ = "result_files"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(100))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(300))
+    is_operator: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Notification(Base):
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    run_id: Mapped[str | None] = mapped_column(String(32))
+    record_token: Mapped[str | None] = mapped_column(String(64))
+    level: Mapped[str] = mapped_column(String(20), default="info")  # info | success | error
+    message: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    read_at: Mapped[datetime | None] = mapped_column()
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column()
+
+
+class Batch(Base):
+    """A task run over many records: one child Run per record."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    form_id: Mapped[str] = mapped_column(String(100))
+    task: Mapped[str] = mapped_column(String(100))
+    title: Mapped[str] = mapped_column(String(300))
+    owner: Mapped[str] = mapped_column(String(100))
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    concurrency: Mapped[int] = mapped_column(Integer, default=1)
+    stop_on_error: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class ScheduleSlot(Base):
+    """One claimed time slot of a schedule: the unique key makes each slot run once."""
+
+    __tablename__ = "schedule_slots"
+    __table_args__ = (UniqueConstraint("schedule_key", "slot_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    schedule_key: Mapped[str] = mapped_column(String(300))
+    slot_at: Mapped[datetime] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,269 @@
+"""Load a rules directory: every `*.yaml` file is one form, validated like a compiler.
+
+`load_rules` returns a `RuleSet` or raises `RuleError` with every problem of every file,
+sorted by file, line and column. Nothing here imports Flask.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from croniter import croniter
+
+from .checker import Checker, did_you_mean
+from .errors import Problem, RuleError
+from .tree import (
+    FIELD_TYPES,
+    NO_RETRY,
+    DeferNode,
+    FieldDef,
+    Form,
+    RuleSet,
+    ScheduleDef,
+    TaskDef,
+)
+from .yamlsource import Map, load_yaml, plain
+
+NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+FORM_ID = re.compile(r"^[a-z][a-z0-9_-]*$")
+FORM_KEYS = ("form", "title", "description", "fields", "events", "after_submit", "tasks",
+             "schedules")
+FIELD_KEYS = ("name", "type", "label", "help", "required", "min", "max", "max_length",
+              "choices", "default", "hidden")
+EVENTS = ("submit", "update")
+TASK_KEYS = ("title", "do", "concurrency", "stop_on_error", "retry")
+SCHEDULE_KEYS = ("name", "cron", "timezone", "title", "do", "for_each", "catch_up")
+
+
+def load_rules(directory: str | Path) -> RuleSet:
+    """Load and validate every form in `directory`; raise RuleError listing all problems."""
+    ruleset, problems = check_rules(directory)
+    if problems:
+        raise RuleError(problems)
+    return ruleset
+
+
+def check_rules(directory: str | Path) -> tuple[RuleSet, list[Problem]]:
+    """Load what is valid and collect every problem (sorted) instead of raising."""
+    root = Path(directory)
+    problems: list[Problem] = []
+    forms: dict[str, Form] = {}
+    if not root.is_dir():
+        return RuleSet({}, str(root)), [Problem(str(root), 1, 1, "", "no such directory")]
+    files = sorted([*root.glob("*.yaml"), *root.glob("*.yml")])
+    for path in files:
+        name = str(path)
+        form, found = parse_form(path.read_text(encoding="utf-8", errors="replace"), name)
+        problems.extend(found)
+        if form is None:
+            continue
+        if form.id in forms:
+            problems.append(Problem(name, 1, 1, "form",
+                                    f"form id '{form.id}' is also used by {forms[form.id].file}"))
+        else:
+            forms[form.id] = form
+    return RuleSet(forms, str(root)), sorted(problems)
+
+
+def parse_form(text: str, file: str) -> tuple[Form | None, list[Problem]]:
+    """Validate one form file's text; the Form is None when the file is unusable."""
+    raw, problems = load_yaml(text, file)
+    if raw is None and problems:
+        return None, problems
+    checker = Checker(file)
+    checker.problems.extend(problems)
+    if not isinstance(raw, dict):
+        checker.error(getattr(raw, "pos", None), "",
+                      "a rule file must be a mapping with 'form:', 'fields:' and 'events:'")
+        return None, checker.problems
+    form = _form(checker, raw)
+    return form, checker.problems
+
+
+def _form(c: Checker, raw: Map) -> Form:
+    c.known_keys(raw, FORM_KEYS, "", "form")
+    form_id = raw.get("form")
+    if not isinstance(form_id, str) or not FORM_ID.match(form_id):
+        c.error(c.value_pos(raw, "form") if "form" in raw else raw.pos, "form",
+                "'form' must be an id of lowercase letters, digits, '_' or '-'")
+        form_id = Path(c.file).stem
+    fields = _fields(c, raw.get("fields"), c.value_pos(raw, "fields"))
+    c.fields = {f.name: f.type for f in fields}
+    events: dict[str, tuple] = {}
+    ev = raw.get("events", {})
+    if c.mapping(ev, c.value_pos(raw, "events"), "events", "events") is not None:
+        for key, value in ev.items():
+            if key not in EVENTS:
+                c.error(c.key_pos(ev, key), "events",
+                        f"unknown event '{key}'{did_you_mean(key, EVENTS)}")
+                continue
+            events[key] = c.nodes(value, c.value_pos(ev, key), f"events/{key}")
+    message = None
+    after = raw.get("after_submit")
+    if after is not None and c.mapping(after, c.value_pos(raw, "after_submit"),
+                                       "after_submit", "after_submit") is not None:
+        c.known_keys(after, ("message",), "after_submit", "after_submit")
+        if "message" in after:
+            message = c.text(after["message"], c.value_pos(after, "message"),
+                             "after_submit/message")
+    return Form(
+        id=form_id,
+        title=c.text(raw.get("title", form_id), c.value_pos(raw, "title"), "title"),
+        description=c.text(raw.get("description", ""), c.value_pos(raw, "description"),
+                           "description", template=False),
+        fields=fields, events=events, after_submit_message=message, file=c.file,
+        tasks=_tasks(c, raw.get("tasks"), c.value_pos(raw, "tasks")),
+        schedules=_schedules(c, raw.get("schedules"), c.value_pos(raw, "schedules")),
+    )
+
+
+def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        c.error(pos, "fields", "'fields' must be a list of field mappings")
+        return ()
+    out: list[FieldDef] = []
+    for i, item in enumerate(value):
+        path = f"fields/{i}"
+        item = c.mapping(item, c.value_pos(value, i), path, "a field")
+        if item is None:
+            continue
+        c.known_keys(item, FIELD_KEYS, path, "field")
+        vp = lambda k: c.value_pos(item, k)  # noqa: E731
+        name = item.get("name")
+        if not isinstance(name, str) or not NAME.match(name):
+            c.error(vp("name") if "name" in item else item.pos, path,
+                    "a field needs a 'name' of lowercase letters, digits and '_'")
+            continue
+        if any(f.name == name for f in out):
+            c.error(vp("name"), path, f"duplicate field name '{name}'")
+            continue
+        ftype = item.get("type", "string")
+        if ftype not in FIELD_TYPES:
+            c.error(vp("type"), path, f"unknown field type '{ftype}'"
+                                      f"{did_you_mean(ftype, FIELD_TYPES)}; expected one of "
+                                      f"{', '.join(FIELD_TYPES)}")
+            ftype = "string"
+        choices = item.get("choices", [])
+        if ftype == "choice" and (not isinstance(choices, list) or not choices):
+            c.error(vp("choices") if "choices" in item else item.pos, path,
+                    "a choice field needs a non-empty 'choices:' list")
+            choices = []
+        elif "choices" in item and ftype != "choice":
+            c.error(c.key_pos(item, "choices"), path, "'choices' goes with type: choice")
+        for key in ("min", "max"):
+            if key in item and (isinstance(item[key], bool)
+                                or not isinstance(item[key], int | float)):
+                c.error(vp(key), path, f"'{key}' must be a number")
+        for key in ("required", "hidden"):
+            if key in item:
+                c.boolean(item[key], vp(key), path)
+        max_length = None
+        if "max_length" in item:
+            max_length = c.integer(item["max_length"], vp("max_length"), path, minimum=1)
+        out.append(FieldDef(
+            name=name, type=ftype,
+            label=c.text(item.get("label", name.replace("_", " ").capitalize()), vp("label"),
+                         path, template=False),
+            help=c.text(item.get("help", ""), vp("help"), path, template=False),
+            required=item.get("required") is True, hidden=item.get("hidden") is True,
+            min=_number(item.get("min")), max=_number(item.get("max")),
+            max_length=max_length, choices=tuple(str(x) for x in choices or ()),
+            default=plain(item.get("default")),
+        ))
+    return tuple(out)
+
+
+def _number(value: Any) -> float | None:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _tasks(c: Checker, value: Any, pos) -> dict[str, TaskDef]:
+    if value is None or c.mapping(value, pos, "tasks", "tasks") is None:
+        return {}
+    out = {}
+    for name, body in value.items():
+        path = f"tasks/{name}"
+        if not isinstance(name, str) or not NAME.match(name):
+            c.error(c.key_pos(value, name), path, "a task name is lowercase letters, "
+                                                  "digits and '_'")
+            continue
+        body = c.mapping(body, c.value_pos(value, name), path, "a task")
+        if body is None:
+            continue
+        c.known_keys(body, TASK_KEYS, path, "task")
+        vp = lambda k: c.value_pos(body, k)  # noqa: E731
+        if "do" not in body:
+            c.error(c.key_pos(value, name), path, "a task needs a 'do:' list of nodes")
+        out[name] = TaskDef(
+            name=name,
+            title=c.text(body.get("title", name), vp("title"), path),
+            do=c.nodes(body.get("do"), vp("do"), f"{path}/do"),
+            concurrency=c.integer(body.get("concurrency", 1), vp("concurrency"), path, 1),
+            stop_on_error=c.boolean(body.get("stop_on_error", False), vp("stop_on_error"), path),
+            retry=c.retry(body["retry"], vp("retry"), path) if "retry" in body else NO_RETRY,
+            raw=plain(body),
+        )
+    return out
+
+
+def _schedules(c: Checker, value: Any, pos) -> tuple[ScheduleDef, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        c.error(pos, "schedules", "'schedules' must be a list")
+        return ()
+    out = []
+    for i, body in enumerate(value):
+        path = f"schedules/{i}"
+        body = c.mapping(body, c.value_pos(value, i), path, "a schedule")
+        if body is None:
+            continue
+        c.known_keys(body, SCHEDULE_KEYS, path, "schedule")
+        vp = lambda k: c.value_pos(body, k)  # noqa: E731
+        cron = str(body.get("cron", ""))
+        if not croniter.is_valid(cron):
+            c.error(vp("cron") if "cron" in body else body.pos, path,
+                    f"'cron' must be a cron string like '0 2 * * *', got {cron!r}")
+        tz = str(body.get("timezone", "UTC"))
+        try:
+            from zoneinfo import ZoneInfo
+            ZoneInfo(tz)
+        except Exception:  # ZoneInfoNotFoundError, ValueError for odd keys
+            c.error(vp("timezone"), path, f"unknown time zone {tz!r}")
+            tz = "UTC"
+        catch_up = body.get("catch_up", "latest")
+        if catch_up not in ("latest", "none"):
+            c.error(vp("catch_up"), path, "'catch_up' must be latest or none")
+        if "do" not in body:
+            c.error(body.pos, path, "a schedule needs a 'do:' list of nodes")
+        out.append(ScheduleDef(
+            name=str(body.get("name", i)), cron=cron, timezone=tz,
+            title=c.text(body.get("title", f"Schedule {i}"), vp("title"), path),
+            do=c.nodes(body.get("do"), vp("do"), f"{path}/do"),
+            for_each=c.expression(body["for_each"], vp("for_each"), path)
+            if "for_each" in body else None,
+            catch_up=catch_up, raw=plain(body),
+        ))
+    return tuple(out)
+
+
+def rebuild_defer(raw: dict, path: str, fields: dict[str, str]) -> DeferNode:
+    """Rebuild a Run's node from the snapshot it was started with (see `DeferNode.raw`).
+
+    `raw` is `{kind: options}` and `path` the node's path. The snapshot passed validation
+    when the Run was created; failing now means the rule language changed incompatibly.
+    """
+    checker = Checker(f"<run {path}>", fields)
+    node = None
+    if isinstance(raw, dict) and len(raw) == 1:
+        (kind, args), = raw.items()
+        if kind in ("background", "delay"):
+            node = checker.defer_node(kind, args, None, None, path, raw)
+    if checker.problems or node is None:
+        raise RuleError(checker.problems or [Problem(checker.file, 1, 1, path,
+                                                     "snapshot is not a deferred node")])
+    return node

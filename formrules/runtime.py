@@ -1,0 +1,64 @@
+"""Per-process resources shared by web, worker and CLI: settings, store, Redis, queue.
+
+Workers import job functions by dotted path and know nothing of Flask, so the job entry
+point finds its resources here. `current()` builds them from the environment once per
+process (a forked work-horse gets its own database connections).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+from . import actions
+from .config import Settings, from_env
+from .queue import Dispatcher, connect
+from .store import Store
+
+
+@dataclass
+class Runtime:
+    """Settings plus the store and queue built from them, lazily."""
+
+    settings: Settings
+
+    @cached_property
+    def store(self) -> Store:
+        """The database."""
+        return Store(self.settings.sqlalchemy_url)
+
+    @cached_property
+    def redis(self):
+        """The Redis client."""
+        return connect(self.settings.redis_url)
+
+    @cached_property
+    def dispatcher(self) -> Dispatcher:
+        """Puts Runs on the RQ queue."""
+        return Dispatcher(self.redis, self.settings.queue,
+                          self.settings.default_timeout_seconds)
+
+
+_current: tuple[int, Runtime] | None = None
+
+
+def install(runtime: Runtime) -> Runtime:
+    """Make `runtime` this process's current one (worker start-up, tests)."""
+    global _current
+    actions.load_modules(runtime.settings.actions_modules)
+    _current = (os.getpid(), runtime)
+    return runtime
+
+
+def current() -> Runtime:
+    """This process's runtime; after a fork the child gets fresh connections."""
+    global _current
+    if _current is None:
+        return install(Runtime(from_env()))
+    pid, runtime = _current
+    if pid != os.getpid():
+        if "store" in runtime.__dict__:
+            runtime.store.engine.dispose(close=False)  # leave the parent's sockets alone
+        _current = (os.getpid(), runtime)  # redis-py resets its own pool after a fork
+    return runtime

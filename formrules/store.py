@@ -1,0 +1,77 @@
+"""The store: one SQLAlchemy engine and session factory per process.
+
+SQLite (the default) runs in WAL mode with a busy timeout so web and worker processes can
+share the file; PostgreSQL is used when DATABASE_URL names it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import Base, Record, utcnow
+
+
+class Store:
+    """The database: `session()` for a unit of work, `create_all()` for the schema."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(url, connect_args={"timeout": 30})
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_all(self) -> None:
+        """Create missing tables (idempotent)."""
+        Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self):
+        """A session that commits on success and rolls back on error."""
+        with self.sessions() as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def dispose(self) -> None:
+        """Drop pooled connections (after fork, or on shutdown)."""
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def lock_record(session: Session, record_id: int) -> Record:
+    """Lock a record for a read-modify-write and return it fresh.
+
+    The write comes first on purpose: on PostgreSQL the UPDATE takes the row lock, on
+    SQLite it takes the database write lock (waiting with the busy timeout), so a
+    concurrent writer cannot slip between our read and our write. Call it at the start
+    of a transaction.
+    """
+    session.execute(update(Record).where(Record.id == record_id)
+                    .values(version=Record.version + 1, updated_at=utcnow()))
+    record = session.get(Record, record_id, populate_existing=True)
+    if record is None:
+        raise LookupError(f"record {record_id} is gone")
+    return record

@@ -1,0 +1,66 @@
+"""The Flask app factory. Rules are validated at start: invalid rules stop the app."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, render_template
+from flask_wtf.csrf import CSRFError, CSRFProtect
+
+from .. import runtime as runtime_mod
+from ..config import Settings, from_env
+from ..rules import load_rules
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+csrf = CSRFProtect()
+log = logging.getLogger("formrules.web")
+
+
+def create_app(test_config: dict[str, Any] | None = None,
+               settings: Settings | None = None) -> Flask:
+    """Build the app: settings from the environment unless given, rules loaded and checked."""
+    settings = settings or from_env()
+    app = Flask(__name__, template_folder=str(TEMPLATES), instance_path=str(
+        Path(settings.instance_dir).resolve()))
+    app.config.from_mapping(
+        SECRET_KEY=settings.secret_key,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        PERMANENT_SESSION_LIFETIME=timedelta(days=365),  # the anonymous owner cookie
+        WTF_CSRF_TIME_LIMIT=None,  # a form left open over lunch must still submit
+        MAX_CONTENT_LENGTH=2 * 1024 * 1024,
+    )
+    if test_config:
+        app.config.update(test_config)
+    rt = runtime_mod.install(runtime_mod.Runtime(settings))
+    rt.store.create_all()
+    app.extensions["formrules"] = rt
+    app.extensions["formrules.rules"] = load_rules(settings.rules_dir)
+    csrf.init_app(app)
+
+    from . import auth, forms, records, tasks
+    for module in (forms, records, tasks, auth):
+        app.register_blueprint(module.bp)
+    app.context_processor(tasks.inject_notifications)
+
+    @app.errorhandler(CSRFError)
+    def csrf_error(exc: CSRFError):
+        return render_template("error.html", title="Form expired",
+                               message="This form expired or was sent from elsewhere. "
+                                       "Go back, reload the page and try again."), 400
+
+    @app.errorhandler(404)
+    def not_found(exc):
+        return render_template("error.html", title="Not found",
+                               message="There is nothing here."), 404
+
+    @app.errorhandler(500)
+    def server_error(exc):
+        return render_template("error.html", title="Something went wrong",
+                               message="Something went wrong on our side. Please try again "
+                                       "in a moment."), 500
+
+    return app

@@ -1,0 +1,104 @@
+"""Build a WTForms form class from a form definition (visible fields only)."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Any
+
+from flask_wtf import FlaskForm
+from wtforms import (
+    BooleanField,
+    DateField,
+    DateTimeLocalField,
+    DecimalField,
+    EmailField,
+    Field,
+    HiddenField,
+    IntegerField,
+    SelectField,
+    StringField,
+    TextAreaField,
+)
+from wtforms.validators import (
+    DataRequired,
+    Email,
+    InputRequired,
+    Length,
+    NumberRange,
+    Optional,
+    Regexp,
+    ValidationError,
+)
+
+from ..tree import FieldDef, Form
+from ..values import to_storage
+
+SUBMIT_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+def _field(fd: FieldDef) -> Field:
+    required = [InputRequired() if fd.type in ("integer", "decimal") else DataRequired()] \
+        if fd.required else [Optional()]
+    kwargs: dict[str, Any] = {"label": fd.label, "description": fd.help,
+                              "default": fd.default}
+    if fd.type in ("integer", "decimal") and (fd.min is not None or fd.max is not None):
+        required.append(NumberRange(min=fd.min, max=fd.max))
+    if fd.max_length and fd.type in ("string", "text", "email"):
+        required.append(Length(max=fd.max_length))
+    if fd.type == "string":
+        return StringField(validators=required, **kwargs)
+    if fd.type == "text":
+        return TextAreaField(validators=[*required, Length(max=fd.max_length or 20000)],
+                             **kwargs)
+    if fd.type == "email":
+        return EmailField(validators=[*required, Email(check_deliverability=False)], **kwargs)
+    if fd.type == "integer":
+        return IntegerField(validators=required, **kwargs)
+    if fd.type == "decimal":
+        if fd.default is not None:
+            kwargs["default"] = Decimal(str(fd.default))
+        return DecimalField(validators=required, places=None, **kwargs)
+    if fd.type == "boolean":
+        return BooleanField(validators=[DataRequired()] if fd.required else [], **kwargs)
+    if fd.type == "date":
+        return DateField(validators=required, **kwargs)
+    if fd.type == "datetime":
+        return DateTimeLocalField(validators=required, format="%Y-%m-%dT%H:%M", **kwargs)
+    if fd.type == "choice":
+        choices = [("", "Choose…")] if not fd.required and fd.default is None else []
+        choices += [(c, c) for c in fd.choices]
+        return SelectField(choices=choices, validators=[*required, _in_choices(fd)], **kwargs)
+    raise ValueError(f"unknown field type {fd.type}")
+
+
+def _in_choices(fd: FieldDef):
+    def check(form, field):
+        if field.data not in (None, "") and field.data not in fd.choices:
+            raise ValidationError("Choose one of the options.")
+    return check
+
+
+def form_class(form: Form) -> type[FlaskForm]:
+    """A FlaskForm subclass for `form`; hidden fields are set by rules, not by users."""
+    attrs: dict[str, Any] = {
+        "submit_key": HiddenField(validators=[Optional(), Regexp(SUBMIT_KEY)]),
+    }
+    for fd in form.fields:
+        if not fd.hidden:
+            attrs[fd.name] = _field(fd)
+    return type(f"Form_{form.id}", (FlaskForm,), attrs)
+
+
+def record_values(form: Form, wtf: FlaskForm | None, data: dict[str, Any] | None = None):
+    """Every field's stored value: defaults, then what the user (or API client) sent."""
+    values: dict[str, Any] = {}
+    for fd in form.fields:
+        if wtf is not None and not fd.hidden:
+            value = getattr(wtf, fd.name).data
+        elif data is not None and not fd.hidden and fd.name in data:
+            value = data[fd.name]
+        else:
+            value = fd.default
+        values[fd.name] = to_storage(value, fd.type)
+    return values

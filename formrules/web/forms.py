@@ -1,0 +1,92 @@
+"""Form pages: the list, one form, and its submission."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from flask import Blueprint, abort, redirect, render_template, request, url_for
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from ..engine import submit as submit_record
+from ..errors import ActionError
+from ..models import Record, Run
+from .formbuilder import form_class, record_values
+from .state import db, owner, rt, rules
+
+bp = Blueprint("forms", __name__)
+log = logging.getLogger("formrules.web")
+
+
+@bp.get("/")
+def index():
+    """List every form."""
+    return render_template("forms/index.html", forms=sorted(rules().forms.values(),
+                                                            key=lambda f: f.title))
+
+
+@bp.route("/forms/<form_id>", methods=("GET", "POST"))
+def show(form_id: str):
+    """Render a form; on POST validate, store, run the submit tree and go to its status."""
+    form = rules().form(form_id) or abort(404)
+    wtf = form_class(form)()
+    if request.method == "GET":
+        wtf.submit_key.data = secrets.token_urlsafe(24)
+        return render_template("forms/form.html", form=form, wtf=wtf)
+    if not wtf.validate_on_submit():
+        return render_template("forms/form.html", form=form, wtf=wtf), 422
+    key = wtf.submit_key.data or None
+    s = db()
+    if key and (existing := s.scalar(select(Record).where(Record.submit_key == key))):
+        return redirect(url_for("records.wait", token=existing.token), 303)  # double submit
+    try:
+        record, runs = submit_record(s, form, record_values(form, wtf), owner=owner(),
+                                     settings=rt().settings, submit_key=key)
+        s.commit()
+    except IntegrityError:
+        s.rollback()  # the same submit_key won a race in another request
+        existing = s.scalar(select(Record).where(Record.submit_key == key))
+        if existing is None:
+            raise
+        return redirect(url_for("records.wait", token=existing.token), 303)
+    except ActionError as exc:
+        s.rollback()  # nothing of the submission is kept; the user's input stays on screen
+        log.warning("form %s: submit failed: %s", form.id, exc)
+        return render_template("forms/form.html", form=form, wtf=wtf,
+                               error=exc.safe_message), 500
+    rt().dispatcher.dispatch_all(runs)
+    _wait_inline(form, runs)
+    return redirect(url_for("records.wait", token=record.token), 303)
+
+
+def _wait_inline(form, runs: list[Run]) -> None:
+    """`inline_for:` wait a little for quick background work so the page shows it done."""
+    limit = max((n.inline_for.total_seconds() for n in _defer_nodes(form)
+                 if n.inline_for and any(r.node_path == n.path for r in runs)), default=0)
+    if not limit:
+        return
+    deadline = time.monotonic() + limit
+    ids = [r.id for r in runs if r.awaited != "false"]
+    with rt().store.session() as s:
+        while time.monotonic() < deadline:
+            statuses = s.scalars(select(Run.status).where(Run.id.in_(ids))).all()
+            if all(st in ("done", "dead", "cancelled", "skipped") for st in statuses):
+                return
+            time.sleep(0.1)
+            s.expire_all()
+
+
+def _defer_nodes(form):
+    from ..tree import DeferNode, walk
+    return [n for n in walk(form.events.get("submit", ())) if isinstance(n, DeferNode)]
+
+
+@bp.teardown_app_request
+def close_db(exc):
+    """Close the request's database session."""
+    from flask import g
+    session = g.pop("db", None)
+    if session is not None:
+        session.close()

@@ -1,0 +1,48 @@
+"""Request-scoped access to the runtime, the rules and the current user's identity.
+
+Anonymous users are identified by a random id in Flask's signed, long-lived session
+cookie; users who log in are `user:<id>` and see their tasks on any browser.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from flask import current_app, g, session
+
+from ..runtime import Runtime
+from ..tree import RuleSet
+
+
+def rt() -> Runtime:
+    """This app's runtime (store, dispatcher, settings)."""
+    return current_app.extensions["formrules"]
+
+
+def rules() -> RuleSet:
+    """The rules the app started with."""
+    return current_app.extensions["formrules.rules"]
+
+
+def owner() -> str:
+    """The current user's owner key, creating the anonymous cookie on first use."""
+    if "user_id" in session:
+        return f"user:{session['user_id']}"
+    if "anon" not in session:
+        session["anon"] = secrets.token_urlsafe(24)
+        session.permanent = True
+    return f"anon:{session['anon']}"
+
+
+def current_owner_or_none() -> str | None:
+    """The owner key if this browser has one already (no cookie is created)."""
+    if "user_id" in session:
+        return f"user:{session['user_id']}"
+    return f"anon:{session['anon']}" if "anon" in session else None
+
+
+def db():
+    """A session for this request (closed at teardown)."""
+    if "db" not in g:
+        g.db = rt().store.sessions()
+    return g.db
