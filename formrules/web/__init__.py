@@ -41,8 +41,8 @@ def create_app(test_config: dict[str, Any] | None = None,
     app.extensions["formrules.rules"] = load_rules(settings.rules_dir)
     csrf.init_app(app)
 
-    from . import auth, forms, records, tasks
-    for module in (forms, records, tasks, auth):
+    from . import admin, api, auth, batches, forms, records, tasks, updates
+    for module in (forms, records, tasks, auth, admin, updates, batches, api):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
 

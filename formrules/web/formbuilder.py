@@ -20,6 +20,7 @@ from wtforms import (
     StringField,
     TextAreaField,
 )
+from wtforms.fields.choices import SelectChoice
 from wtforms.validators import (
     DataRequired,
     Email,
@@ -66,8 +67,9 @@ def _field(fd: FieldDef) -> Field:
     if fd.type == "datetime":
         return DateTimeLocalField(validators=required, format="%Y-%m-%dT%H:%M", **kwargs)
     if fd.type == "choice":
-        choices = [("", "Choose…")] if not fd.required and fd.default is None else []
-        choices += [(c, c) for c in fd.choices]
+        choices = [SelectChoice("", "Choose…")] if not fd.required and fd.default is None \
+            else []
+        choices += [SelectChoice(c) for c in fd.choices]
         return SelectField(choices=choices, validators=[*required, _in_choices(fd)], **kwargs)
     raise ValueError(f"unknown field type {fd.type}")
 

@@ -1,0 +1,5 @@
+"""Placeholder blueprint 'api' (being written)."""
+
+from flask import Blueprint
+
+bp = Blueprint("api", __name__)

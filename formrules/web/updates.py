@@ -1,0 +1,5 @@
+"""Placeholder blueprint 'updates' (being written)."""
+
+from flask import Blueprint
+
+bp = Blueprint("updates", __name__)

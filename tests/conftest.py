@@ -1,0 +1,130 @@
+"""Shared fixtures: a private real Redis, real databases (SQLite, and PostgreSQL when
+FORMRULES_TEST_POSTGRES names one), the app, and helpers to run real workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from sqlalchemy import create_engine, text
+
+from formrules.config import from_env
+from formrules.models import Base
+from formrules.redis_server import RedisServer
+from formrules.runtime import Runtime, install
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+PG_URL = os.environ.get("FORMRULES_TEST_POSTGRES", "")
+DATABASES = ["sqlite"] + (["postgresql"] if PG_URL else [])
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A redis-server of our own for the whole session (tests may flush it freely)."""
+    with RedisServer(tmp_path_factory.mktemp("redis"), persist=False) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The private Redis, emptied before each test."""
+    Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A private schema in the PostgreSQL test database, dropped at the end."""
+    if not PG_URL:
+        pytest.skip("FORMRULES_TEST_POSTGRES is not set")
+    schema = f"formrules_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request, tmp_path):
+    """Each test that uses the store runs on SQLite and (when configured) PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/formrules.db"
+    url = request.getfixturevalue("pg_url")
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def rules_dir(tmp_path):
+    """A rules folder holding the test forms in tests/rules; tests may add files."""
+    target = tmp_path / "rules"
+    shutil.copytree(HERE / "rules", target)
+    return target
+
+
+@pytest.fixture
+def settings(tmp_path, database_url, redis_url, rules_dir):
+    """Settings with short heartbeat/stale/reconcile times so recovery tests are quick."""
+    return from_env(
+        {},
+        rules_dir=str(rules_dir), instance_dir=str(tmp_path / "instance"),
+        database_url=database_url, redis_url=redis_url, secret_key="test-secret",
+        heartbeat_seconds=0.2, stale_seconds=2.0, reconcile_seconds=0.5,
+        progress_write_seconds=0.0, actions_modules="tests.fixture_actions",
+        http_allow=("127.0.0.1",),
+    )
+
+
+@pytest.fixture
+def rt(settings):
+    """The runtime the app and in-process workers share."""
+    runtime = install(Runtime(settings))
+    runtime.store.create_all()
+    yield runtime
+    runtime.store.dispose()
+
+
+@pytest.fixture
+def app(rt):
+    """The Flask app on the test settings, CSRF on (as in production)."""
+    from formrules.web import create_app
+
+    return create_app({"TESTING": True}, settings=rt.settings)
+
+
+@pytest.fixture
+def client(app):
+    """A test client (one browser)."""
+    return app.test_client()
+
+
+@pytest.fixture
+def subprocess_env(settings):
+    """Environment for worker/CLI subprocesses: same settings, tests importable."""
+    env = dict(os.environ)
+    env.update({
+        "FORMRULES_RULES": settings.rules_dir, "FORMRULES_INSTANCE": settings.instance_dir,
+        "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
+        "SECRET_KEY": settings.secret_key, "FORMRULES_ACTIONS": settings.actions_modules,
+        "FORMRULES_HEARTBEAT": str(settings.heartbeat_seconds),
+        "FORMRULES_STALE_AFTER": str(settings.stale_seconds),
+        "FORMRULES_RECONCILE": str(settings.reconcile_seconds),
+        "FORMRULES_PROGRESS_INTERVAL": str(settings.progress_write_seconds),
+        "FORMRULES_HTTP_ALLOW": ",".join(settings.http_allow),
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    })
+    return env

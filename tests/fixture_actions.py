@@ -1,0 +1,69 @@
+"""Custom actions used by the tests (workers import this module by its dotted path).
+
+`record_call` appends one line per real execution to a file in the instance folder
+(O_APPEND, so concurrent processes cannot lose a line): the tests count those lines to
+prove each step ran exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from formrules.actions import action
+from formrules.errors import PermanentError, RetryableError
+
+
+def calls_file(instance_dir: str) -> Path:
+    """Where `record_call` writes."""
+    return Path(instance_dir) / "calls.log"
+
+
+def read_calls(instance_dir: str) -> list[str]:
+    """Every line `record_call` wrote."""
+    path = calls_file(instance_dir)
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@action("record_call", {"name": "text!", "sleep": "number"})
+def record_call(ctx, name: str, sleep: float = 0) -> None:
+    """Note that this step really ran (then optionally sleep, reporting progress)."""
+    path = calls_file(ctx.settings.instance_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, f"{name} {ctx.idempotency_key} attempt={ctx.attempt}\n".encode())
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + float(sleep)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        ctx.check_cancelled()
+
+
+@action("flaky", {"fail_times": "int!", "message": "text"})
+def flaky(ctx, fail_times: int, message: str = "upstream 503") -> None:
+    """Fail (retryably) on the first `fail_times` attempts."""
+    if ctx.attempt <= fail_times:
+        raise RetryableError(f"flaky: {message} (attempt {ctx.attempt})",
+                             "The booking service is busy; we will try again.")
+
+
+@action("explode", {"permanent": "bool", "safe": "text"})
+def explode(ctx, permanent: bool = False, safe: str = "") -> None:
+    """Always fail; the internal text must never reach users."""
+    secret = "psycopg.OperationalError: password=hunter2 at db.internal:5432"
+    if permanent:
+        raise PermanentError(secret, safe or None)
+    if safe:
+        raise RetryableError(secret, safe)
+    raise RuntimeError(secret)
+
+
+@action("slow", {"seconds": "number!", "steps": "int"})
+def slow(ctx, seconds: float, steps: int = 10) -> None:
+    """Sleep in steps, reporting progress (each report is a point where cancel applies)."""
+    for i in range(steps):
+        time.sleep(float(seconds) / steps)
+        ctx.progress(i + 1, steps, f"part {i + 1} of {steps}")

@@ -1,0 +1,140 @@
+"""Helpers for tests: submit a form the way a browser does, run jobs with real workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
+from sqlalchemy import select
+
+from formrules.models import Record, Run, RunEvent
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tokens(html: bytes) -> dict[str, str]:
+    """The csrf_token and submit_key hidden inputs of a rendered form."""
+    found = {}
+    for name in ("csrf_token", "submit_key"):
+        match = re.search(rb'name="' + name.encode() + rb'" type="hidden" value="([^"]*)"', html) \
+            or re.search(rb'type="hidden" name="' + name.encode() + rb'" value="([^"]*)"', html)
+        if match:
+            found[name] = match.group(1).decode()
+    return found
+
+
+def submit(client, form_id: str, data: dict, *, follow: bool = False):
+    """GET the form, then POST `data` with its CSRF token and submit key."""
+    page = client.get(f"/forms/{form_id}")
+    assert page.status_code == 200, page.data[:500]
+    return client.post(f"/forms/{form_id}", data={**tokens(page.data), **data},
+                       follow_redirects=follow)
+
+
+def token_of(response) -> str:
+    """The record token from a submit's 303 Location."""
+    assert response.status_code == 303, response.data[:2000]
+    return response.headers["Location"].rsplit("/", 1)[-1]
+
+
+def work(rt, *, max_jobs: int | None = None) -> None:
+    """Run queued jobs in this process with a real RQ SimpleWorker until the queue is empty."""
+    worker = SimpleWorker([rt.dispatcher.queue], connection=rt.redis,
+                          serializer=JSONSerializer)
+    worker.work(burst=True, max_jobs=max_jobs, logging_level="WARNING")
+
+
+def enqueue_due_scheduled(rt) -> int:
+    """Move due scheduled jobs to the queue (what RQ's scheduler does each second)."""
+    registry = rt.dispatcher.queue.scheduled_job_registry
+    ids = registry.get_jobs_to_schedule(int(time.time()) + 1)
+    for job_id in ids:
+        job = rt.dispatcher.queue.fetch_job(job_id)
+        if job is not None:
+            rt.dispatcher.queue._enqueue_job(job)
+        registry.remove(job_id)
+    return len(ids)
+
+
+def runs_of(rt, token: str | None = None) -> list[Run]:
+    """Runs (of one record, by token), oldest first."""
+    with rt.store.session() as s:
+        query = select(Run).order_by(Run.created_at, Run.id)
+        if token:
+            record = s.scalar(select(Record).where(Record.token == token))
+            query = query.where(Run.record_id == record.id)
+        return list(s.scalars(query))
+
+
+def record_of(rt, token: str) -> Record:
+    """The record with this token, fresh."""
+    with rt.store.session() as s:
+        return s.scalar(select(Record).where(Record.token == token))
+
+
+def events_of(rt, run_id: str) -> list[RunEvent]:
+    """A Run's trace."""
+    with rt.store.session() as s:
+        return list(s.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
+                              .order_by(RunEvent.id)))
+
+
+def wait_until(predicate, timeout: float = 20, interval: float = 0.05):
+    """Poll `predicate` until it is truthy; fail with the last value after `timeout`."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
+
+
+class WorkerProcess:
+    """A real `python worker.py` in its own process group (so it can be SIGKILLed whole)."""
+
+    def __init__(self, env: dict[str, str], *args: str):
+        self.env, self.args = env, args
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        """Start the worker (forking work-horses, scheduler, reconciler)."""
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "worker.py"), *self.args], env=self.env, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the worker and everything it started (work-horse included)."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> str:
+        """Stop gracefully; return what it printed."""
+        if self.process is None:
+            return ""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        output = self.process.stdout.read().decode(errors="replace")
+        self.process.stdout.close()
+        return output
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
