@@ -98,7 +98,7 @@ def load_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        what = " ".join(x for x in (exc.context, exc.problem) if x)
+        what = ": ".join(x for x in (exc.context, exc.problem) if x)
         return None, [Problem(file, line, col, "", f"not valid YAML: {what}")]
     except yaml.YAMLError as exc:
         return None, [Problem(file, 1, 1, "", f"not valid YAML: {exc}")]

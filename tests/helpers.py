@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,9 +108,11 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         """Start the worker (forking work-horses, scheduler, reconciler)."""
+        # A file, not a pipe: a chatty worker must never block on a full pipe buffer.
+        self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "worker.py"), *self.args], env=self.env, cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def kill(self) -> None:
@@ -129,8 +132,10 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        output = self.process.stdout.read().decode(errors="replace")
-        self.process.stdout.close()
+        self.process = None
+        self.log.seek(0)
+        output = self.log.read().decode(errors="replace")
+        self.log.close()
         return output
 
     def __enter__(self) -> WorkerProcess:

@@ -1,0 +1,118 @@
+"""The `formrules` command: check, and the one-command run that leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from formrules.redis_server import free_port
+from tests.helpers import ROOT, wait_until
+
+FORMRULES = [sys.executable, "-m", "formrules.cli"]
+
+
+def run_cli(*args: str, env: dict | None = None, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([*FORMRULES, *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=60)
+
+
+def test_check_accepts_the_example_rules():
+    result = run_cli("check", str(ROOT / "rules"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "form(s) OK" in result.stdout
+    assert "room_booking" in result.stdout
+
+
+def test_check_reports_every_mistake_with_position_and_exits_1(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "form: a\n"
+        "fields:\n"
+        "  - {name: done, type: string}\n"
+        "events:\n"
+        "  submit:\n"
+        "    - background:\n"
+        "        flag: done\n"
+        "        timeout: soon\n"
+        "        do: [{send_emial: {to: x}}]\n")
+    (tmp_path / "b.yaml").write_text("form: b\nform: c\n")
+    (tmp_path / "c.yaml").write_text("form: [unclosed\n")
+    result = run_cli("check", str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines == [
+        f"{tmp_path}/a.yaml:7:15: events/submit/0/background: flag field 'done' must have "
+        "type boolean, not string",
+        f"{tmp_path}/a.yaml:8:18: events/submit/0/background: expected a duration like 30s, "
+        "10m, 2h, 3d or PT10M, got 'soon'",
+        f"{tmp_path}/a.yaml:9:15: events/submit/0/background/do/0: unknown action "
+        "'send_emial' (did you mean 'send_email'?)",
+        f"{tmp_path}/b.yaml:2:1: duplicate key 'form' (first defined at line 1)",
+        f"{tmp_path}/c.yaml:2:1: not valid YAML: while parsing a flow sequence: expected ',' "
+        "or ']', but got '<stream end>'",
+    ]
+    assert "5 problems found." in result.stderr
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_run_starts_everything_and_stops_without_leftovers(tmp_path, stop_signal):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "DATABASE_URL", "SECRET_KEY")}
+    env.update({"FORMRULES_INSTANCE": str(tmp_path / "instance"),
+                "FORMRULES_RULES": str(ROOT / "rules")})
+    process = subprocess.Popen([*FORMRULES, "run", "--port", str(port)], env=env, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def serving():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    return r.status == 200 and b"Book a meeting room" in r.read()
+            except OSError:
+                return False
+
+        wait_until(serving, timeout=60, interval=0.2)
+        tree = _descendants(process.pid)
+        names = {Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
+                 for p in tree if _alive(p)}
+        assert any(b"redis-server" in n or b"valkey-server" in n for n in names), names
+        assert any(b"formrules.worker" in n for n in names), names
+        assert (tmp_path / "instance" / "secret_key").exists()
+    finally:
+        process.send_signal(stop_signal)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "formrules is running at" in output and "Stopped." in output
+    wait_until(lambda: not any(_alive(p) for p in tree), timeout=20)
