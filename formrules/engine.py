@@ -98,7 +98,7 @@ def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner
         status=(RunStatus.SCHEDULED if due > now + timedelta(seconds=1)
                 else RunStatus.QUEUED).value,
         awaited=node.awaited, flag=node.flag, due_at=due, max_attempts=node.retry.attempts,
-        **extra,
+        created_at=now, **extra,
     )
 
 
