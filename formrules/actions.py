@@ -15,6 +15,8 @@ rules are validated, so an unknown action name is a validation error, custom or 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +95,13 @@ def get(name: str) -> ActionSpec | None:
 
 
 def load_modules(spec: str | None) -> None:
-    """Import the comma-separated custom action modules from FORMRULES_ACTIONS."""
-    for module in filter(None, (m.strip() for m in (spec or "").split(","))):
+    """Import the comma-separated custom action modules from FORMRULES_ACTIONS.
+
+    The working directory is importable (as with `flask run`), so a project's own
+    `actions.py` next to its rules works without being installed.
+    """
+    modules = [m.strip() for m in (spec or "").split(",") if m.strip()]
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
         importlib.import_module(module)
