@@ -32,6 +32,7 @@ class Param:
 
     kind: str = "any"
     required: bool = False
+    render: bool = True  # False: the action renders this value itself (e.g. with `response`)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,11 @@ def action(
                         raise ValueError(f"action {name}: unknown param kind {spec!r}")
                     spec = Param(kind, spec.endswith("!"))
                 declared[key] = spec
+        existing = _REGISTRY.get(name)
+        if existing is not None and (existing.fn.__module__, existing.fn.__qualname__) != (
+                fn.__module__, fn.__qualname__):
+            raise ValueError(f"action {name!r} is already registered by "
+                             f"{existing.fn.__module__}.{existing.fn.__qualname__}")
         _REGISTRY[name] = ActionSpec(name, fn, declared, positional,
                                      (fn.__doc__ or "").strip().split("\n")[0],
                                      render_args, extra_check)

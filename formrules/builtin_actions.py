@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import mail, sandbox
-from .actions import action
+from .actions import Param, action
 from .context import Context
 from .duration import parse_duration
 from .errors import PermanentError, RetryableError
@@ -85,7 +85,7 @@ def send_email(ctx: Context, to: str, subject: str, body: str, cc: str = "",
 
 @action("http_request", {"url": "text!", "method": "text", "headers": "mapping",
                          "json": "any", "body": "text", "timeout": "duration",
-                         "save": "mapping"})
+                         "save": Param("mapping", render=False)})
 def http_request(ctx: Context, url: str, method: str = "POST", headers: dict | None = None,
                  json: Any = None, body: str | None = None, timeout: Any = "30s",
                  save: dict | None = None) -> None:
@@ -103,10 +103,11 @@ def http_request(ctx: Context, url: str, method: str = "POST", headers: dict | N
         data = body.encode()
     request = urllib.request.Request(url, data=data, method=method.upper(),
                                      headers=sent_headers)
+    opener = urllib.request.build_opener(_AllowlistRedirects(ctx.settings.http_allow))
     seconds = parse_duration(timeout).total_seconds()
     safe = f"The service at {host} could not be reached."
     try:
-        with urllib.request.urlopen(request, timeout=seconds) as response:  # noqa: S310
+        with opener.open(request, timeout=seconds) as response:
             payload = response.read(10_000_000)
             status = response.status
     except urllib.error.HTTPError as exc:
@@ -127,6 +128,21 @@ def http_request(ctx: Context, url: str, method: str = "POST", headers: dict | N
                                                      "json": parsed}}
         for name, template in save.items():
             ctx.set(name, sandbox.render(str(template), variables))
+
+
+class _AllowlistRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to an allowed host: the allowlist must not be a detour."""
+
+    def __init__(self, allowed: tuple[str, ...]):
+        self.allowed = allowed
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urlsplit(newurl)
+        if target.scheme not in ("http", "https") or \
+                (target.hostname or "").lower() not in self.allowed:
+            raise PermanentError(f"http_request: redirect to {newurl!r} is not allowed",
+                                 "This form is not allowed to contact that service.")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _json_dumps(value: Any) -> str:

@@ -11,13 +11,14 @@ import difflib
 from datetime import timedelta
 from typing import Any
 
-from jinja2 import meta
+from jinja2 import TemplateSyntaxError, meta
 
 from . import actions, sandbox
 from .duration import parse_duration
 from .errors import Problem
 from .tree import (
     DEFAULT_RETRY,
+    FIELD_TYPES,
     NO_RETRY,
     ActionNode,
     DeferNode,
@@ -97,10 +98,17 @@ class Checker:
             self.template(value, pos, path, expression=False)
         return value
 
-    def template(self, source: str, pos: Pos | None, path: str, *, expression: bool) -> None:
-        """Compile a template or expression and check the fields it names."""
+    def template(self, source: str, pos: Pos | None, path: str, *, expression: bool,
+                 edit: bool = False) -> None:
+        """Compile a template or expression and check the fields it names.
+
+        `edit`: it is evaluated when a record is edited (`cancel_if`), so `old` and
+        `changed` are set wherever its node is.
+        """
         what = "expression" if expression else "template"
         message, used = sandbox.check(source, expression=expression)
+        if expression:  # judged as it will run: no wrapper in the verdict or the wording
+            message = _expression_error(source) or message
         if message:
             self.error(pos, path, f"{what} does not compile: {message}")
             return
@@ -115,15 +123,18 @@ class Checker:
             if name not in VARIABLES and name not in sandbox.GLOBALS:
                 self.error(pos, path, f"unknown name '{name}' in {what}"
                                       f"{did_you_mean(name, VARIABLES + tuple(sandbox.GLOBALS))}")
+            elif not (edit and name in ("old", "changed")) and \
+                    (where := _only_in(name, path)) is not None:
+                self.error(pos, path, f"'{name}' is only set {where}")
 
-    def expression(self, value: Any, pos: Pos | None, path: str) -> str:
+    def expression(self, value: Any, pos: Pos | None, path: str, *, edit: bool = False) -> str:
         """An expression string (a bool or number is accepted as its literal)."""
         if isinstance(value, bool):
             return "true" if value else "false"
         if not isinstance(value, str | int | float):
             self.error(pos, path, f"expected an expression, got {_kind(value)}")
             return "false"
-        self.template(str(value), pos, path, expression=True)
+        self.template(str(value), pos, path, expression=True, edit=edit)
         return str(value)
 
     def duration(self, value: Any, pos: Pos | None, path: str) -> timedelta | None:
@@ -152,7 +163,7 @@ class Checker:
         """A declared field's name (a boolean one when `boolean`)."""
         if name not in self.fields:
             self.error(pos, path, f"unknown field '{name}'{did_you_mean(name, self.fields)}")
-        elif boolean and self.fields[name] != "boolean":
+        elif boolean and self.fields[name] != "boolean" and self.fields[name] in FIELD_TYPES:
             self.error(pos, path, f"flag field '{name}' must have type boolean, "
                                   f"not {self.fields[name]}")
         return str(name)
@@ -251,6 +262,9 @@ class Checker:
         on_change = args.get("on_change", "recompute" if when_at else "keep")
         if on_change not in ("recompute", "keep"):
             self.error(pos("on_change"), path, "'on_change' must be recompute or keep")
+        elif on_change == "recompute" and not when_at and "on_change" in args:
+            self.error(pos("on_change"), path, "'on_change: recompute' needs an 'at:' "
+                                               "expression; a 'for:' delay counts from its start")
         title = self.text(args.get("title", "Working on it"), pos("title"), path)
         flag = args.get("flag")
         if flag is not None:
@@ -267,7 +281,7 @@ class Checker:
             inline_for=self.duration(args["inline_for"], pos("inline_for"), path)
             if "inline_for" in args else None,
             on_change=on_change,
-            cancel_if=self.expression(args["cancel_if"], pos("cancel_if"), path)
+            cancel_if=self.expression(args["cancel_if"], pos("cancel_if"), path, edit=True)
             if "cancel_if" in args else None,
             when=self.expression(args["when"], pos("when"), path) if "when" in args else None,
             raw=plain(item),
@@ -373,6 +387,27 @@ class Checker:
         elif isinstance(value, list):
             for i, v in enumerate(value):
                 self._templates_in(v, self.value_pos(value, i), path)
+
+
+def _expression_error(source: str) -> str | None:
+    """Why `source` is not an expression, in the words of the compiler that runs it."""
+    if not source.strip():
+        return "it is empty"
+    try:
+        sandbox.environment().compile_expression(source)
+    except TemplateSyntaxError as exc:
+        return (exc.message or "syntax error").replace("end of template", "end of expression") \
+            .replace("chunk after expression", "unexpected text after the expression")
+    return None
+
+
+def _only_in(name: str, path: str) -> str | None:
+    """Where `name` is set, when it is not set at `path` (a run there would fail on it)."""
+    if name in ("old", "changed") and not path.startswith("events/update"):
+        return "in update events"
+    if name == "error" and "/on_error" not in path:
+        return "in on_error branches"
+    return None
 
 
 def _kind(value: Any) -> str:

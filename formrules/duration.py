@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-_SHORT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_SHORT = re.compile(r"^\s*(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d|w)\s*)+$")
+_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
 _ISO = re.compile(
     r"^P(?:(?P<w>\d+)W)?(?:(?P<d>\d+)D)?"
     r"(?:T(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
@@ -24,9 +25,8 @@ def parse_duration(value: object) -> timedelta:
     text = str(value).strip()
     if text == "now":
         return timedelta(0)
-    match = _SHORT.match(text)
-    if match:
-        return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    if _SHORT.match(text):  # `30s`, `2h`, and compounds like `1h30m` (as format_duration writes)
+        return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in _PART.findall(text)))
     match = _ISO.match(text.upper())
     if match and text.upper() not in ("P", "PT") and not text.upper().endswith("T"):
         parts = {k: float(v) if v else 0.0 for k, v in match.groupdict().items()}

@@ -27,7 +27,14 @@ def call_action(node: ActionNode, ctx: Context) -> None:
     spec = actions.get(node.action)
     if spec is None:  # validated away; only a snapshot from another version gets here
         raise PermanentError(f"unknown action {node.action!r}")
-    args = sandbox.render_value(node.args, ctx.variables()) if spec.render_args else node.args
+    args = node.args
+    if spec.render_args:
+        variables = ctx.variables()
+        if spec.params is not None and isinstance(args, dict):
+            args = {k: v if (p := spec.params.get(k)) is not None and not p.render
+                    else sandbox.render_value(v, variables) for k, v in args.items()}
+        else:
+            args = sandbox.render_value(args, variables)
     if spec.params is None:
         spec.fn(ctx, args)
     else:

@@ -16,7 +16,6 @@ from .checker import Checker, did_you_mean
 from .errors import Problem, RuleError
 from .tree import (
     FIELD_TYPES,
-    NO_RETRY,
     DeferNode,
     FieldDef,
     Form,
@@ -24,6 +23,7 @@ from .tree import (
     ScheduleDef,
     TaskDef,
 )
+from .values import to_storage
 from .yamlsource import Map, load_yaml, plain
 
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -33,8 +33,10 @@ FORM_KEYS = ("form", "title", "description", "fields", "events", "after_submit",
 FIELD_KEYS = ("name", "type", "label", "help", "required", "min", "max", "max_length",
               "choices", "default", "hidden")
 EVENTS = ("submit", "update")
-TASK_KEYS = ("title", "do", "concurrency", "stop_on_error", "retry")
-SCHEDULE_KEYS = ("name", "cron", "timezone", "title", "do", "for_each", "catch_up")
+# A task or a schedule runs as a Background: these keys mean what they mean there.
+RUN_KEYS = ("title", "do", "retry", "timeout", "on_error")
+TASK_KEYS = (*RUN_KEYS, "concurrency", "stop_on_error")
+SCHEDULE_KEYS = (*RUN_KEYS, "name", "cron", "timezone", "for_each", "catch_up")
 
 
 def load_rules(directory: str | Path) -> RuleSet:
@@ -85,8 +87,11 @@ def parse_form(text: str, file: str) -> tuple[Form | None, list[Problem]]:
 def _form(c: Checker, raw: Map) -> Form:
     c.known_keys(raw, FORM_KEYS, "", "form")
     form_id = raw.get("form")
-    if not isinstance(form_id, str) or not FORM_ID.match(form_id):
-        c.error(c.value_pos(raw, "form") if "form" in raw else raw.pos, "form",
+    if "form" not in raw:
+        c.error(raw.pos, "form", "a rule file starts with 'form: <id>', like 'form: room_booking'")
+        form_id = Path(c.file).stem
+    elif not isinstance(form_id, str) or not FORM_ID.match(form_id):
+        c.error(c.value_pos(raw, "form"), "form",
                 "'form' must be an id of lowercase letters, digits, '_' or '-'")
         form_id = Path(c.file).stem
     fields = _fields(c, raw.get("fields"), c.value_pos(raw, "fields"))
@@ -142,22 +147,31 @@ def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
             c.error(vp("name"), path, f"duplicate field name '{name}'")
             continue
         ftype = item.get("type", "string")
+        known_type = ftype in FIELD_TYPES  # options are checked against a known type only
         if ftype not in FIELD_TYPES:
             c.error(vp("type"), path, f"unknown field type '{ftype}'"
                                       f"{did_you_mean(ftype, FIELD_TYPES)}; expected one of "
                                       f"{', '.join(FIELD_TYPES)}")
-            ftype = "string"
+            ftype = str(ftype)  # kept, so checks that need a type skip this field
         choices = item.get("choices", [])
         if ftype == "choice" and (not isinstance(choices, list) or not choices):
             c.error(vp("choices") if "choices" in item else item.pos, path,
                     "a choice field needs a non-empty 'choices:' list")
             choices = []
-        elif "choices" in item and ftype != "choice":
+        elif "choices" in item and known_type and ftype != "choice":
             c.error(c.key_pos(item, "choices"), path, "'choices' goes with type: choice")
         for key in ("min", "max"):
-            if key in item and (isinstance(item[key], bool)
-                                or not isinstance(item[key], int | float)):
+            if key in item and known_type and ftype not in ("integer", "decimal"):
+                c.error(c.key_pos(item, key), path,
+                        f"'{key}' goes with type: integer or decimal (not {ftype})")
+            elif key in item and (isinstance(item[key], bool)
+                                  or not isinstance(item[key], int | float)):
                 c.error(vp(key), path, f"'{key}' must be a number")
+        if "max_length" in item and known_type and ftype not in ("string", "text", "email"):
+            c.error(c.key_pos(item, "max_length"), path,
+                    f"'max_length' goes with type: string, text or email (not {ftype})")
+        if "default" in item and known_type:
+            _check_default(c, item["default"], ftype, choices, vp("default"), path)
         for key in ("required", "hidden"):
             if key in item:
                 c.boolean(item[key], vp(key), path)
@@ -175,6 +189,23 @@ def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
             default=plain(item.get("default")),
         ))
     return tuple(out)
+
+
+def _check_default(c: Checker, value: Any, ftype: str, choices: Any, pos, path: str) -> None:
+    """A default must be a value of the field's type (hidden fields are stored as is)."""
+    if value is None:
+        return
+    if ftype == "boolean":
+        c.boolean(value, pos, path)
+    elif ftype == "choice":
+        if isinstance(choices, list) and choices and str(value) not in map(str, choices):
+            c.error(pos, path, f"'default' {value!r} is not one of the choices"
+                               f"{did_you_mean(value, choices)}")
+    else:
+        try:
+            to_storage(plain(value), ftype)
+        except (TypeError, ValueError):
+            c.error(pos, path, f"'default' {value!r} is not a valid {ftype} value")
 
 
 def _number(value: Any) -> float | None:
@@ -198,14 +229,12 @@ def _tasks(c: Checker, value: Any, pos) -> dict[str, TaskDef]:
         vp = lambda k: c.value_pos(body, k)  # noqa: E731
         if "do" not in body:
             c.error(c.key_pos(value, name), path, "a task needs a 'do:' list of nodes")
+        node = _background(c, body, path, c.key_pos(value, name), name)
         out[name] = TaskDef(
-            name=name,
-            title=c.text(body.get("title", name), vp("title"), path),
-            do=c.nodes(body.get("do"), vp("do"), f"{path}/do"),
+            name=name, title=node.title, do=node.do,
             concurrency=c.integer(body.get("concurrency", 1), vp("concurrency"), path, 1),
             stop_on_error=c.boolean(body.get("stop_on_error", False), vp("stop_on_error"), path),
-            retry=c.retry(body["retry"], vp("retry"), path) if "retry" in body else NO_RETRY,
-            raw=plain(body),
+            retry=node.retry, raw=node.raw,
         )
     return out
 
@@ -216,7 +245,7 @@ def _schedules(c: Checker, value: Any, pos) -> tuple[ScheduleDef, ...]:
     if not isinstance(value, list):
         c.error(pos, "schedules", "'schedules' must be a list")
         return ()
-    out = []
+    out: list[ScheduleDef] = []
     for i, body in enumerate(value):
         path = f"schedules/{i}"
         body = c.mapping(body, c.value_pos(value, i), path, "a schedule")
@@ -240,15 +269,34 @@ def _schedules(c: Checker, value: Any, pos) -> tuple[ScheduleDef, ...]:
             c.error(vp("catch_up"), path, "'catch_up' must be latest or none")
         if "do" not in body:
             c.error(body.pos, path, "a schedule needs a 'do:' list of nodes")
+        if "name" in body and any(s.name == str(body["name"]) for s in out):
+            c.error(vp("name"), path, f"duplicate schedule name '{body['name']}'")
+        node = _background(c, body, path, c.value_pos(value, i), f"Schedule {i}")
         out.append(ScheduleDef(
             name=str(body.get("name", i)), cron=cron, timezone=tz,
-            title=c.text(body.get("title", f"Schedule {i}"), vp("title"), path),
-            do=c.nodes(body.get("do"), vp("do"), f"{path}/do"),
+            title=node.title, do=node.do,
             for_each=c.expression(body["for_each"], vp("for_each"), path)
             if "for_each" in body else None,
-            catch_up=catch_up, raw=plain(body),
+            catch_up=catch_up, raw=node.raw,
         ))
     return tuple(out)
+
+
+def _background(c: Checker, body: Map, path: str, pos, title: str) -> DeferNode:
+    """A task's or schedule's tree, validated as the Background its Runs execute.
+
+    The node's `raw` (`{"background": {...}}`) is the snapshot each Run carries, so the
+    worker rebuilds it with `rebuild_defer` like any other deferred node.
+    """
+    args = Map({k: body[k] for k in RUN_KEYS if k in body})
+    args.pos = getattr(body, "pos", pos)
+    args.key_pos = {k: p for k, p in getattr(body, "key_pos", {}).items() if k in args}
+    args.value_pos = {k: p for k, p in getattr(body, "value_pos", {}).items() if k in args}
+    args.setdefault("title", title)
+    args.setdefault("do", [])  # a missing 'do:' is reported by the caller, in its words
+    args.setdefault("retry", False)  # once, unless the author asks for retries
+    args["await"] = False  # nobody waits on a page for a task or a schedule
+    return c.defer_node("background", args, pos, pos, path, {"background": args})
 
 
 def rebuild_defer(raw: dict, path: str, fields: dict[str, str]) -> DeferNode:
@@ -267,3 +315,22 @@ def rebuild_defer(raw: dict, path: str, fields: dict[str, str]) -> DeferNode:
         raise RuleError(checker.problems or [Problem(checker.file, 1, 1, path,
                                                      "snapshot is not a deferred node")])
     return node
+
+
+_cache: dict[str, tuple[tuple, RuleSet]] = {}
+
+
+def cached_rules(directory: str | Path) -> RuleSet:
+    """`load_rules`, reloaded only when a file's name or modification time changed.
+
+    For processes without an app (the reconciler's scheduler, the CLI): they see rule
+    edits without a restart and pay one directory listing per call otherwise.
+    """
+    root = Path(directory)
+    files = sorted([*root.glob("*.yaml"), *root.glob("*.yml")])
+    signature = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    hit = _cache.get(str(root))
+    if hit is None or hit[0] != signature:
+        hit = (signature, load_rules(root))
+        _cache[str(root)] = hit
+    return hit[1]

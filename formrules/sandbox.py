@@ -51,7 +51,9 @@ GLOBALS: dict[str, Any] = {
 @functools.cache
 def environment() -> ImmutableSandboxedEnvironment:
     """The one sandboxed environment shared by every template and expression."""
-    env = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
+    # An empty optional field is None: render it as nothing, not as the word "None".
+    env = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True,
+                                        finalize=lambda v: "" if v is None else v)
     env.globals.update(GLOBALS)
     env.filters["datetime"] = _parse_datetime
     return env

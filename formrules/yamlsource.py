@@ -60,7 +60,13 @@ class _Converter:
             seq.pos = _pos(self.file, node.start_mark)
             seq.item_pos = [_pos(self.file, item.start_mark) for item in node.value]
             return seq
-        return self.loader.construct_object(node, deep=True)
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except ValueError as exc:  # e.g. an impossible date such as 2024-02-30
+            where = _pos(self.file, node.start_mark)
+            self.problems.append(Problem(self.file, where.line, where.col, "",
+                                         f"cannot read {node.value!r}: {exc}"))
+            return node.value
 
     def _mapping(self, node: yaml.MappingNode) -> Map:
         self.loader.flatten_mapping(node)  # resolves `<<: *anchor` merges
