@@ -17,7 +17,6 @@ import json
 import os
 import re
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -158,8 +157,8 @@ def main() -> None:
         # Let the worker drain the submits above before timing flags one by one.
         deadline = time.time() + 300
         while time.time() < deadline:
-            from rq import Queue
             from redis import Redis
+            from rq import Queue
             if Queue("formrules", connection=Redis.from_url(redis.url)).count == 0:
                 break
             time.sleep(0.2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -109,7 +110,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         """Start the worker (forking work-horses, scheduler, reconciler)."""
         # A file, not a pipe: a chatty worker must never block on a full pipe buffer.
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "worker.py"), *self.args], env=self.env, cwd=ROOT,
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -118,6 +119,11 @@ class WorkerProcess:
     def kill(self) -> None:
         """SIGKILL the worker and everything it started (work-horse included)."""
         if self.process and self.process.poll() is None:
+            # RQ puts each work-horse in a process group of its own (os.setpgrp), so the
+            # worker's group alone would leave the horse running: kill every descendant.
+            for pid in _descendants(self.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
 
@@ -143,3 +149,21 @@ class WorkerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (children before they can be orphaned)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

@@ -11,7 +11,13 @@ from formrules.job import Execution
 from formrules.models import RunStatus, utcnow
 from tests.fixture_actions import read_calls
 from tests.helpers import (
-    WorkerProcess, events_of, record_of, runs_of, submit, token_of, wait_until,
+    WorkerProcess,
+    events_of,
+    record_of,
+    runs_of,
+    submit,
+    token_of,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
