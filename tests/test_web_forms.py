@@ -133,3 +133,12 @@ def test_app_refuses_to_start_on_invalid_rules(rt, rules_dir):
         create_app({"TESTING": True}, settings=rt.settings)
     assert f"{rules_dir}/broken.yaml:4:7: events/submit/0: unknown action 'send_emial' " \
            "(did you mean 'send_email'?)" in str(caught.value)
+
+
+def test_required_fields_typed_wrongly_say_what_is_wrong(client):
+    response = submit(client, "dated", {"day": "31/02/2020", "size": "XL"})
+    assert response.status_code == 422
+    assert b"Not a valid date value." in response.data
+    assert response.data.count(b"Not a valid choice.") == 1  # one message, not two
+    missing = submit(client, "dated", {})
+    assert missing.data.count(b"This field is required.") == 2

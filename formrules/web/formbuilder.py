@@ -29,7 +29,6 @@ from wtforms.validators import (
     NumberRange,
     Optional,
     Regexp,
-    ValidationError,
 )
 
 from ..tree import FieldDef, Form
@@ -39,8 +38,11 @@ SUBMIT_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
 def _field(fd: FieldDef) -> Field:
-    required = [InputRequired() if fd.type in ("integer", "decimal") else DataRequired()] \
-        if fd.required else [Optional()]
+    # Text must have content (DataRequired strips blanks); parsed types must have been
+    # typed at all (InputRequired), so "31/02" says "Not a valid date", not "required".
+    text_like = fd.type in ("string", "text", "email")
+    required = [DataRequired() if text_like else InputRequired()] if fd.required \
+        else [Optional()]
     kwargs: dict[str, Any] = {"label": fd.label, "description": fd.help,
                               "default": fd.default}
     if fd.type in ("integer", "decimal") and (fd.min is not None or fd.max is not None):
@@ -70,15 +72,9 @@ def _field(fd: FieldDef) -> Field:
         choices = [SelectChoice("", "Choose…")] if not fd.required and fd.default is None \
             else []
         choices += [SelectChoice(c) for c in fd.choices]
-        return SelectField(choices=choices, validators=[*required, _in_choices(fd)], **kwargs)
+        # SelectField itself refuses values outside `choices` ("Not a valid choice.").
+        return SelectField(choices=choices, validators=required, **kwargs)
     raise ValueError(f"unknown field type {fd.type}")
-
-
-def _in_choices(fd: FieldDef):
-    def check(form, field):
-        if field.data not in (None, "") and field.data not in fd.choices:
-            raise ValidationError("Choose one of the options.")
-    return check
 
 
 def form_class(form: Form) -> type[FlaskForm]:
