@@ -272,5 +272,108 @@ def users_add(name: str, operator: bool, password: str | None) -> None:
     click.echo(f"user {name} saved{' (operator)' if operator else ''}")
 
 
+
+@cli.group()
+def tokens() -> None:
+    """Manage API tokens for the JSON API."""
+
+
+@tokens.command("add")
+@click.argument("name")
+def tokens_add(name: str) -> None:
+    """Create an API token called NAME and print it (it is shown only this once)."""
+    from . import tokens as tokens_mod
+    rt = _runtime()
+    with rt.store.session() as s:
+        token = tokens_mod.create(s, name)
+    click.echo(token)
+    click.echo(f"API token {name!r} created; send it as 'Authorization: Bearer <token>'. "
+               "It is stored hashed and cannot be shown again.", err=True)
+
+
+@tokens.command("list")
+def tokens_list() -> None:
+    """List API tokens (names and last use; never the tokens)."""
+    from sqlalchemy import select
+
+    from .models import ApiToken
+    rt = _runtime()
+    with rt.store.session() as s:
+        for token in s.scalars(select(ApiToken).order_by(ApiToken.name)):
+            used = f"{token.last_used_at:%Y-%m-%d %H:%M}" if token.last_used_at else "never"
+            click.echo(f"{token.name}  created {token.created_at:%Y-%m-%d}  last used {used}")
+
+
+@tokens.command("revoke")
+@click.argument("name")
+def tokens_revoke(name: str) -> None:
+    """Delete the API token called NAME; clients using it get 401 from now on."""
+    from . import tokens as tokens_mod
+    rt = _runtime()
+    with rt.store.session() as s:
+        if not tokens_mod.revoke(s, name):
+            raise FormrulesError(f"no API token named {name!r}")
+    click.echo(f"API token {name!r} revoked")
+
+
+@cli.group()
+def tasks() -> None:
+    """Run a form's tasks over its records (batch runs)."""
+
+
+@tasks.command("list")
+def tasks_list() -> None:
+    """List the tasks every form defines."""
+    from .rules import cached_rules
+    rt = _runtime()
+    for form in sorted(cached_rules(rt.settings.rules_dir).forms.values(), key=lambda f: f.id):
+        for task in form.tasks.values():
+            click.echo(f"{form.id} {task.name}  {task.title}  (concurrency {task.concurrency}"
+                       f"{', stop_on_error' if task.stop_on_error else ''})")
+
+
+@tasks.command("run")
+@click.argument("form_id")
+@click.argument("task")
+@click.option("--where", "where", help="only records matching this expression, "
+                                       "e.g. \"record.status == 'reserved'\"")
+@click.option("--wait", is_flag=True, help="follow the progress until the batch ends")
+def tasks_run(form_id: str, task: str, where: str | None, wait: bool) -> None:
+    """Start TASK of FORM over the form's records; print the batch id."""
+    import time
+
+    from . import batch
+    from .models import Batch
+    from .rules import cached_rules
+    rt = _runtime()
+    form = cached_rules(rt.settings.rules_dir).form(form_id)
+    if form is None:
+        raise FormrulesError(f"no form {form_id!r}")
+    with rt.store.session() as s:
+        started = batch.start(s, form, task, owner="cli", settings=rt.settings, where=where)
+    batch.advance(rt, started.id)
+    click.echo(started.id)
+    click.echo(f"{started.title}: {started.total} record(s), {started.concurrency} at a time",
+               err=True)
+    if not wait:
+        return
+    shown = None
+    while True:
+        with rt.store.session() as s:
+            item = s.get(Batch, started.id)
+            progress = batch.progress(s, item)
+        line = f"{progress['text']} finished ({progress['percent']}%)"
+        if line != shown:
+            click.echo(line, err=True)
+            shown = line
+        if progress["ended"]:
+            click.echo(f"batch {item.status}: " + ", ".join(
+                f"{n} {st}" for st, n in sorted(progress["counts"].items())), err=True)
+            if item.status != "done":
+                sys.exit(1)
+            return
+        time.sleep(1)
+
+
 if __name__ == "__main__":
     main()

@@ -71,7 +71,8 @@ class RunStatus(enum.StrEnum):
     DONE = "done"
     DEAD = "dead"  # out of attempts or failed permanently: needs an operator
     CANCELLED = "cancelled"
-    SKIPPED = "skipped"  # a `when:` was false at fire time, or `cancel_if` matched
+    SKIPPED = "skipped"  # a `when:` was false at fire time, or `at:` no longer gives a time
+    WAITING = "waiting"  # a batch child waiting for a free slot (`concurrency:`)
 
 
 PENDING = (RunStatus.SCHEDULED, RunStatus.QUEUED, RunStatus.RETRYING)
@@ -237,4 +238,6 @@ class ScheduleSlot(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     schedule_key: Mapped[str] = mapped_column(String(300))
     slot_at: Mapped[datetime] = mapped_column()
+    # What became of the slot: "started 3 run(s)", or why it was skipped (catch_up: none).
+    outcome: Mapped[str] = mapped_column(String(300), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

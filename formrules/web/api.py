@@ -1,5 +1,225 @@
-"""Placeholder blueprint 'api' (being written)."""
+"""The JSON API for machine clients (described at /api/openapi.json).
 
-from flask import Blueprint
+    POST  /api/forms/<form_id>    201 {token, status_url, …}; 422 with field messages
+    GET   /api/records/<token>    the record, its state and its Runs
+    PATCH /api/records/<token>    change fields: update events and Delay policies follow
 
-bp = Blueprint("api", __name__)
+Same validation (the form's WTForms class) and the same events as the HTML form. Every
+call but the document needs `Authorization: Bearer <token>` (`formrules tokens add NAME`);
+CSRF does not apply: no cookie authenticates these requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, g, jsonify, request, url_for
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from werkzeug.datastructures import MultiDict
+
+from .. import tokens, updates
+from ..engine import submit as submit_record
+from ..errors import ActionError
+from ..models import Record
+from ..status import record_status
+from ..tree import Form
+from . import csrf, openapi
+from .formbuilder import form_class, record_values
+from .state import db, rt, rules
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+csrf.exempt(bp)
+log = logging.getLogger("formrules.api")
+
+
+def error(status: int, code: str, message: str, **extra: Any):
+    """A JSON error body: `{"error": code, "message": …}` plus details."""
+    response = jsonify({"error": code, "message": message, **extra})
+    response.status_code = status
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="formrules"'
+    return response
+
+
+@bp.before_request
+def authenticate():
+    """Every endpoint but the OpenAPI document needs a valid API token."""
+    if request.endpoint == "api.document":
+        return None
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    found = tokens.lookup(db(), value.strip()) if scheme.lower() == "bearer" else None
+    if found is None:
+        return error(401, "unauthorized", "Send 'Authorization: Bearer <token>' with a token "
+                                          "from 'formrules tokens add NAME'.")
+    db().commit()  # last_used_at
+    g.api_token = found
+    return None
+
+
+def _json_object():
+    body = request.get_json(silent=True)
+    return body if isinstance(body, dict) else None
+
+
+def _formdata(form: Form, values: dict[str, Any]) -> tuple[MultiDict, dict[str, list[str]]]:
+    """JSON values as the form post WTForms validates; type mistakes as field messages."""
+    data, errors = MultiDict(), {}
+    for name, value in values.items():
+        fd = form.field(name)
+        if fd is None:
+            errors[name] = ["There is no such field."]
+        elif fd.hidden:
+            errors[name] = ["This field is set by the form's rules, not by clients."]
+        elif isinstance(value, dict | list):
+            errors[name] = ["Expected a single value."]
+        elif fd.type == "boolean":
+            if value is not None and not isinstance(value, bool):
+                errors[name] = ["Expected true or false."]
+            elif value:
+                data.add(name, "y")
+        elif value is None:
+            continue  # empty: `required` decides whether that is allowed
+        elif isinstance(value, bool):
+            errors[name] = [f"Expected a {fd.type} value, not true or false."]
+        elif fd.type == "datetime":
+            try:
+                moment = datetime.fromisoformat(str(value))
+            except ValueError:
+                errors[name] = ["Not a valid datetime value (ISO 8601, e.g. "
+                                "2025-05-01T09:30:00+02:00)."]
+                continue
+            if moment.tzinfo is not None:  # the HTML field is UTC wall time, minutes
+                moment = moment.astimezone(UTC).replace(tzinfo=None)
+            data.add(name, moment.strftime("%Y-%m-%dT%H:%M"))
+        else:
+            data.add(name, str(value))
+    return data, errors
+
+
+def _validate(form: Form, values: dict[str, Any]):
+    """The form's own WTForms class over `values`: (wtf, field errors)."""
+    data, errors = _formdata(form, values)
+    wtf = form_class(form)(formdata=data, meta={"csrf": False})
+    if not wtf.validate():
+        for name, messages in wtf.errors.items():
+            errors.setdefault(name, list(messages))  # a type mistake already says it best
+    return wtf, errors
+
+
+def _invalid(errors: dict[str, list[str]]):
+    return error(422, "invalid", "Some fields are not valid; see 'fields'.", fields=errors)
+
+
+def _body(record: Record, form: Form | None) -> dict[str, Any]:
+    return {
+        "token": record.token,
+        "form": record.form_id,
+        "status_url": url_for("api.record", token=record.token, _external=True),
+        "page_url": url_for("records.wait", token=record.token, _external=True),
+        "created_at": record.created_at.isoformat(timespec="seconds"),
+        "updated_at": record.updated_at.isoformat(timespec="seconds"),
+        **record_status(db(), record, form),
+    }
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key", "").strip()
+    if not key:
+        return None
+    # Scoped to the token, hashed to fit: two clients' keys never meet.
+    return "api-" + hashlib.sha256(f"{g.api_token.id}:{key}".encode()).hexdigest()[:48]
+
+
+@bp.post("/forms/<form_id>")
+def create(form_id: str):
+    """Submit a form: validate, store, run the submit tree; 201 with the record's token."""
+    form = rules().form(form_id)
+    if form is None:
+        return error(404, "not_found", f"There is no form '{form_id}'.")
+    values = _json_object()
+    if values is None:
+        return error(400, "bad_request", "Send a JSON object of field values.")
+    wtf, errors = _validate(form, values)
+    if errors:
+        return _invalid(errors)
+    key, s = _idempotency_key(), db()
+    if key and (existing := s.scalar(select(Record).where(Record.submit_key == key))):
+        return jsonify(_body(existing, form)), 200  # the same request again: same record
+    try:
+        record, runs = submit_record(s, form, record_values(form, wtf),
+                                     owner=f"api:{g.api_token.name}", settings=rt().settings,
+                                     submit_key=key)
+        s.commit()
+    except IntegrityError:
+        s.rollback()  # the same key won a race in another request
+        existing = s.scalar(select(Record).where(Record.submit_key == key)) if key else None
+        if existing is None:
+            raise
+        return jsonify(_body(existing, form)), 200
+    except ActionError as exc:
+        s.rollback()
+        log.warning("api: form %s: submit failed: %s", form.id, exc)
+        return error(500, "action_failed", exc.safe_message)
+    rt().dispatcher.dispatch_all(runs)
+    body = _body(record, form)
+    return jsonify(body), 201, {"Location": body["status_url"]}
+
+
+def _record(token: str) -> Record | None:
+    if len(token) > 64:
+        return None
+    return db().scalar(select(Record).where(Record.token == token))
+
+
+@bp.get("/records/<token>")
+def record(token: str):
+    """A record: its fields, state (working, done, failed, cancelled) and Runs."""
+    found = _record(token)
+    if found is None:
+        return error(404, "not_found", "There is no record with this token.")
+    return jsonify(_body(found, rules().form(found.form_id)))
+
+
+@bp.patch("/records/<token>")
+def patch(token: str):
+    """Change some fields; the form's update events and Delay policies follow."""
+    found = _record(token)
+    if found is None:
+        return error(404, "not_found", "There is no record with this token.")
+    form = rules().form(found.form_id)
+    if form is None:
+        return error(409, "form_gone", f"The form '{found.form_id}' is no longer served.")
+    values = _json_object()
+    if values is None:
+        return error(400, "bad_request", "Send a JSON object of the fields to change.")
+    current = {f.name: found.data.get(f.name) for f in form.fields if not f.hidden}
+    wtf, errors = _validate(form, {**current, **values})
+    errors = {k: v for k, v in errors.items() if k in values or k not in current}
+    if errors:
+        return _invalid(errors)
+    changes = {name: getattr(wtf, name).data for name in values}
+    try:
+        edit = updates.apply_edit(db(), form, found.id, changes, settings=rt().settings,
+                                  who=f"API client {g.api_token.name}")
+        db().commit()
+    except updates.InvalidValues as exc:
+        db().rollback()
+        return _invalid(exc.errors)
+    except ActionError as exc:
+        db().rollback()
+        log.warning("api: record %s: update failed: %s", found.id, exc)
+        return error(500, "action_failed", exc.safe_message)
+    updates.after_edit(rt().dispatcher, edit)
+    body = _body(edit.record, form)
+    body["changed"] = sorted(edit.changed)
+    return jsonify(body)
+
+
+@bp.get("/openapi.json")
+def document():
+    """This API as an OpenAPI 3.1 document, with a request schema per form."""
+    return jsonify(openapi.document(rules(), request.host_url.rstrip("/")))

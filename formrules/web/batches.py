@@ -1,5 +1,144 @@
-"""Placeholder blueprint 'batches' (being written)."""
+"""Batch runs (`/admin/batches`): run a form's task over selected records, watch, cancel."""
 
-from flask import Blueprint
+from __future__ import annotations
 
-bp = Blueprint("batches", __name__)
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from flask_wtf import FlaskForm
+from sqlalchemy import select
+from wtforms import StringField
+from wtforms.validators import Length, Optional
+
+from .. import batch as batches
+from ..models import Batch, Record, Run
+from ..values import typed_record
+from .auth import operator_required
+from .state import db, rt, rules
+
+bp = Blueprint("batches", __name__, url_prefix="/admin/batches")
+SHOWN_RECORDS = 500  # records listed for picking; a filter reaches the rest
+
+
+class StartForm(FlaskForm):
+    where = StringField("Filter expression", validators=[Optional(), Length(max=500)],
+                        description="e.g. record.status == 'reserved' (empty: all records)")
+
+
+def _sentence(message: str) -> str:
+    return message[:1].upper() + message[1:] + "."
+
+
+def _who() -> str:
+    return f"operator {session.get('user_name', '?')}"
+
+
+def _batch(batch_id: str) -> Batch:
+    found = db().get(Batch, batch_id) if len(batch_id) <= 32 else None
+    if found is None:
+        abort(404)
+    return found
+
+
+@bp.get("")
+@operator_required
+def index():
+    """Every batch, newest first, with its progress; and the tasks that can be started."""
+    items = list(db().scalars(select(Batch).order_by(Batch.created_at.desc()).limit(100)))
+    views = [(b, batches.progress(db(), b)) for b in items]
+    tasks = [(form, task) for form in sorted(rules().forms.values(), key=lambda f: f.title)
+             for task in form.tasks.values()]
+    return render_template("batches/index.html", batches=views, tasks=tasks)
+
+
+@bp.route("/new/<form_id>/<task>", methods=("GET", "POST"))
+@operator_required
+def new(form_id: str, task: str):
+    """Pick records (boxes, or a filter) and start the task over them."""
+    form = rules().form(form_id) or abort(404)
+    task_def = form.tasks.get(task) or abort(404)
+    wtf = StartForm()
+    error = None
+    if wtf.validate_on_submit():
+        ids = [int(i) for i in request.form.getlist("record") if i.isdigit()]
+        scope = request.form.get("scope", "selected")
+        if scope == "selected" and not ids:
+            error = "Select at least one record, or run on every record matching the filter."
+        else:
+            try:
+                started = batches.start(
+                    db(), form, task, owner=f"user:{session.get('user_id')}",
+                    settings=rt().settings, record_ids=ids if scope == "selected" else None,
+                    where=(wtf.where.data or "").strip() or None)
+                db().commit()
+            except batches.BatchError as exc:
+                db().rollback()
+                error = _sentence(str(exc))
+            else:
+                batches.advance(rt(), started.id)
+                flash(f"Started {started.title} over {started.total} record(s).", "success")
+                return redirect(url_for("batches.show", batch_id=started.id), 303)
+    records = list(db().scalars(select(Record).where(Record.form_id == form.id)
+                                .order_by(Record.id.desc()).limit(SHOWN_RECORDS)))
+    columns = [f for f in form.fields if not f.hidden][:4]
+    rows = [(r, typed_record(r.data, form.field_types)) for r in records]
+    return render_template("batches/new.html", form=form, task=task_def, wtf=wtf,
+                           rows=rows, columns=columns, error=error,
+                           chosen=set(request.form.getlist("record"))), 422 if error else 200
+
+
+@bp.get("/<batch_id>")
+@operator_required
+def show(batch_id: str):
+    """A batch's progress ("n of m"), its children, cancel and the combined download."""
+    item = _batch(batch_id)
+    children = list(db().scalars(select(Run).where(Run.batch_id == item.id)
+                                 .order_by(Run.record_id, Run.id)))
+    return render_template("batches/show.html", batch=item, children=children,
+                           progress=batches.progress(db(), item))
+
+
+@bp.get("/<batch_id>/progress")
+@operator_required
+def progress(batch_id: str):
+    """The progress as JSON, for scripts and live pages."""
+    item = _batch(batch_id)
+    return jsonify(dict(batches.progress(db(), item), id=item.id, status=item.status))
+
+
+@bp.post("/<batch_id>/cancel")
+@operator_required
+def cancel(batch_id: str):
+    """Cancel the whole batch: waiting children never start, running ones stop."""
+    item = _batch(batch_id)
+    db().rollback()  # release this request's read; cancel locks the batch in its own session
+    try:
+        outcome = batches.cancel(rt(), item.id, _who())
+    except batches.BatchError as exc:
+        flash(_sentence(str(exc)), "error")
+    else:
+        flash("Batch cancelled." if outcome == "cancelled"
+              else "Cancelled; running items stop at their next step.", "info")
+    return redirect(url_for("batches.show", batch_id=item.id), 303)
+
+
+@bp.get("/<batch_id>/results.zip")
+@operator_required
+def download(batch_id: str):
+    """Every child's result files in one zip."""
+    item = _batch(batch_id)
+    data, count = batches.results_zip(db(), item)
+    if not count:
+        abort(404)
+    name = f"{item.form_id}-{item.task}-{item.id[:8]}.zip"
+    return Response(data, mimetype="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="{name}"'})

@@ -1,5 +1,77 @@
-"""Placeholder blueprint 'updates' (being written)."""
+"""The operator's record edit page: the form prefilled, saved through `formrules.updates`."""
 
-from flask import Blueprint
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, session, url_for
+from sqlalchemy import select
+
+from .. import updates
+from ..errors import ActionError, RuleError
+from ..models import PENDING, Record, Run
+from ..rules import rebuild_defer
+from ..values import typed_record
+from .auth import operator_required
+from .formbuilder import form_class
+from .state import db, rt, rules
 
 bp = Blueprint("updates", __name__)
+log = logging.getLogger("formrules.web")
+
+
+def _delays(record: Record) -> list[dict]:
+    """The record's pending Delays and what an edit does to each (shown beside the form)."""
+    out = []
+    for run in db().scalars(select(Run).where(
+            Run.record_id == record.id, Run.kind == "delay",
+            Run.status.in_([p.value for p in PENDING])).order_by(Run.due_at)):
+        try:
+            node = rebuild_defer(run.snapshot["raw"], run.node_path, run.snapshot["fields"])
+        except RuleError:
+            node = None
+        policy = "keeps its time"
+        if node is not None and node.on_change == "recompute" and node.at:
+            policy = f"follows {node.at}"
+        if node is not None and node.cancel_if:
+            policy += f"; cancelled if {node.cancel_if}"
+        out.append({"run": run, "policy": policy,
+                    "when": node.when if node is not None else None})
+    return out
+
+
+@bp.route("/admin/records/<int:record_id>/edit", methods=("GET", "POST"))
+@operator_required
+def edit(record_id: int):
+    """Edit a record's fields; the form's update tree and Delay policies follow."""
+    record = db().get(Record, record_id) or abort(404)
+    form = rules().form(record.form_id)
+    if form is None:
+        abort(404)  # its form is no longer loaded: nothing to validate an edit against
+    cls = form_class(form)
+    wtf = cls(data=typed_record(record.data, form.field_types))
+    error = None
+    if wtf.validate_on_submit():
+        values = {fd.name: getattr(wtf, fd.name).data for fd in form.fields if not fd.hidden}
+        who = f"operator {session.get('user_name', '?')}"
+        try:
+            change = updates.apply_edit(db(), form, record.id, values,
+                                        settings=rt().settings, who=who)
+            db().commit()
+        except updates.InvalidValues as exc:
+            db().rollback()
+            for name, messages in exc.errors.items():
+                getattr(wtf, name).errors = list(messages)
+        except ActionError as exc:
+            db().rollback()  # the update tree failed: nothing of the edit is kept
+            log.warning("record %s: update failed: %s", record.id, exc)
+            error = exc.safe_message
+        else:
+            updates.after_edit(rt().dispatcher, change)
+            flash(updates.describe(change), "success" if change.changed else "info")
+            if "admin.record" in current_app.view_functions:
+                return redirect(url_for("admin.record", record_id=record.id), 303)
+            return redirect(url_for("updates.edit", record_id=record.id), 303)
+    status = 200 if not wtf.errors and not error else (500 if error else 422)
+    return render_template("updates/edit.html", record=record, form=form, wtf=wtf,
+                           error=error, delays=_delays(record)), status

@@ -1,0 +1,227 @@
+"""Editing a record: checked field changes, the update tree, and the Delay policies.
+
+    apply_edit(s, form, record_id, values)     in the caller's transaction
+      lock the record ── coerce values by field type ── write what changed
+      run events.update inline (`record`, `old`, `changed`); new deferred nodes become Runs
+      the record's Delays that have not fired yet:
+        cancel_if true              ── cancelled, the reason in the Run's trace
+        on_change: recompute (at:)  ── due_at follows the fields it names
+    after_edit(dispatcher, edit)               after commit: RQ follows the database
+
+Used by the operator's edit page and the JSON API; nothing here imports Flask.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from redis.exceptions import RedisError
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from . import engine, sandbox
+from .errors import FormrulesError, PermanentError, RuleError
+from .models import Record, Run, RunEvent, RunStatus, utcnow
+from .queue import Dispatcher
+from .rules import rebuild_defer
+from .store import lock_record
+from .tree import DeferNode, Form
+from .values import to_storage, typed, typed_record
+
+log = logging.getLogger("formrules.updates")
+NOT_FIRED = (RunStatus.SCHEDULED.value, RunStatus.QUEUED.value)
+
+
+class InvalidValues(FormrulesError):
+    """Some values do not fit their fields; `errors` maps field name to messages."""
+
+    def __init__(self, errors: dict[str, list[str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{k}: {' '.join(v)}" for k, v in sorted(errors.items())))
+
+
+@dataclass
+class Edit:
+    """What an edit did, for the caller's message and for `after_edit`."""
+
+    record: Record
+    changed: dict[str, Any] = field(default_factory=dict)  # field -> new stored value
+    edited: tuple[str, ...] = ()  # the fields the person (or client) changed
+    new_runs: list[Run] = field(default_factory=list)  # started by the update tree
+    moved: list[Run] = field(default_factory=list)  # Delays whose due time moved
+    stopped: list[Run] = field(default_factory=list)  # Delays cancelled or skipped
+
+
+def coerce(form: Form, values: dict[str, Any]) -> dict[str, Any]:
+    """Values in their stored form, checked against each field's declaration."""
+    errors: dict[str, list[str]] = {}
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        fd = form.field(name)
+        if fd is None:
+            errors[name] = ["There is no such field."]
+            continue
+        try:
+            stored = to_storage(value, fd.type)
+        except (TypeError, ValueError):
+            errors[name] = [f"Not a valid {fd.type} value."]
+            continue
+        problem = _constraint(fd, stored)
+        if problem:
+            errors[name] = [problem]
+        out[name] = stored
+    if errors:
+        raise InvalidValues(errors)
+    return out
+
+
+def _constraint(fd, stored: Any) -> str | None:
+    if stored in (None, "") or (fd.type == "boolean" and stored is False):
+        return "This field is required." if fd.required else None
+    if fd.type in ("integer", "decimal"):
+        number = float(stored)
+        if fd.min is not None and number < fd.min or fd.max is not None and number > fd.max:
+            return f"Must be between {fd.min} and {fd.max}."
+    if fd.max_length and isinstance(stored, str) and len(stored) > fd.max_length:
+        return f"At most {fd.max_length} characters."
+    if fd.type == "choice" and stored not in fd.choices:
+        return "Choose one of the options."
+    return None
+
+
+def apply_edit(s: Session, form: Form, record_id: int, values: dict[str, Any], *,
+               settings, who: str = "an operator") -> Edit:
+    """Change a record's fields and run what an edit triggers, in `s`'s transaction."""
+    record = lock_record(s, record_id)  # first: a worker's field write waits for us
+    if record.form_id != form.id:
+        raise ValueError(f"record {record_id} belongs to form {record.form_id}, not {form.id}")
+    values = coerce(form, values)
+    old = dict(record.data)
+    changes = {k: v for k, v in values.items() if old.get(k) != v}
+    edit = Edit(record, edited=tuple(sorted(changes)))
+    if not changes:
+        return edit  # saving an unchanged form is not an update event
+    record.data = {**old, **changes}
+    types = form.field_types
+    extra = {"old": typed_record(old, types),
+             "changed": {k: typed(v, types.get(k, "string")) for k, v in changes.items()}}
+    edit.new_runs = engine.run_inline(s, form, record, form.events.get("update", ()),
+                                      settings=settings, extra=extra)
+    # Fields the update tree set are changes too: a Delay may follow them as well.
+    edit.changed = {k: v for k, v in record.data.items() if old.get(k) != v}
+    apply_policies(s, record, old, edit, settings=settings, who=who)
+    return edit
+
+
+def apply_policies(s: Session, record: Record, old: dict[str, Any], edit: Edit, *,
+                   settings, who: str) -> None:
+    """cancel_if and on_change for the record's Delays that have not fired yet."""
+    fresh = {r.id for r in edit.new_runs}
+    delays = [r for r in s.scalars(
+        select(Run).where(Run.record_id == record.id, Run.kind == "delay",
+                          Run.status.in_(NOT_FIRED), Run.attempt == 0,
+                          Run.cancel_requested.is_(False)).order_by(Run.created_at))
+        if r.id not in fresh]
+    now = utcnow()
+    stamp = now.strftime("%Y-%m-%d %H:%M:%S UTC")
+    names = ", ".join(edit.edited)
+    for run in delays:
+        try:
+            node = rebuild_defer(run.snapshot["raw"], run.node_path, run.snapshot["fields"])
+        except RuleError as exc:  # a snapshot from an incompatible version: leave it be
+            log.warning("run %s: cannot rebuild its node: %s", run.id, exc)
+            continue
+        types = run.snapshot["fields"]
+        variables = {"record": typed_record(record.data, types),
+                     "old": typed_record(old, types),
+                     "changed": {k: typed(v, types.get(k, "string"))
+                                 for k, v in edit.changed.items()},
+                     "form": {"id": run.form_id}}
+        if node.cancel_if and _matches(s, run, node, variables):
+            reason = (f"cancelled: {names} changed at {stamp} ({who}); "
+                      f"cancel_if {node.cancel_if!r} is true")
+            if _finish(s, run, RunStatus.CANCELLED, "cancel", reason, now):
+                edit.stopped.append(run)
+        elif node.on_change == "recompute" and node.at and (followed := _followed(node, edit)):
+            _recompute(s, run, node, variables, edit, now=now, stamp=stamp,
+                       names=", ".join(followed), settings=settings)
+
+
+def _matches(s: Session, run: Run, node: DeferNode, variables: dict[str, Any]) -> bool:
+    try:
+        return bool(sandbox.evaluate(node.cancel_if, variables))
+    except Exception as exc:  # the author's expression: note it, keep the Delay
+        s.add(RunEvent(run_id=run.id, event="note", path=node.path,
+                       detail=f"cancel_if {node.cancel_if!r} failed ({exc}); kept"))
+        return False
+
+
+def _followed(node: DeferNode, edit: Edit) -> list[str]:
+    """The changed fields the `at:` expression names (`now()` alone never moves a Delay)."""
+    _, used = sandbox.check(node.at, expression=True)
+    return sorted({attr for var, attr in used if var == "record" and attr in edit.changed})
+
+
+def _recompute(s: Session, run: Run, node: DeferNode, variables: dict[str, Any], edit: Edit,
+               *, now: datetime, stamp: str, names: str, settings) -> None:
+    try:
+        due = engine.due_time(node, variables, now, settings.timezone).astimezone(UTC)
+    except PermanentError as exc:  # the date was cleared: there is no time to run at
+        reason = f"skipped: {names} changed at {stamp}; 'at' gives no time now ({exc})"
+        if _finish(s, run, RunStatus.SKIPPED, "skip", reason, now):
+            edit.stopped.append(run)
+        return
+    if abs((due - run.due_at).total_seconds()) < 1:
+        return
+    status = RunStatus.SCHEDULED if due > now + timedelta(seconds=1) else RunStatus.QUEUED
+    detail = (f"moved: {names} changed at {stamp}; due "
+              f"{run.due_at.isoformat(timespec='seconds')} -> {due.isoformat(timespec='seconds')}")
+    # Guarded like the worker's claim: a Delay that started meanwhile is not moved.
+    if s.execute(update(Run).where(Run.id == run.id, Run.status.in_(NOT_FIRED),
+                                   Run.attempt == 0, Run.lease.is_(None))
+                 .values(due_at=due, status=status.value, updated_at=now)
+                 .execution_options(synchronize_session=False)).rowcount:
+        s.add(RunEvent(run_id=run.id, event="reschedule", path=node.path, detail=detail))
+        edit.moved.append(s.get(Run, run.id, populate_existing=True))
+
+
+def _finish(s: Session, run: Run, status: RunStatus, event: str, reason: str,
+            now: datetime) -> bool:
+    done = s.execute(update(Run).where(Run.id == run.id, Run.status.in_(NOT_FIRED),
+                                       Run.attempt == 0, Run.lease.is_(None))
+                     .values(status=status.value, finished_at=now, updated_at=now)
+                     .execution_options(synchronize_session=False)).rowcount
+    if done:
+        s.add(RunEvent(run_id=run.id, event=event, path=run.node_path, detail=reason))
+        s.get(Run, run.id, populate_existing=True)  # the caller's object shows the new state
+    return bool(done)
+
+
+def after_edit(dispatcher: Dispatcher, edit: Edit) -> None:
+    """After commit: drop RQ jobs of stopped Delays, move moved ones, enqueue new Runs."""
+    try:
+        for run in edit.stopped:
+            dispatcher.cancel(run.id)
+        for run in edit.moved:
+            dispatcher.cancel(run.id)  # a scheduled job keeps its old time unless replaced
+            dispatcher.dispatch(run)
+    except RedisError as exc:  # the database is right; the reconciler re-dispatches
+        log.warning("edit of record %s: Redis unavailable (%s)", edit.record.id, exc)
+    dispatcher.dispatch_all(edit.new_runs)
+
+
+def describe(edit: Edit) -> str:
+    """One sentence for the person who saved: what changed and what followed."""
+    if not edit.changed:
+        return "Nothing changed."
+    parts = [f"Saved ({', '.join(sorted(edit.changed))} changed)."]
+    for run in edit.moved:
+        parts.append(f"“{run.title}” now runs at {run.due_at:%Y-%m-%d %H:%M} UTC.")
+    for run in edit.stopped:
+        parts.append(f"“{run.title}” was cancelled.")
+    if edit.new_runs:
+        parts.append(f"{len(edit.new_runs)} background task(s) started.")
+    return " ".join(parts)

@@ -1,0 +1,146 @@
+"""The OpenAPI 3.1 document of the JSON API, built from the loaded forms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..tree import FieldDef, Form, RuleSet
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {JSON: {"schema": schema}}
+
+
+def field_schema(fd: FieldDef) -> dict[str, Any]:
+    """A field's JSON Schema, as the API accepts it."""
+    schema: dict[str, Any] = {
+        "string": {"type": "string"}, "text": {"type": "string"},
+        "email": {"type": "string", "format": "email"},
+        "integer": {"type": "integer"}, "decimal": {"type": "number"},
+        "boolean": {"type": "boolean"},
+        "date": {"type": "string", "format": "date"},
+        "datetime": {"type": "string", "format": "date-time"},
+        "choice": {"type": "string", "enum": list(fd.choices)},
+    }[fd.type]
+    if fd.min is not None:
+        schema["minimum"] = fd.min
+    if fd.max is not None:
+        schema["maximum"] = fd.max
+    if fd.max_length and fd.type in ("string", "text", "email"):
+        schema["maxLength"] = fd.max_length
+    if not fd.required and fd.type != "boolean":  # empty is allowed: send null
+        schema = {"anyOf": [schema, {"type": "null"}]}
+    schema["title"] = fd.label
+    if fd.help:
+        schema["description"] = fd.help
+    if fd.default is not None:
+        schema["default"] = fd.default
+    return schema
+
+
+def form_schema(form: Form, *, partial: bool) -> dict[str, Any]:
+    """The request body of a form's POST (or, `partial`, of a PATCH of its records)."""
+    visible = [f for f in form.fields if not f.hidden]
+    schema: dict[str, Any] = {
+        "type": "object", "title": form.title, "additionalProperties": False,
+        "properties": {f.name: field_schema(f) for f in visible},
+    }
+    required = [f.name for f in visible if f.required and not partial]
+    if required:
+        schema["required"] = required
+    return schema
+
+
+SHARED: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error", "message"], "properties": {
+        "error": {"type": "string"}, "message": {"type": "string"}}},
+    "Invalid": {"type": "object", "required": ["error", "message", "fields"], "properties": {
+        "error": {"const": "invalid"}, "message": {"type": "string"},
+        "fields": {"type": "object", "description": "Field name to its messages.",
+                   "additionalProperties": {"type": "array", "items": {"type": "string"}}}}},
+    "Run": {"type": "object", "properties": {
+        "id": {"type": "string"}, "title": {"type": "string"},
+        "status": {"enum": ["scheduled", "queued", "running", "retrying", "done", "dead",
+                            "cancelled", "skipped", "waiting"]},
+        "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+        "message": {"type": "string"}, "due_at": {"type": ["string", "null"]},
+        "error": {"type": "string", "description": "Safe to show to people."}}},
+    "Record": {"type": "object", "required": ["token", "form", "status_url", "state"],
+               "properties": {
+                   "token": {"type": "string"}, "form": {"type": "string"},
+                   "status_url": {"type": "string", "format": "uri"},
+                   "page_url": {"type": "string", "format": "uri"},
+                   "state": {"enum": ["working", "done", "failed", "cancelled"]},
+                   "done": {"type": "boolean"}, "failed": {"type": "boolean"},
+                   "progress": {"type": "integer"},
+                   "record": {"type": "object", "description": "Every field's value."},
+                   "runs": {"type": "array", "items": _ref("Run")},
+                   "other_runs": {"type": "array", "items": _ref("Run")},
+                   "message": {"type": ["string", "null"]},
+                   "changed": {"type": "array", "items": {"type": "string"},
+                               "description": "PATCH only: the fields that changed."}}},
+}
+
+
+def _responses(*codes: int) -> dict[str, Any]:
+    known = {
+        200: ("The record.", _ref("Record")),
+        201: ("Created; poll `status_url` until `done`.", _ref("Record")),
+        400: ("The body is not a JSON object.", _ref("Error")),
+        401: ("No valid API token.", _ref("Error")),
+        404: ("No such form or record.", _ref("Error")),
+        422: ("Some fields are not valid.", _ref("Invalid")),
+        500: ("A rule's action failed; nothing was stored.", _ref("Error")),
+    }
+    return {str(c): {"description": known[c][0], "content": _content(known[c][1])}
+            for c in codes}
+
+
+def document(ruleset: RuleSet, server: str) -> dict[str, Any]:
+    """The whole document: one POST path per form, the record paths, shared schemas."""
+    schemas = dict(SHARED)
+    paths: dict[str, Any] = {}
+    forms = sorted(ruleset.forms.values(), key=lambda f: f.id)
+    for form in forms:
+        schemas[f"{form.id}.input"] = form_schema(form, partial=False)
+        schemas[f"{form.id}.patch"] = form_schema(form, partial=True)
+        paths[f"/api/forms/{form.id}"] = {"post": {
+            "operationId": f"submit_{form.id.replace('-', '_')}",
+            "summary": f"Submit “{form.title}”",
+            "description": form.description or form.title,
+            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                            "schema": {"type": "string", "maxLength": 200},
+                            "description": "Repeating a key answers 200 with the record "
+                                           "the first request created."}],
+            "requestBody": {"required": True,
+                            "content": _content(_ref(f"{form.id}.input"))},
+            "responses": _responses(200, 201, 400, 401, 404, 422, 500)}}
+    token = [{"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}]
+    patch_body = {"anyOf": [_ref(f"{f.id}.patch") for f in forms]} if forms \
+        else {"type": "object"}
+    paths["/api/records/{token}"] = {
+        "get": {"operationId": "get_record", "summary": "A record and its work",
+                "parameters": token, "responses": _responses(200, 401, 404)},
+        "patch": {"operationId": "update_record",
+                  "summary": "Change fields; the form's update events run",
+                  "parameters": token,
+                  "requestBody": {"required": True, "content": _content(patch_body)},
+                  "responses": _responses(200, 400, 401, 404, 422, 500)},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "formrules API", "version": "1",
+                 "description": "Submit forms, read and update records. Create a token "
+                                "with `formrules tokens add NAME`."},
+        "servers": [{"url": server}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {"schemas": schemas,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
