@@ -23,7 +23,8 @@ class NotAllowed(Exception):
 
 def cancel(s: Session, run: Run, who: str) -> str:
     """Cancel a Run: pending ones stop now, a running one at its next step or progress."""
-    if run.status in {p.value for p in PENDING}:
+    # A batch child waiting for its turn is as good as pending (its batch moves on).
+    if run.status in {p.value for p in PENDING} | {RunStatus.WAITING.value}:
         run.status, run.finished_at = RunStatus.CANCELLED.value, utcnow()
         s.add(RunEvent(run_id=run.id, attempt=run.attempt, event="cancel",
                        detail=f"cancelled by {who} before it ran"))
@@ -42,6 +43,7 @@ def retry(s: Session, run: Run, who: str) -> None:
         raise NotAllowed(f"a {run.status} run cannot be retried")
     run.status, run.due_at, run.finished_at = RunStatus.QUEUED.value, utcnow(), None
     run.attempt, run.cancel_requested, run.lease = 0, False, None
+    run.recoveries = 0  # a fresh start: a crash loop that made it dead may be fixed now
     run.safe_error = None
     s.add(RunEvent(run_id=run.id, event="retry", detail=f"retried by {who}"))
 

@@ -8,8 +8,13 @@
       failure ── retryable and attempts left: status retrying, raise so RQ's Retry fires
               └─ otherwise: on_error branch (once), status dead, notify
 
-A heartbeat thread keeps the lease alive; the reconciler resumes Runs whose heartbeat
-stops (a killed worker), and an execution that lost its lease stops at its next write.
+A heartbeat thread keeps the lease alive (also through steps far longer than the stale
+limit); the reconciler resumes Runs whose heartbeat stops (a killed worker), and an
+execution that lost its lease stops at its next write. The node's `timeout:` (default
+`default_timeout_seconds`) is enforced at every progress/cancel check inside a step and
+between steps; RQ's own job timeout, a little longer, is the backstop for actions that
+never check. RQ's Retry is aligned with the database on every failure, so RQ never
+retries a Run the database has given up on, nor at another time than the Run shows.
 Nothing here imports the web layer.
 """
 
@@ -28,7 +33,15 @@ from sqlalchemy.orm import Session
 from . import runtime as runtime_mod
 from .context import Context
 from .engine import call_action, new_run, walk
-from .errors import GENERIC_FAILURE, ActionError, Cancelled, FormrulesError, LeaseLost
+from .errors import (
+    GENERIC_FAILURE,
+    ActionError,
+    Cancelled,
+    FormrulesError,
+    LeaseLost,
+    PermanentError,
+    RetryableError,
+)
 from .models import (
     PENDING,
     Notification,
@@ -47,10 +60,19 @@ from .tree import ActionNode, DeferNode, ProgressNode
 
 log = logging.getLogger("formrules.job")
 EARLY_WAIT_LIMIT = 5.0  # RQ's scheduler may fire a little early: wait that out in place
+TIMED_OUT = "This took longer than allowed and was stopped."
+LOST_WORKER = "This task stopped unexpectedly several times."
 
 
 class RunFailed(FormrulesError):
     """Raised out of the job so RQ records the failure (and retries when attempts remain)."""
+
+
+class TimedOut(RetryableError):
+    """The Run went past its node's `timeout:`."""
+
+    def __init__(self, message: str):
+        super().__init__(message, TIMED_OUT)
 
 
 def execute_run(run_id: str) -> str:
@@ -71,6 +93,8 @@ class Execution:
         self.lease_lost = threading.Event()
         self.stop_beat = threading.Event()
         self.last_progress_write = 0.0
+        self.timeout = self.settings.default_timeout_seconds
+        self.deadline = float("inf")  # monotonic; set from the node's timeout when it starts
         self.pending_children: list[Run] = []
 
     # -- ownership ---------------------------------------------------------------------
@@ -128,9 +152,11 @@ class Execution:
                 log.exception("run %s: heartbeat failed", self.run_id)
 
     def cancelled(self) -> bool:
-        """True once cancellation was requested (seen by the heartbeat or just now)."""
+        """True once cancellation was requested; raises once the lease or the time is up."""
         if self.lease_lost.is_set():
             raise LeaseLost(f"run {self.run_id}: lease lost")
+        if time.monotonic() > self.deadline:
+            raise TimedOut(f"run {self.run_id}: timed out after {self.timeout:.0f}s")
         return self.cancel_seen.is_set()
 
     def event(self, s: Session, run: Run, path: str, kind: str, detail: str = "",
@@ -151,7 +177,13 @@ class Execution:
         started = time.monotonic()
         try:
             node = rebuild_defer(run.snapshot["raw"], run.node_path, run.snapshot["fields"])
-            self.deadline = started + (run.snapshot.get("timeout") or 1e12)
+            self.timeout = run.snapshot.get("timeout") or self.settings.default_timeout_seconds
+            self.deadline = started + self.timeout
+            if run.recoveries >= self.settings.max_recoveries:
+                # Its steps killed the worker again and again: stop trying, but still run
+                # on_error and tell the owner (the reconciler gives up if this dies too).
+                raise PermanentError(f"run {run.id}: worker lost {run.recoveries} times",
+                                     LOST_WORKER)
             with self.store.session() as s:
                 done_paths = set(s.scalars(select(RunEvent.path).where(
                     RunEvent.run_id == run.id, RunEvent.event == "done")))
@@ -166,11 +198,18 @@ class Execution:
             log.warning("run %s: lease lost; another execution continues it", run.id)
             return "lease lost"
         except Exception as exc:  # noqa: BLE001 — every failure is classified below
-            return self.fail(run, node, exc)
+            try:
+                return self.fail(run, node, exc)
+            except LeaseLost:  # recovered elsewhere while failing: theirs to finish
+                log.warning("run %s: lease lost while failing", run.id)
+                return "lease lost"
         finally:
             self.stop_beat.set()
             beat.join(timeout=5)
             self.rt.dispatcher.dispatch_all(self.pending_children)
+            if run.batch_id is not None:  # a batch child ended (or will retry): a free slot
+                from .batch import child_finished
+                child_finished(self.rt, run)
 
     def check_when(self, s: Session, run: Run, node: DeferNode, record: Record) -> bool:
         """A Delay's `when:` is re-checked at fire time; false means skipped."""
@@ -234,7 +273,8 @@ class Execution:
             done = evaluate(str(node.done), vars_) if node.done is not None else None
             total = evaluate(str(node.total), vars_) if node.total is not None else None
             message = render(node.message, vars_) if node.message else None
-            self.progress(run, done or 0, total, message, force=True)
+            title = render(node.title, vars_) if node.title else None
+            self.progress(run, done, total, message, force=True, title=title)
 
         walk(nodes, variables, on_action, on_defer, on_progress)
 
@@ -242,9 +282,6 @@ class Execution:
         """Run one action and commit its effects together with its checkpoint."""
         if self.cancelled():
             raise Cancelled()
-        if time.monotonic() > self.deadline:
-            raise ActionError(f"{node.path}: timed out",
-                              "This took longer than allowed and was stopped.")
         with self.store.session() as s:
             self.event(s, self.owned(s), node.path, "start", node.action)
         ctx = self.context(run, self.record_data(run), node.path, **extra)
@@ -261,16 +298,23 @@ class Execution:
             self.event(s, owned, node.path, "done", node.action,
                        int((time.monotonic() - started) * 1000))
 
-    def progress(self, run: Run, done: float, total: float | None, message: str | None,
-                 force: bool = False) -> None:
-        """Write progress, at most every `progress_write_seconds` unless forced/final."""
+    def progress(self, run: Run, done: float | None, total: float | None,
+                 message: str | None, force: bool = False, title: str | None = None) -> None:
+        """Write progress, at most every `progress_write_seconds` unless forced/final.
+
+        None leaves a value as it was (a `progress:` node may set only a message or title).
+        """
         now = time.monotonic()
-        final = total is not None and done >= total
+        final = total is not None and done is not None and done >= total
         if not force and not final and \
                 now - self.last_progress_write < self.settings.progress_write_seconds:
             return
         self.last_progress_write = now
-        values: dict[str, Any] = {"progress_done": float(done)}
+        values: dict[str, Any] = {}
+        if done is not None:
+            values["progress_done"] = float(done)
+        if title:
+            values["title"] = str(title)[:300]
         if total is not None:
             values["progress_total"] = float(total)
         if message is not None:
@@ -308,16 +352,19 @@ class Execution:
         detail = "".join(traceback.format_exception(exc))
         retryable = exc.retryable if isinstance(exc, ActionError) else True
         safe = exc.safe_message if isinstance(exc, ActionError) else GENERIC_FAILURE
-        if type(exc).__name__ == "JobTimeoutException":
-            safe = "This took longer than allowed and was stopped."
+        if type(exc).__name__ == "JobTimeoutException":  # RQ's backstop fired
+            safe = TIMED_OUT
         log.warning("run %s attempt %s failed: %s", run.id, run.attempt, exc)
         with self.store.session() as s:
             owned = self.owned(s)
             owned.last_error, owned.safe_error = detail[-20000:], safe[:500]
             self.event(s, owned, getattr(exc, "path", ""), "error", detail)
+            remaining: list[int] = []
             if retryable and owned.attempt < owned.max_attempts:
                 intervals = owned.snapshot.get("intervals") or [0]
-                wait = intervals[min(owned.attempt - 1, len(intervals) - 1)]
+                remaining = [intervals[min(i, len(intervals) - 1)]
+                             for i in range(owned.attempt - 1, owned.max_attempts - 1)]
+                wait = remaining[0]
                 owned.status, owned.lease = RunStatus.RETRYING.value, None
                 owned.due_at = utcnow() + timedelta(seconds=wait)
                 self.event(s, owned, "", "retry",
@@ -328,11 +375,12 @@ class Execution:
                 outcome = "dead"
         if outcome == "dead":
             self.dead(run, node, exc, safe)
-        _stop_rq_retries(outcome)
+        _align_rq_retry(remaining)
         raise RunFailed(f"run {run.id}: {outcome}: {exc}") from exc
 
     def dead(self, run: Run, node: DeferNode | None, exc: BaseException, safe: str) -> None:
         """Run the on_error branch once, then mark the Run dead and tell its owner."""
+        self.deadline = float("inf")  # the error port must run even after a timeout
         if node is not None and node.on_error:
             with self.store.session() as s:
                 done_paths = set(s.scalars(select(RunEvent.path).where(
@@ -355,6 +403,8 @@ class Execution:
 
 def notify(s: Session, run: Run, level: str, message: str) -> None:
     """Leave a notice for the Run's owner (shown on their next page)."""
+    if run.batch_id is not None:
+        return  # the batch tells its owner once, when it ends, not once per record
     if run.awaited == "false" and level == "success" and run.kind == "delay":
         return  # a reminder firing on schedule is not news to the person who submitted
     token = None
@@ -364,12 +414,16 @@ def notify(s: Session, run: Run, level: str, message: str) -> None:
                        message=message[:500]))
 
 
-def _stop_rq_retries(outcome: str) -> None:
-    """When we decided the Run is dead, RQ must not retry the job on its own."""
-    if outcome != "dead":
-        return
+def _align_rq_retry(remaining: list[int]) -> None:
+    """Make RQ's Retry of the current job match the Run: next attempt at its `due_at`.
+
+    `remaining` are the waits before each attempt still allowed; empty once the Run is
+    dead, so RQ never retries a Run the database has given up on.
+    """
     from rq import get_current_job
 
     job = get_current_job()
-    if job is not None:
-        job.retries_left = 0
+    if job is None:
+        return  # called outside a worker (tests, tools): nothing to align
+    job.retries_left = len(remaining)
+    job.retry_intervals = list(remaining) or None
