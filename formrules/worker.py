@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 
@@ -25,9 +26,11 @@ from .runtime import Runtime, install
 log = logging.getLogger("formrules.worker")
 
 
-def reconciler_main(settings: Settings) -> None:
+def reconciler_main(settings: Settings, parent_pid: int) -> None:
     """Entry point of the reconciler process."""
     die_with_parent()
+    if os.getppid() != parent_pid:  # the worker died while we were starting up
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s reconciler %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -39,7 +42,8 @@ def reconciler_main(settings: Settings) -> None:
 def start_reconciler(settings: Settings) -> multiprocessing.Process:
     """Start the reconciler beside this worker."""
     process = multiprocessing.get_context("spawn").Process(
-        target=reconciler_main, args=(settings,), name="formrules-reconciler", daemon=True)
+        target=reconciler_main, args=(settings, os.getpid()), name="formrules-reconciler",
+        daemon=True)
     process.start()
     return process
 
