@@ -179,7 +179,10 @@ def report(ctx: Context, filename: str, columns: list | None = None, rows: list 
         return
     if rows is None:
         if records == "all":
-            rows = ctx.extra.get("all_records", lambda: [])()
+            if ctx.all_records is None:
+                raise PermanentError("report: records: all needs a worker (use it inside "
+                                     "background, delay, a task or a schedule)")
+            rows = ctx.all_records()
         else:
             rows = [ctx.data]
     columns = [str(c) for c in (columns or list(ctx.field_types))]

@@ -40,6 +40,7 @@ class Context:
     extra: dict[str, Any] = field(default_factory=dict)  # error, old, changed, run, …
     on_progress: Callable[[float, float | None, str | None], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
+    all_records: Callable[[], list[dict[str, Any]]] | None = None  # the form's records
     updates: dict[str, Any] = field(default_factory=dict)
     attachments: list[Attachment] = field(default_factory=list)
     log: logging.Logger | logging.LoggerAdapter = field(

@@ -228,6 +228,7 @@ class Execution:
             data=dict(data), path=path, run_id=run.id, attempt=run.attempt,
             extra={"run": {"id": run.id, "title": run.title, "attempt": run.attempt},
                    **extra},
+            all_records=lambda: self.form_records(run.form_id),
             on_progress=lambda d, t, m: self.progress(run, d, t, m),
             is_cancelled=self.cancelled,
             log=logging.LoggerAdapter(log, {"run": run.id, "path": path}),
@@ -240,6 +241,12 @@ class Execution:
         with self.store.session() as s:
             record = s.get(Record, run.record_id)
             return dict(record.data) if record else {}
+
+    def form_records(self, form_id: str) -> list[dict[str, Any]]:
+        """Every record of a form, oldest first (for `report: {records: all}`)."""
+        with self.store.session() as s:
+            return [dict(data) for data in s.scalars(
+                select(Record.data).where(Record.form_id == form_id).order_by(Record.id))]
 
     def steps(self, run: Run, nodes, done_paths: set[str], **extra: Any) -> None:
         """Walk the subtree; each action is a checkpointed step."""
@@ -257,14 +264,12 @@ class Execution:
                 return
             with self.store.session() as s:
                 owned = self.owned(s)
-                record = s.get(Record, run.record_id) if run.record_id else None
                 child = new_run(node, form_id=run.form_id, field_types=run.snapshot["fields"],
                                 owner=run.owner, variables=variables(),
                                 record_id=run.record_id, now=utcnow(),
                                 tz=self.settings.timezone, parent_id=run.id)
                 s.add(child)
                 self.event(s, owned, node.path, "done", f"started run {child.id}")
-                del record
             self.pending_children.append(child)
             done_paths.add(node.path)
 

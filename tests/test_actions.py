@@ -141,3 +141,12 @@ def test_formatted_durations_parse_back():
     for seconds in (0, 59, 90, 3600, 93784):
         delta = timedelta(seconds=seconds)
         assert parse_duration(format_duration(delta)) == delta
+
+
+def test_report_of_all_records_needs_a_worker_and_lists_them(ctx):
+    with pytest.raises(PermanentError, match="needs a worker"):
+        run("report", {"filename": "all.csv", "records": "all", "columns": ["email"]}, ctx)
+    ctx.all_records = lambda: [{"email": "a@example.com"}, {"email": "b@example.com"}]
+    run("report", {"filename": "all.csv", "records": "all", "columns": ["email"]}, ctx)
+    assert ctx.attachments[0].data.decode().splitlines() == [
+        "email", "a@example.com", "b@example.com"]
