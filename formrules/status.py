@@ -1,4 +1,8 @@
-"""What a record's owner sees of its work: one view used by the page and the JSON."""
+"""What a record's owner sees of its work: one view used by the page, the JSON and My tasks.
+
+Users see titles, progress, attempt counts, due times and the safe error a Run carries;
+internal error detail (`last_error`, traces) is for operators only, never here.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +16,38 @@ from .models import Record, ResultFile, Run, RunStatus
 from .tree import Form
 from .values import typed_record
 
+# What users read for each status (the status itself stays the CSS class and JSON value).
+LABELS = {
+    "scheduled": "Scheduled", "queued": "Queued", "waiting": "Waiting", "running": "Running",
+    "retrying": "Retrying", "done": "Done", "dead": "Failed", "cancelled": "Cancelled",
+    "skipped": "Skipped",
+}
+CANCELLABLE = ("scheduled", "queued", "waiting", "retrying", "running")
+
+
+def _iso(value) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
 
 def run_view(run: Run, files: list[ResultFile] | None = None) -> dict[str, Any]:
     """A Run as its owner may see it: no internal error detail, ever."""
+    stopping = run.status == RunStatus.RUNNING and run.cancel_requested
     view: dict[str, Any] = {
         "id": run.id,
         "title": run.title,
+        "kind": run.kind,
         "status": run.status,
+        "label": "Stopping" if stopping else LABELS.get(run.status, run.status),
+        "final": run.is_final,
+        "cancellable": run.status in CANCELLABLE and not stopping,
         "progress": run.percent,
         "message": run.progress_message or "",
         "attempt": run.attempt,
         "max_attempts": run.max_attempts,
         "awaited": run.awaited,
-        "due_at": run.due_at.isoformat(timespec="seconds") if run.due_at else None,
-        "finished_at": run.finished_at.isoformat(timespec="seconds") if run.finished_at
-        else None,
+        "due_at": _iso(run.due_at),
+        "created_at": _iso(run.created_at),
+        "finished_at": _iso(run.finished_at),
         "files": [{"id": f.id, "filename": f.filename} for f in files or []],
     }
     if run.status == RunStatus.RETRYING:
@@ -36,36 +57,51 @@ def run_view(run: Run, files: list[ResultFile] | None = None) -> dict[str, Any]:
     return view
 
 
-def record_status(s: Session, record: Record, form: Form | None) -> dict[str, Any]:
-    """`{"done", "failed", "record", "runs", "message"}` for the waiting page and JSON."""
-    runs = list(s.scalars(select(Run).where(Run.record_id == record.id)
-                          .order_by(Run.created_at, Run.id)))
+def files_by_run(s: Session, runs: list[Run]) -> dict[str, list[ResultFile]]:
+    """The result files of `runs`, oldest first, keyed by Run id."""
     files: dict[str, list[ResultFile]] = {}
     if runs:
         for f in s.scalars(select(ResultFile).where(ResultFile.run_id.in_([r.id for r in runs]))
                            .order_by(ResultFile.created_at)):
             files.setdefault(f.run_id, []).append(f)
+    return files
+
+
+def _message(record: Record, form: Form | None) -> str:
+    if form is None or not form.after_submit_message:
+        return "Done."
+    try:
+        return sandbox.render(form.after_submit_message,
+                              {"record": typed_record(record.data, form.field_types),
+                               "form": {"id": form.id, "title": form.title}})
+    except Exception:  # an author's template bug must not hide the result
+        return "Done."
+
+
+def record_status(s: Session, record: Record, form: Form | None) -> dict[str, Any]:
+    """The waiting page's state: `state` is working, done, failed or cancelled.
+
+    Awaited Runs (`await: true | optional`) decide the state and the overall progress;
+    the others (`await: false`) are listed as continuing in the background.
+    """
+    # Runs of one submit share a creation time: the tree's order (node path) breaks the tie.
+    runs = list(s.scalars(select(Run).where(Run.record_id == record.id, Run.hidden.is_(False))
+                          .order_by(Run.created_at, Run.node_path, Run.id)))
+    files = files_by_run(s, runs)
     awaited = [r for r in runs if r.awaited in ("true", "optional")]
     done = all(r.is_final for r in awaited)
     failed = any(r.status == RunStatus.DEAD for r in awaited)
-    message = None
-    if done and not failed and form is not None and form.after_submit_message:
-        types = form.field_types
-        try:
-            message = sandbox.render(form.after_submit_message,
-                                     {"record": typed_record(record.data, types),
-                                      "form": {"id": form.id, "title": form.title}})
-        except Exception:  # an author's template bug must not hide the result
-            message = "Done."
-    elif done and not failed:
-        message = "Done."
+    cancelled = not failed and any(r.status == RunStatus.CANCELLED for r in awaited)
+    state = "working" if not done else "failed" if failed else \
+        "cancelled" if cancelled else "done"
     percent = (sum(r.percent for r in awaited) // len(awaited)) if awaited else 100
     return {
+        "state": state,
         "done": done,
         "failed": failed,
         "progress": percent,
         "record": dict(record.data),
         "runs": [run_view(r, files.get(r.id)) for r in awaited],
         "other_runs": [run_view(r, files.get(r.id)) for r in runs if r not in awaited],
-        "message": message,
+        "message": _message(record, form) if state == "done" else None,
     }

@@ -1,5 +1,205 @@
-"""Placeholder blueprint 'admin' (being written)."""
+"""Operator pages (`/admin`): every Run with filters, a Run's trace, retry/cancel/delete,
+the dead list. Records and queues are in `admin_records`. Operators only.
 
-from flask import Blueprint
+Every change goes through `formrules.control` (database first, then RQ), as the CLI does.
+"""
 
-bp = Blueprint("admin", __name__)
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from redis.exceptions import RedisError
+from sqlalchemy import delete, func, or_, select
+from sqlalchemy.sql import Select
+
+from .. import control
+from ..models import Record, ResultFile, Run, RunEvent, RunStatus
+from .auth import operator_required
+from .state import db, rt, rules
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+PER_PAGE = 50
+STATUSES = [s.value for s in RunStatus]
+
+
+def who() -> str:
+    """The operator, as written into traces."""
+    return f"operator {session.get('user_name', '?')}"
+
+
+def page_number() -> int:
+    """The `page` query argument, 1 or more."""
+    return max(1, request.args.get("page", 1, type=int) or 1)
+
+
+def paginate(query: Select, page: int) -> tuple[list, int]:
+    """One page of `query`'s rows and the total count."""
+    total = db().scalar(select(func.count()).select_from(query.order_by(None).subquery()))
+    rows = list(db().scalars(query.limit(PER_PAGE).offset((page - 1) * PER_PAGE)))
+    return rows, total
+
+
+def _day(value: str, end: bool) -> datetime | None:
+    """A `YYYY-MM-DD` filter as the start (or end) of that day in the configured zone."""
+    try:
+        day = date.fromisoformat(value)
+    except ValueError:
+        return None
+    moment = datetime.combine(day, time.min, ZoneInfo(rt().settings.timezone))
+    return moment + timedelta(days=1) if end else moment
+
+
+def run_filters(query: Select, args) -> Select:
+    """Apply the status, form, date range and text filters of the Runs page."""
+    if args.get("status") in STATUSES:
+        query = query.where(Run.status == args["status"])
+    if args.get("form"):
+        query = query.where(Run.form_id == args["form"])
+    if args.get("from") and (start := _day(args["from"], end=False)):
+        query = query.where(Run.created_at >= start)
+    if args.get("to") and (stop := _day(args["to"], end=True)):
+        query = query.where(Run.created_at < stop)
+    if text := (args.get("q") or "").strip()[:200]:
+        like = f"%{text}%"
+        query = query.where(or_(Run.id.startswith(text), Run.title.ilike(like),
+                                Run.node_path.ilike(like), Run.owner.ilike(like),
+                                Run.safe_error.ilike(like), Run.last_error.ilike(like)))
+    return query
+
+
+def form_ids() -> list[str]:
+    """Forms to filter by: those loaded now and those that left Runs behind."""
+    used = set(db().scalars(select(Run.form_id).distinct()))
+    return sorted(used | set(rules().forms))
+
+
+@bp.get("")
+@operator_required
+def runs():
+    """Every Run, newest first, filtered and paginated."""
+    page = page_number()
+    query = run_filters(select(Run), request.args).order_by(Run.created_at.desc(), Run.id)
+    items, total = paginate(query, page)
+    return render_template("admin/runs.html", runs=items, total=total, page=page,
+                           pages=max(1, -(-total // PER_PAGE)), statuses=STATUSES,
+                           forms=form_ids(), args=request.args)
+
+
+@bp.get("/runs/<run_id>")
+@operator_required
+def run(run_id: str):
+    """One Run: its state, step-by-step trace, full error, children and actions."""
+    item = db().get(Run, run_id) or abort(404)
+    events = list(db().scalars(select(RunEvent).where(RunEvent.run_id == run_id)
+                               .order_by(RunEvent.id)))
+    children = list(db().scalars(select(Run).where(Run.parent_id == run_id)
+                                 .order_by(Run.created_at)))
+    files = list(db().scalars(select(ResultFile.filename).where(ResultFile.run_id == run_id)))
+    record = db().get(Record, item.record_id) if item.record_id else None
+    try:
+        job_status = rt().dispatcher.job_status(run_id)
+        job = job_status.value if job_status else "no job"
+    except RedisError:
+        job = "Redis unreachable"
+    return render_template("admin/run.html", run=item, events=events, children=children,
+                           files=files, record=record, job=job)
+
+
+def _act(run_id: str, action) -> Run:
+    item = db().get(Run, run_id) or abort(404)
+    try:
+        outcome = action(db(), item, who())
+    except control.NotAllowed as exc:
+        flash(f"Not done: {exc}.", "error")
+        return item
+    db().commit()
+    control.after_commit(rt().dispatcher, item)
+    flash(f"{item.title}: {outcome or 'queued again'}.", "info")
+    return item
+
+
+@bp.post("/runs/<run_id>/retry")
+@operator_required
+def retry(run_id: str):
+    """Run a dead or cancelled Run again, after its completed steps."""
+    _act(run_id, control.retry)
+    return redirect(url_for("admin.run", run_id=run_id), 303)
+
+
+@bp.post("/runs/<run_id>/cancel")
+@operator_required
+def cancel(run_id: str):
+    """Cancel a pending Run now, or a running one at its next step."""
+    _act(run_id, control.cancel)
+    return redirect(url_for("admin.run", run_id=run_id), 303)
+
+
+@bp.post("/runs/<run_id>/delete")
+@operator_required
+def delete_run(run_id: str):
+    """Delete a finished Run with its trace and files (a pending one must be cancelled)."""
+    item = db().get(Run, run_id) or abort(404)
+    if not item.is_final:
+        flash("Only finished Runs can be deleted: cancel it first.", "error")
+        return redirect(url_for("admin.run", run_id=run_id), 303)
+    # Explicit deletes: the schema cascades, but not every database enforces it.
+    db().execute(delete(RunEvent).where(RunEvent.run_id == run_id))
+    db().execute(delete(ResultFile).where(ResultFile.run_id == run_id))
+    db().delete(item)
+    db().commit()
+    flash(f"Deleted {item.title} ({run_id[:8]}).", "info")
+    return redirect(url_for("admin.runs"), 303)
+
+
+@bp.get("/dead")
+@operator_required
+def dead():
+    """Runs that ran out of attempts, oldest failure first, with bulk retry."""
+    page = page_number()
+    query = select(Run).where(Run.status == RunStatus.DEAD.value)
+    if request.args.get("form"):
+        query = query.where(Run.form_id == request.args["form"])
+    items, total = paginate(query.order_by(Run.finished_at, Run.id), page)
+    return render_template("admin/dead.html", runs=items, total=total, page=page,
+                           pages=max(1, -(-total // PER_PAGE)), forms=form_ids(),
+                           args=request.args)
+
+
+@bp.post("/dead/retry")
+@operator_required
+def retry_dead():
+    """Retry the selected dead Runs in one go."""
+    ids = request.form.getlist("run_id")[:1000]
+    items = list(db().scalars(select(Run).where(Run.id.in_(ids),
+                                                Run.status == RunStatus.DEAD.value)))
+    for item in items:
+        control.retry(db(), item, who())
+    db().commit()
+    for item in items:
+        control.after_commit(rt().dispatcher, item)
+    skipped = len(set(ids)) - len(items)
+    flash(f"Retrying {len(items)} run{'s' if len(items) != 1 else ''}."
+          + (f" {skipped} skipped: no longer dead." if skipped else ""),
+          "info" if items else "error")
+    return redirect(url_for("admin.dead"), 303)
+
+
+@bp.app_context_processor
+def endpoint_helpers() -> dict:
+    """`has_endpoint(name)`: link to pages of blueprints that may not be installed."""
+    return {"has_endpoint": lambda name: name in current_app.view_functions}
+
+
+from . import admin_records  # noqa: E402,F401  (registers the records and queue views)

@@ -7,29 +7,53 @@ import functools
 from flask import Blueprint, redirect, render_template, request, session, url_for
 from flask_wtf import FlaskForm
 from sqlalchemy import select, update
-from werkzeug.security import check_password_hash
+from werkzeug.security import check_password_hash, generate_password_hash
 from wtforms import PasswordField, StringField
-from wtforms.validators import DataRequired
+from wtforms.validators import DataRequired, Length
 
 from ..models import Notification, Record, ResultFile, Run, User
 from .state import db
 
 bp = Blueprint("auth", __name__)
+# Checked when the user name is unknown, so a wrong name costs as long as a wrong password
+# and response times do not reveal which names exist.
+_DUMMY_HASH = generate_password_hash("not a password")
 
 
 class LoginForm(FlaskForm):
-    name = StringField("User name", validators=[DataRequired()])
-    password = PasswordField("Password", validators=[DataRequired()])
+    name = StringField("User name", validators=[DataRequired(), Length(max=100)])
+    password = PasswordField("Password", validators=[DataRequired(), Length(max=500)])
+
+
+def is_operator() -> bool:
+    """True when the logged-in user is an operator now (asked of the database each time,
+    so a demoted operator loses access at once, whatever their session says)."""
+    if not session.get("user_id"):
+        return False
+    user = db().get(User, session["user_id"])
+    return user is not None and user.is_operator
 
 
 def operator_required(view):
-    """Send visitors without an operator session to the login page."""
+    """Send visitors without a session to the login page; non-operators get 403."""
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
-        if not session.get("operator"):
-            return redirect(url_for("auth.login", next=request.path))
+        if not session.get("user_id"):
+            return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+        if not is_operator():
+            return render_template("error.html", title="Operators only",
+                                   message="This page is for operators. Ask one to give "
+                                           "your account access."), 403
         return view(*args, **kwargs)
     return wrapped
+
+
+def safe_next(target: str | None) -> str:
+    """A local path to go to after login; anything else (other hosts, `//x`, `/\\x`) is home."""
+    target = target or ""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return url_for("forms.index")
+    return target
 
 
 @bp.route("/login", methods=("GET", "POST"))
@@ -38,8 +62,10 @@ def login():
     form = LoginForm()
     error = None
     if form.validate_on_submit():
-        user = db().scalar(select(User).where(User.name == form.name.data))
-        if user is None or not check_password_hash(user.password_hash, form.password.data):
+        user = db().scalar(select(User).where(User.name == form.name.data.strip()))
+        valid = check_password_hash(user.password_hash if user else _DUMMY_HASH,
+                                    form.password.data)
+        if user is None or not valid:
             error = "Unknown user name or wrong password."
         else:
             anon = session.get("anon")
@@ -49,14 +75,13 @@ def login():
             session["operator"] = user.is_operator
             if anon:
                 _adopt(f"anon:{anon}", f"user:{user.id}")
-            target = request.args.get("next", "")
-            if not target.startswith("/") or target.startswith("//"):
-                target = url_for("forms.index")
-            return redirect(target, 303)
-    return render_template("auth/login.html", form=form, error=error), 401 if error else 200
+            return redirect(safe_next(request.args.get("next")), 303)
+    status = 401 if error else 422 if form.errors else 200
+    return render_template("auth/login.html", form=form, error=error), status
 
 
 def _adopt(old: str, new: str) -> None:
+    """What this browser did before logging in now belongs to the account."""
     for model in (Record, Run, ResultFile, Notification):
         db().execute(update(model).where(model.owner == old).values(owner=new))
     db().commit()

@@ -12,11 +12,13 @@ from sqlalchemy.exc import IntegrityError
 
 from ..engine import submit as submit_record
 from ..errors import ActionError
-from ..models import Record, Run
+from ..models import FINAL, Record, Run
+from ..tree import DeferNode, Form, walk
 from .formbuilder import form_class, record_values
 from .state import db, owner, rt, rules
 
 bp = Blueprint("forms", __name__)
+FINAL_STATUSES = {status.value for status in FINAL}
 log = logging.getLogger("formrules.web")
 
 
@@ -61,26 +63,26 @@ def show(form_id: str):
     return redirect(url_for("records.wait", token=record.token), 303)
 
 
-def _wait_inline(form, runs: list[Run]) -> None:
-    """`inline_for:` wait a little for quick background work so the page shows it done."""
-    limit = max((n.inline_for.total_seconds() for n in _defer_nodes(form)
-                 if n.inline_for and any(r.node_path == n.path for r in runs)), default=0)
-    if not limit:
+def _wait_inline(form: Form, runs: list[Run]) -> None:
+    """`inline_for:` hold the answer a little so quick background work shows as done.
+
+    Only awaited Runs are waited for, and never longer than the largest `inline_for` of
+    the nodes that started them; slower work simply continues in the background.
+    """
+    limits = {n.path: n.inline_for.total_seconds() for n in walk(form.events.get("submit", ()))
+              if isinstance(n, DeferNode) and n.inline_for}
+    waited = [r for r in runs if r.node_path in limits and r.awaited != "false"]
+    if not waited:
         return
-    deadline = time.monotonic() + limit
-    ids = [r.id for r in runs if r.awaited != "false"]
-    with rt().store.session() as s:
-        while time.monotonic() < deadline:
+    deadline = time.monotonic() + max(limits[r.node_path] for r in waited)
+    ids = [r.id for r in waited]
+    with rt().store.sessions() as s:
+        while True:
             statuses = s.scalars(select(Run.status).where(Run.id.in_(ids))).all()
-            if all(st in ("done", "dead", "cancelled", "skipped") for st in statuses):
+            s.rollback()  # end the read so the next one sees the worker's commits
+            if all(st in FINAL_STATUSES for st in statuses) or time.monotonic() >= deadline:
                 return
             time.sleep(0.1)
-            s.expire_all()
-
-
-def _defer_nodes(form):
-    from ..tree import DeferNode, walk
-    return [n for n in walk(form.events.get("submit", ())) if isinstance(n, DeferNode)]
 
 
 @bp.teardown_app_request

@@ -1,4 +1,10 @@
-"""The waiting page (`/r/<token>`), its JSON, and result downloads."""
+"""The waiting page (`/r/<token>`), its JSON and HTML part, and result downloads.
+
+A record's page is its owner's (or an operator's): anyone else gets 404, as for every
+other thing a user owns (API records excepted: see `_record`). Without JavaScript the
+page reloads itself (a meta refresh in `<noscript>`); with it, `wait.js` polls the JSON
+(ETag/304) and swaps in the HTML part.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +12,90 @@ import hashlib
 import json
 
 from flask import Blueprint, Response, abort, jsonify, render_template, request
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from ..models import Record, ResultFile, Run
+from ..models import Notification, Record, ResultFile, Run, utcnow
 from ..status import record_status
-from .state import current_owner_or_none, db, rules
+from . import display
+from .auth import is_operator
+from .state import current_owner_or_none, db, rt, rules
 
 bp = Blueprint("records", __name__)
 
 
+@bp.app_template_filter("when")
+def when_filter(value, show_relative: bool = True):
+    """`{{ run.due_at|when }}`: a `<time>` in the configured time zone."""
+    return display.when(value, rt().settings.timezone, show_relative)
+
+
+@bp.app_template_filter("clock")
+def clock_filter(value):
+    """`{{ event.at|clock }}`: date and time to the second, for traces."""
+    return display.clock(value, rt().settings.timezone)
+
+
+bp.add_app_template_filter(display.duration, "duration")
+
+
 def _record(token: str) -> Record:
+    """The record behind `token`, if this browser owns it (or is an operator's)."""
     if len(token) > 64:
         abort(404)
-    return db().scalar(select(Record).where(Record.token == token)) or abort(404)
+    record = db().scalar(select(Record).where(Record.token == token))
+    if record is None:
+        abort(404)
+    # A record submitted through the API has no browser owner: its page is a link the API
+    # client may hand to a person (`page_url`), so the unguessable token is the key there.
+    shared = record.owner.startswith("api:")
+    if record.owner != current_owner_or_none() and not shared and not is_operator():
+        abort(404)  # not 403: whether someone else's record exists is not ours to say
+    return record
+
+
+def _page_context(token: str) -> dict:
+    record = _record(token)
+    form = rules().form(record.form_id)
+    status = record_status(db(), record, form)
+    if status["done"] and record.owner == current_owner_or_none():
+        _mark_seen(record)
+    return {"record": record, "form": form, "status": status,
+            "is_owner": current_owner_or_none() == record.owner}
+
+
+def _mark_seen(record: Record) -> None:
+    """The owner is looking at the result: its "finished" notices are read."""
+    seen = db().execute(update(Notification).where(
+        Notification.owner == record.owner, Notification.record_token == record.token,
+        Notification.read_at.is_(None)).values(read_at=utcnow())).rowcount
+    if seen:
+        db().commit()
 
 
 @bp.get("/r/<token>")
 def wait(token: str):
     """The page that refreshes until the awaited work is done (meta refresh, or JS)."""
-    record = _record(token)
-    form = rules().form(record.form_id)
-    status = record_status(db(), record, form)
-    return render_template("records/wait.html", record=record, form=form, status=status,
-                           is_owner=current_owner_or_none() == record.owner)
+    return render_template("records/wait.html", **_page_context(token))
+
+
+@bp.get("/r/<token>/part")
+def part(token: str):
+    """The status part of the waiting page alone: the markup JS swaps in."""
+    response = Response(render_template("records/_status.html", **_page_context(token)))
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @bp.get("/r/<token>/status")
 def status_json(token: str):
-    """`{"done", "record", "runs"}`; answers 304 when nothing changed (ETag)."""
+    """`{"state", "done", "progress", "runs", …}`; 304 when nothing changed (ETag)."""
     record = _record(token)
     status = record_status(db(), record, rules().form(record.form_id))
     body = json.dumps(status, sort_keys=True, default=str)
     etag = hashlib.sha256(body.encode()).hexdigest()[:32]
     if request.if_none_match.contains(etag):
-        return Response(status=304, headers={"ETag": f'"{etag}"'})
+        return Response(status=304, headers={"ETag": f'"{etag}"',
+                                             "Cache-Control": "no-cache"})
     response = jsonify(status)
     response.set_etag(etag)
     response.headers["Cache-Control"] = "no-cache"
@@ -50,7 +106,7 @@ def status_json(token: str):
 def download(file_id: str):
     """A result file, for its owner only (anyone else gets 404, not 403)."""
     me = current_owner_or_none()
-    found = db().get(ResultFile, file_id)
+    found = db().get(ResultFile, file_id) if len(file_id) <= 32 else None
     if found is None or me is None or found.owner != me:
         abort(404)
     run = db().get(Run, found.run_id)
@@ -58,7 +114,7 @@ def download(file_id: str):
         abort(404)
     return Response(found.data, mimetype=found.content_type.split(";")[0], headers={
         "Content-Disposition": f'attachment; filename="{_safe_name(found.filename)}"',
-        "X-Content-Type-Options": "nosniff"})
+        "X-Content-Type-Options": "nosniff", "Cache-Control": "private, no-store"})
 
 
 def _safe_name(name: str) -> str:

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
-from sqlalchemy import select, update
+import hashlib
+import json
+from urllib.parse import urlsplit
+
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from sqlalchemy import func, select, update
 
 from .. import control
 from ..models import Notification, Record, ResultFile, Run, utcnow
-from ..status import run_view
-from .state import current_owner_or_none, db, rt
+from ..status import files_by_run, run_view
+from .state import current_owner_or_none, db, rt, rules
 
 bp = Blueprint("tasks", __name__)
 
@@ -22,24 +36,69 @@ def _own_run(run_id: str) -> Run:
     return run
 
 
-@bp.get("/tasks")
-def index():
-    """The current user's Runs, newest first, grouped by state."""
+def _back(default: str) -> str:
+    """Where the user came from, if it is a page of this site (never another host)."""
+    ref = urlsplit(request.referrer or "")
+    if ref.netloc == request.host and ref.path.startswith("/"):
+        return ref.path + (f"?{ref.query}" if ref.query else "")
+    return default
+
+
+def _form_title(form_id: str) -> str:
+    form = rules().form(form_id)
+    return form.title if form else form_id
+
+
+# My tasks, in the order people look for them: what is happening, what is coming, what
+# needs attention, what is over.
+GROUPS = (
+    ("active", "In progress", ("running", "queued", "waiting", "retrying")),
+    ("scheduled", "Scheduled", ("scheduled",)),
+    ("failed", "Failed", ("dead",)),
+    ("finished", "Finished", ("done", "cancelled", "skipped")),
+)
+
+
+def _my_tasks() -> tuple[list[tuple[str, str, list[dict]]], list[dict]]:
+    """The current user's Runs as views, and grouped for the page."""
     me = current_owner_or_none()
     runs = [] if me is None else list(db().scalars(
         select(Run).where(Run.owner == me, Run.hidden.is_(False))
-        .order_by(Run.created_at.desc()).limit(200)))
-    files: dict[str, list[ResultFile]] = {}
-    tokens: dict[int, str] = {}
-    if runs:
-        for f in db().scalars(select(ResultFile).where(
-                ResultFile.run_id.in_([r.id for r in runs]))):
-            files.setdefault(f.run_id, []).append(f)
-        ids = {r.record_id for r in runs if r.record_id}
-        tokens = dict(db().execute(select(Record.id, Record.token).where(Record.id.in_(ids))))
+        .order_by(Run.created_at.desc(), Run.id).limit(300)))
+    files = files_by_run(db(), runs)
+    ids = {r.record_id for r in runs if r.record_id}
+    tokens = dict(db().execute(select(Record.id, Record.token).where(Record.id.in_(ids))).all())
     views = [dict(run_view(r, files.get(r.id)), token=tokens.get(r.record_id),
-                  form_id=r.form_id, created_at=r.created_at) for r in runs]
-    return render_template("tasks/index.html", runs=views)
+                  form_title=_form_title(r.form_id)) for r in runs]
+    grouped = {s for _, _, statuses in GROUPS[:-1] for s in statuses}
+    groups = [(key, title, [v for v in views if v["status"] in statuses
+                            or (key == "finished" and v["status"] not in grouped)])
+              for key, title, statuses in GROUPS]
+    return groups, views
+
+
+@bp.get("/tasks")
+def index():
+    """The current user's Runs, newest first, grouped by state."""
+    groups, views = _my_tasks()
+    continued = next((v for v in views if v["id"] == request.args.get("continued")), None)
+    return render_template("tasks/index.html", groups=groups, total=len(views),
+                           continued=continued)
+
+
+@bp.get("/tasks/part")
+def part():
+    """The task list alone, for tasks.js to refresh in place (304 when unchanged)."""
+    groups, views = _my_tasks()
+    # The tag comes from the data, not the HTML: the HTML's CSRF tokens differ each time.
+    etag = hashlib.sha256(json.dumps(views, sort_keys=True, default=str).encode()).hexdigest()
+    if request.if_none_match.contains(etag[:32]):
+        return Response(status=304, headers={"ETag": f'"{etag[:32]}"'})
+    response = make_response(render_template("tasks/_list.html", groups=groups,
+                                             total=len(views)))
+    response.set_etag(etag[:32])
+    response.headers["Cache-Control"] = "no-cache"
+    return response
 
 
 @bp.post("/tasks/<run_id>/cancel")
@@ -48,13 +107,14 @@ def cancel(run_id: str):
     run = _own_run(run_id)
     try:
         outcome = control.cancel(db(), run, "its owner")
-    except control.NotAllowed as exc:
-        flash(str(exc).capitalize() + ".", "error")
-        return redirect(request.referrer or url_for("tasks.index"), 303)
+    except control.NotAllowed:
+        flash(f"“{run.title}” has already finished: there is nothing to cancel.", "error")
+        return redirect(_back(url_for("tasks.index")), 303)
     db().commit()
     control.after_commit(rt().dispatcher, run)
-    flash("Cancelled." if outcome == "cancelled" else "Stopping at the next step…", "info")
-    return redirect(request.referrer or url_for("tasks.index"), 303)
+    flash(f"“{run.title}” was cancelled." if outcome == "cancelled"
+          else f"Stopping “{run.title}” at its next step…", "info")
+    return redirect(_back(url_for("tasks.index")), 303)
 
 
 @bp.post("/tasks/<run_id>/delete")
@@ -66,8 +126,12 @@ def delete(run_id: str):
         return redirect(url_for("tasks.index"), 303)
     run.hidden = True
     db().execute(ResultFile.__table__.delete().where(ResultFile.run_id == run.id))
+    # Its notices go too: a banner pointing at a deleted task only confuses.
+    db().execute(update(Notification).where(Notification.run_id == run.id,
+                                            Notification.read_at.is_(None))
+                 .values(read_at=utcnow()))
     db().commit()
-    flash("Deleted.", "info")
+    flash(f"“{run.title}” was deleted.", "info")
     return redirect(url_for("tasks.index"), 303)
 
 
@@ -95,15 +159,21 @@ def dismiss(note_id: int):
         abort(404)
     note.read_at = utcnow()
     db().commit()
-    return redirect(request.referrer or url_for("tasks.notifications"), 303)
+    return redirect(_back(url_for("tasks.notifications")), 303)
 
 
-def inject_notifications():
-    """Unread notices for the banner on every page."""
+BANNER_NOTICES = 3  # more than this on top of every page hides the page itself
+
+
+def inject_notifications() -> dict:
+    """Unread notices for the banner on every page: the newest few, and how many in all."""
     me = current_owner_or_none()
     if me is None:
-        return {"unread": []}
-    unread = list(db().scalars(select(Notification).where(
-        Notification.owner == me, Notification.read_at.is_(None))
-        .order_by(Notification.created_at.desc()).limit(5)))
-    return {"unread": unread}
+        return {"unread": [], "unread_count": 0}
+    mine = (Notification.owner == me, Notification.read_at.is_(None))
+    unread = list(db().scalars(select(Notification).where(*mine)
+                               .order_by(Notification.created_at.desc(), Notification.id.desc())
+                               .limit(BANNER_NOTICES)))
+    count = len(unread) if len(unread) < BANNER_NOTICES else db().scalar(
+        select(func.count()).select_from(Notification).where(*mine))
+    return {"unread": unread, "unread_count": count}

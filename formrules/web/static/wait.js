@@ -1,48 +1,88 @@
-// Progressive enhancement of the waiting page: poll the status JSON (ETag, so an
-// unchanged status costs a 304) and update the same markup in place. Without
-// JavaScript the page's meta refresh does the same job.
+// Progressive enhancement of the waiting page. Without JavaScript a meta refresh (in
+// <noscript>) reloads the page; with it, this polls the status JSON (ETag, so an
+// unchanged status costs a 304), moves the progress bars in place, and when a status
+// changes swaps in the server-rendered part: the same markup either way, no reload.
 (function () {
+  "use strict";
   var root = document.getElementById("status");
-  if (!root || root.dataset.done === "true") return;
-  var meta = document.querySelector('meta[http-equiv="refresh"]');
-  if (meta) meta.parentNode.removeChild(meta);  // we take over from the meta refresh
-  var url = root.dataset.statusUrl, etag = null, delay = 1000;
+  if (!root) return;
+  var statusUrl = root.dataset.statusUrl, partUrl = root.dataset.partUrl;
+  var announce = document.getElementById("announce");
+  var etag = null, delay = 1000, failures = 0;
+
+  function body() { return root.querySelector(".status-body"); }
+  function working() { var b = body(); return b && b.dataset.state === "working"; }
+
+  // What the rendered markup shows; when the JSON disagrees, the part is fetched anew.
+  function shownKey() {
+    var keys = [body().dataset.state];
+    root.querySelectorAll("[data-run]").forEach(function (li) { keys.push(li.dataset.key); });
+    return keys.join("|");
+  }
+  function statusKey(s) {
+    var keys = [s.state];
+    s.runs.concat(s.other_runs).forEach(function (r) {
+      keys.push([r.id, r.status, r.label, r.attempt].join(":"));
+    });
+    return keys.join("|");
+  }
 
   function text(el, value) { if (el && el.textContent !== value) el.textContent = value; }
 
-  function render(s) {
-    s.runs.forEach(function (run) {
+  function updateBars(s) {
+    s.runs.concat(s.other_runs).forEach(function (run) {
       var li = root.querySelector('[data-run="' + run.id + '"]');
       if (!li) return;
-      li.className = "run run-" + run.status;
-      text(li.querySelector(".status-label"), run.status);
       var bar = li.querySelector("progress");
-      bar.value = run.progress;
-      bar.textContent = run.progress + "%";
-      bar.setAttribute("aria-label", run.title + ": " + run.progress + "%");
-      text(li.querySelector(".run-message"), run.message || "");
+      if (bar) { bar.value = run.progress; bar.textContent = run.progress + "%"; }
+      text(li.querySelector("[data-percent]"), run.progress + "%");
+      if (run.message) text(li.querySelector("[data-message]"), run.message);
     });
-    if (s.done) {
-      // The finished page carries messages, files and links: load it once, for real.
-      window.location.reload();
-    }
+    var overall = root.querySelector("[data-overall]");
+    if (overall) overall.value = s.progress;
+    text(root.querySelector("[data-overall-percent]"), s.progress + "%");
+  }
+
+  function swap() {
+    return fetch(partUrl, { credentials: "same-origin", cache: "no-store" }).then(function (r) {
+      if (!r.ok) throw new Error("part " + r.status);
+      return r.text();
+    }).then(function (html) {
+      root.innerHTML = html;
+      var summary = root.querySelector(".summary .headline");
+      if (announce && summary) {  // tell screen readers, without the decorative icon
+        var copy = summary.cloneNode(true);
+        copy.querySelectorAll("[aria-hidden]").forEach(function (el) { el.remove(); });
+        announce.textContent = copy.textContent.trim();
+      }
+    });
+  }
+
+  function next() {
+    if (!working()) return;  // finished: the page now shows the result, stop polling
+    setTimeout(poll, document.hidden ? Math.max(delay, 5000) : delay);
   }
 
   function poll() {
     var headers = etag ? { "If-None-Match": etag } : {};
-    fetch(url, { headers: headers, credentials: "same-origin" }).then(function (r) {
-      if (r.status === 304) return null;
-      if (!r.ok) throw new Error("status " + r.status);
-      etag = r.headers.get("ETag");
-      return r.json();
-    }).then(function (s) {
-      if (s) render(s);
-      delay = 1000;
-      if (!s || !s.done) setTimeout(poll, delay);
-    }).catch(function () {
-      delay = Math.min(delay * 2, 15000);  // back off while the server is unreachable
-      setTimeout(poll, delay);
-    });
+    fetch(statusUrl, { headers: headers, credentials: "same-origin", cache: "no-cache" })
+      .then(function (r) {
+        if (r.status === 304) return null;
+        if (!r.ok) throw new Error("status " + r.status);
+        etag = r.headers.get("ETag");
+        return r.json();
+      }).then(function (s) {
+        if (s === null) return null;
+        updateBars(s);
+        return statusKey(s) !== shownKey() ? swap() : null;
+      }).then(function () {
+        failures = 0; delay = 1000; next();
+      }).catch(function () {
+        failures += 1;  // back off while the server is unreachable
+        delay = Math.min(1000 * Math.pow(2, failures), 15000);
+        next();
+      });
   }
-  setTimeout(poll, 500);
+
+  if (working()) setTimeout(poll, 500);
 })();

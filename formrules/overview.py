@@ -1,0 +1,85 @@
+"""What RQ holds right now, read without side effects (for the operator pages).
+
+RQ's convenient readers tidy up as they go: `registry.count` runs a cleanup that moves
+expired jobs to the failed registry, and `Worker.all` deletes the registrations of workers
+whose key has expired. Looking must not change what is looked at, so registries are read
+with `cleanup=False` and workers are only loaded when their key still exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from redis import Redis
+from rq import Queue, Worker
+from rq.registry import (
+    CanceledJobRegistry,
+    DeferredJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ScheduledJobRegistry,
+    StartedJobRegistry,
+)
+from rq.serializers import JSONSerializer
+
+REGISTRIES = (("started", StartedJobRegistry), ("scheduled", ScheduledJobRegistry),
+              ("deferred", DeferredJobRegistry), ("failed", FailedJobRegistry),
+              ("finished", FinishedJobRegistry), ("canceled", CanceledJobRegistry))
+
+
+@dataclass
+class QueueInfo:
+    """One RQ queue: jobs waiting, and the size of each of its registries."""
+
+    name: str
+    queued: int
+    registries: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerInfo:
+    """One live RQ worker as it registered itself."""
+
+    name: str
+    state: str
+    queues: list[str]
+    current_job: str | None
+    hostname: str | None
+    pid: int | None
+    birth: datetime | None
+    last_heartbeat: datetime | None
+    successful: int
+    failed: int
+
+
+def queues(redis: Redis, names: list[str]) -> list[QueueInfo]:
+    """Counts for the named queues plus every queue RQ knows of."""
+    known = {q.name for q in Queue.all(connection=redis, serializer=JSONSerializer)}
+    infos = []
+    for name in sorted(set(names) | known):
+        queue = Queue(name, connection=redis, serializer=JSONSerializer)
+        info = QueueInfo(name, queue.count)  # LLEN: no side effect
+        for key, registry_class in REGISTRIES:
+            registry = registry_class(queue=queue)
+            info.registries[key] = registry.get_job_count(cleanup=False)
+        infos.append(info)
+    return infos
+
+
+def workers(redis: Redis) -> list[WorkerInfo]:
+    """Every worker whose registration is alive, sorted by name."""
+    infos = []
+    for key in sorted(Worker.all_keys(connection=redis)):
+        if not redis.exists(key):
+            continue  # expired: RQ's own cleanup will drop it; we only look
+        worker = Worker.find_by_key(key, connection=redis, serializer=JSONSerializer)
+        if worker is None:
+            continue
+        infos.append(WorkerInfo(
+            name=worker.name, state=worker.get_state(),
+            queues=[q.name for q in worker.queues], current_job=worker.get_current_job_id(),
+            hostname=worker.hostname, pid=worker.pid, birth=worker.birth_date,
+            last_heartbeat=worker.last_heartbeat, successful=worker.successful_job_count,
+            failed=worker.failed_job_count))
+    return infos
