@@ -34,6 +34,7 @@ class Settings:
     progress_write_seconds: float = 0.5  # progress is written at most this often
     max_recoveries: int = 5  # a Run that kills its worker this often goes dead
     timezone: str = "UTC"
+    secure_cookies: bool = False  # set behind HTTPS: cookies are then never sent in clear
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -65,6 +66,7 @@ _ENV = {
     "default_timeout_seconds": "FORMRULES_DEFAULT_TIMEOUT",
     "progress_write_seconds": "FORMRULES_PROGRESS_INTERVAL",
     "max_recoveries": "FORMRULES_MAX_RECOVERIES", "timezone": "FORMRULES_TIMEZONE",
+    "secure_cookies": "FORMRULES_SECURE_COOKIES",
 }
 
 

@@ -33,6 +33,7 @@ FORM_KEYS = ("form", "title", "description", "fields", "events", "after_submit",
 FIELD_KEYS = ("name", "type", "label", "help", "required", "min", "max", "max_length",
               "choices", "default", "hidden")
 EVENTS = ("submit", "update")
+RESERVED_FIELD_NAMES = frozenset(n for n in dir(dict) if not n.startswith("_"))
 # A task or a schedule runs as a Background: these keys mean what they mean there.
 RUN_KEYS = ("title", "do", "retry", "timeout", "on_error")
 TASK_KEYS = (*RUN_KEYS, "concurrency", "stop_on_error")
@@ -142,6 +143,11 @@ def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
         if not isinstance(name, str) or not NAME.match(name):
             c.error(vp("name") if "name" in item else item.pos, path,
                     "a field needs a 'name' of lowercase letters, digits and '_'")
+            continue
+        if name in RESERVED_FIELD_NAMES:
+            # `record.items` would find the dict method, not the field, in every template.
+            c.error(vp("name"), path, f"field name '{name}' is reserved (it names a built-in "
+                                      "of records); choose another name")
             continue
         if any(f.name == name for f in out):
             c.error(vp("name"), path, f"duplicate field name '{name}'")

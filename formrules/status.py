@@ -85,7 +85,10 @@ def record_status(s: Session, record: Record, form: Form | None) -> dict[str, An
     the others (`await: false`) are listed as continuing in the background.
     """
     # Runs of one submit share a creation time: the tree's order (node path) breaks the tie.
-    runs = list(s.scalars(select(Run).where(Run.record_id == record.id, Run.hidden.is_(False))
+    # Only the owner's own work: an operator's batch or a schedule touching this record is
+    # not something the person who submitted it is waiting for.
+    runs = list(s.scalars(select(Run).where(Run.record_id == record.id, Run.hidden.is_(False),
+                                            Run.owner == record.owner)
                           .order_by(Run.created_at, Run.node_path, Run.id)))
     files = files_by_run(s, runs)
     awaited = [r for r in runs if r.awaited in ("true", "optional")]

@@ -16,6 +16,7 @@ from formrules.config import from_env
 from formrules.models import Base
 from formrules.redis_server import RedisServer
 from formrules.runtime import Runtime, install
+from tests.web_helpers import login, make_user
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -110,6 +111,15 @@ def app(rt):
 def client(app):
     """A test client (one browser)."""
     return app.test_client()
+
+
+@pytest.fixture
+def operator(app, rt):
+    """A browser logged in as an operator."""
+    make_user(rt, "olga", operator=True)
+    browser = app.test_client()
+    assert login(browser, "olga").status_code == 303
+    return browser
 
 
 @pytest.fixture

@@ -28,15 +28,6 @@ def rules_dir(rules_dir):
     return add_web_rules(rules_dir)
 
 
-@pytest.fixture
-def operator(app, rt):
-    """A browser logged in as an operator."""
-    make_user(rt, "olga", operator=True)
-    browser = app.test_client()
-    assert login(browser, "olga").status_code == 303
-    return browser
-
-
 def one_run(rt, token: str) -> Run:
     """The one Run of a record."""
     (run,) = runs_of(rt, token)

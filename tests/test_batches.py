@@ -18,7 +18,6 @@ from formrules.models import Batch, Notification, Run, RunStatus
 from formrules.rules import load_rules
 from tests.fixture_actions import read_calls
 from tests.helpers import ROOT, events_of, tokens, wait_until, work
-from tests.web_helpers import login, make_user
 
 LEDGER = """
 form: ledger
@@ -71,15 +70,6 @@ def rules_dir(rules_dir):
 def form(rt):
     """The ledger form as loaded."""
     return load_rules(rt.settings.rules_dir).form("ledger")
-
-
-@pytest.fixture
-def operator(app, rt):
-    """A browser logged in as an operator."""
-    make_user(rt, "olga", operator=True)
-    browser = app.test_client()
-    assert login(browser, "olga").status_code == 303
-    return browser
 
 
 def add_records(rt, form, amounts: list[int]) -> list[int]:
@@ -275,3 +265,15 @@ def test_tasks_run_from_the_cli_and_wait_for_it(rt, form, subprocess_env):
                              cwd=ROOT, timeout=120)
     assert unknown.returncode == 1
     assert "error: form ledger has no task 'nope'" in unknown.stderr
+
+
+def test_an_operator_batch_is_not_shown_on_the_submitters_waiting_page(app, operator, rt):
+    submitter = app.test_client()
+    page = submitter.get("/forms/ledger")
+    response = submitter.post("/forms/ledger", data={**tokens(page.data), "name": "Ann"})
+    token = response.headers["Location"].rsplit("/", 1)[-1]
+    assert submitter.get(f"/r/{token}/status").json["done"] is True
+    start(operator, "slow")
+    status = submitter.get(f"/r/{token}/status").json
+    assert status["done"] is True and status["runs"] == []
+    assert status.get("other_runs", []) == []

@@ -446,3 +446,9 @@ def test_cancel_if_may_use_the_edit_variables_anywhere():
             do: [{log: reminder}]
         """) == [
         "rules/booking.yaml:13:15: events/submit/0/delay: 'old' is only set in update events"]
+
+
+def test_field_names_that_shadow_record_builtins_are_refused():
+    assert problems("form: booking\nfields:\n  - {name: items, type: integer}\n") == [
+        "rules/booking.yaml:3:12: fields/0: field name 'items' is reserved (it names a "
+        "built-in of records); choose another name"]

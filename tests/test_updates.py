@@ -57,15 +57,6 @@ def rules_dir(rules_dir):
     return rules_dir
 
 
-@pytest.fixture
-def operator(app, rt):
-    """A browser logged in as an operator."""
-    make_user(rt, "olga", operator=True)
-    browser = app.test_client()
-    assert login(browser, "olga").status_code == 303
-    return browser
-
-
 def book(client, rt, day: date) -> tuple[str, int]:
     """Submit a booking as an end user; returns its token and record id."""
     token = token_of(submit(client, "booking", {"name": "Ann", "date": day.isoformat(),

@@ -29,6 +29,7 @@ def create_app(test_config: dict[str, Any] | None = None,
         SECRET_KEY=settings.secret_key,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.secure_cookies,
         PERMANENT_SESSION_LIFETIME=timedelta(days=365),  # the anonymous owner cookie
         WTF_CSRF_TIME_LIMIT=None,  # a form left open over lunch must still submit
         MAX_CONTENT_LENGTH=2 * 1024 * 1024,
