@@ -97,15 +97,26 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
         pass
     finally:
         for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            _stop_worker(child)
         if redis_server is not None:
             redis_server.stop()
         click.echo("Stopped.")
+
+
+def _stop_worker(child: subprocess.Popen) -> None:
+    """Stop a worker: warm (finish the current job), then cold, then kill.
+
+    A job cut short is not lost: its Run stops heartbeating and is resumed from its last
+    checkpoint by the next worker that starts.
+    """
+    for stop, patience in ((child.terminate, 5), (child.terminate, 10), (child.kill, 10)):
+        if child.poll() is not None:
+            return
+        stop()  # RQ: a first SIGTERM is a warm shutdown, a second one kills the work-horse
+        try:
+            child.wait(patience)
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _require_valid_rules(directory: str, modules: str) -> None:

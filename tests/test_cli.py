@@ -112,7 +112,57 @@ def test_run_starts_everything_and_stops_without_leftovers(tmp_path, stop_signal
         assert (tmp_path / "instance" / "secret_key").exists()
     finally:
         process.send_signal(stop_signal)
-        output, _ = process.communicate(timeout=60)
+        output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     assert "formrules is running at" in output and "Stopped." in output
     wait_until(lambda: not any(_alive(p) for p in tree), timeout=20)
+
+
+@pytest.mark.slow
+def test_run_stops_promptly_while_a_job_is_running(tmp_path):
+    """Stopping mid-job ends the work-horse too; the Run resumes when workers return."""
+    import http.cookiejar
+    import json
+    import re
+    import urllib.parse
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "DATABASE_URL", "SECRET_KEY")}
+    env.update({"FORMRULES_INSTANCE": str(tmp_path / "instance"),
+                "FORMRULES_RULES": str(ROOT / "tests" / "rules"),
+                "FORMRULES_ACTIONS": "tests.fixture_actions", "PYTHONPATH": str(ROOT)})
+    process = subprocess.Popen([*FORMRULES, "run", "--port", str(port)], env=env, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    try:
+        def form_page():
+            try:
+                with opener.open(f"{base}/forms/slow", timeout=2) as response:
+                    return response.read()
+            except OSError:
+                return None
+
+        page = wait_until(form_page, timeout=60, interval=0.2)
+        data = {name: re.search(rb'name="' + name.encode() + rb'" type="hidden" value="([^"]*)"',
+                                page).group(1).decode() for name in ("csrf_token", "submit_key")}
+        data["name"] = "Stopper"
+        with opener.open(f"{base}/forms/slow", urllib.parse.urlencode(data).encode(),
+                         timeout=10) as response:
+            status_url = response.url + "/status"
+
+        def running():
+            with opener.open(status_url, timeout=5) as response:
+                runs = json.loads(response.read())["runs"]
+            return runs and runs[0]["status"] == "running"
+
+        wait_until(running, timeout=60, interval=0.2)
+        tree = _descendants(process.pid)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    wait_until(lambda: not any(_alive(p) for p in tree | _descendants(process.pid)),
+               timeout=20)
