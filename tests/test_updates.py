@@ -4,6 +4,8 @@ their trace; `when:` is re-checked when a Delay fires."""
 
 from __future__ import annotations
 
+import html
+import re
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -68,8 +70,10 @@ def edit(operator, record_id: int, **changes):
     """POST the edit page the way a browser does: the prefilled form with some changes."""
     page = operator.get(f"/admin/records/{record_id}/edit")
     assert page.status_code == 200, page.data[:500]
-    data = {"csrf_token": tokens(page.data)["csrf_token"], "name": "Ann", "room": "A",
-            **changes}
+    prefilled = {m[0].decode(): html.unescape(m[1].decode()) for m in re.findall(
+        rb'<input[^>]* name="(\w+)" type="text" value="([^"]*)"', page.data)}
+    data = {**prefilled, "csrf_token": tokens(page.data)["csrf_token"], "name": "Ann",
+            "room": "A", **changes}
     return operator.post(f"/admin/records/{record_id}/edit", data=data)
 
 
@@ -207,3 +211,16 @@ def test_a_delay_that_already_started_is_not_moved(client, operator, rt):
     same = run_titled(rt, token, "Reminder")
     assert same.status == "running" and same.due_at == reminder.due_at
     assert not [e for e in events_of(rt, same.id) if e.event == "reschedule"]
+
+
+def test_operators_can_correct_hidden_fields(client, operator, rt):
+    day = date.today() + timedelta(days=10)
+    token, record_id = book(client, rt, day)
+    page = operator.get(f"/admin/records/{record_id}/edit")
+    assert b'name="status"' in page.data and b"normally set by the form" in page.data
+
+    response = edit(operator, record_id, date=day.isoformat(), status="on hold")
+
+    assert response.status_code == 303
+    assert record_of(rt, token).data["status"] == "on hold"
+    assert record_of(rt, token).data["date"] == day.isoformat()

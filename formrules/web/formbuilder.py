@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -77,15 +78,23 @@ def _field(fd: FieldDef) -> Field:
     raise ValueError(f"unknown field type {fd.type}")
 
 
-def form_class(form: Form) -> type[FlaskForm]:
-    """A FlaskForm subclass for `form`; hidden fields are set by rules, not by users."""
+def form_class(form: Form, *, include_hidden: bool = False) -> type[FlaskForm]:
+    """A FlaskForm subclass for `form`; hidden fields are set by rules, not by users.
+
+    `include_hidden`: the operator's edit page, where hidden fields (a status, a flag)
+    can be corrected too; they are optional there and say that rules set them.
+    """
     attrs: dict[str, Any] = {
         "submit_key": HiddenField(validators=[Optional(), Regexp(SUBMIT_KEY)]),
     }
     for fd in form.fields:
         if not fd.hidden:
             attrs[fd.name] = _field(fd)
-    return type(f"Form_{form.id}", (FlaskForm,), attrs)
+        elif include_hidden:
+            note = "Hidden from users; normally set by the form's rules."
+            attrs[fd.name] = _field(replace(fd, required=False,
+                                            help=f"{fd.help} {note}".strip()))
+    return type(f"Form_{form.id}{'_all' if include_hidden else ''}", (FlaskForm,), attrs)
 
 
 def record_values(form: Form, wtf: FlaskForm | None, data: dict[str, Any] | None = None):

@@ -48,11 +48,11 @@ def edit(record_id: int):
     form = rules().form(record.form_id)
     if form is None:
         abort(404)  # its form is no longer loaded: nothing to validate an edit against
-    cls = form_class(form)
+    cls = form_class(form, include_hidden=True)
     wtf = cls(data=typed_record(record.data, form.field_types))
     error = None
     if wtf.validate_on_submit():
-        values = {fd.name: getattr(wtf, fd.name).data for fd in form.fields if not fd.hidden}
+        values = {fd.name: getattr(wtf, fd.name).data for fd in form.fields}
         who = f"operator {session.get('user_name', '?')}"
         try:
             change = updates.apply_edit(db(), form, record.id, values,
