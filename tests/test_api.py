@@ -35,11 +35,24 @@ events:
     - set: {history: "{{ old.priority }} -> {{ record.priority }}"}
 """
 
+RECEIPT = """
+form: receipt
+title: Receipt
+fields:
+  - {name: item, type: string, required: true}
+events:
+  submit:
+    - background:
+        title: Writing the receipt
+        do: [{report: {filename: "receipt.csv", columns: [item]}}]
+"""
+
 
 @pytest.fixture
 def rules_dir(rules_dir):
     """The test rules plus a ticket form with an update event."""
     (rules_dir / "ticket.yaml").write_text(TICKET)
+    (rules_dir / "receipt.yaml").write_text(RECEIPT)
     return rules_dir
 
 
@@ -220,3 +233,18 @@ def test_formrules_tokens_add_prints_a_working_token_once(client, rt, subprocess
     assert again.returncode == 1 and "a token named 'ci-bot' exists" in again.stderr
     listed = cli("list")
     assert listed.stdout.startswith("ci-bot  created ") and printed not in listed.stdout
+
+
+def test_result_files_download_with_a_token(client, rt, auth):
+    body = client.post("/api/forms/receipt", headers=auth, json={"item": "desk"}).json
+    work(rt)
+    (run,) = client.get(body["status_url"], headers=auth).json["runs"]
+    (listed,) = run["files"]
+    assert listed["filename"] == "receipt.csv"
+
+    response = client.get(f"/api/files/{listed['id']}", headers=auth)
+    assert response.status_code == 200
+    assert response.data.decode().splitlines() == ["item", "desk"]
+    assert response.headers["Content-Disposition"] == 'attachment; filename="receipt.csv"'
+    assert client.get(f"/api/files/{listed['id']}").status_code == 401
+    assert client.get("/api/files/nope", headers=auth).status_code == 404

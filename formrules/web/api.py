@@ -24,11 +24,12 @@ from werkzeug.datastructures import MultiDict
 from .. import tokens, updates
 from ..engine import submit as submit_record
 from ..errors import ActionError
-from ..models import Record
+from ..models import Record, ResultFile
 from ..status import record_status
 from ..tree import Form
 from . import csrf, openapi
 from .formbuilder import form_class, record_values
+from .records import file_response
 from .state import db, rt, rules
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -217,6 +218,15 @@ def patch(token: str):
     body = _body(edit.record, form)
     body["changed"] = sorted(edit.changed)
     return jsonify(body)
+
+
+@bp.get("/files/<file_id>")
+def file(file_id: str):
+    """A result file of a Run (ids come from a record's `runs[].files`)."""
+    found = db().get(ResultFile, file_id) if len(file_id) <= 32 else None
+    if found is None:
+        return error(404, "not_found", "There is no file with this id.")
+    return file_response(found)
 
 
 @bp.get("/openapi.json")

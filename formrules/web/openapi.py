@@ -133,6 +133,14 @@ def document(ruleset: RuleSet, server: str) -> dict[str, Any]:
                   "requestBody": {"required": True, "content": _content(patch_body)},
                   "responses": _responses(200, 400, 401, 404, 422, 500)},
     }
+    paths["/api/files/{file_id}"] = {"get": {
+        "operationId": "get_file", "summary": "Download a result file listed in a Run's files",
+        "parameters": [{"name": "file_id", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "The file",
+                              "content": {"application/octet-stream": {
+                                  "schema": {"type": "string", "format": "binary"}}}},
+                      **_responses(401, 404)}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "formrules API", "version": "1",

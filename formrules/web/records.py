@@ -112,6 +112,11 @@ def download(file_id: str):
     run = db().get(Run, found.run_id)
     if run is None or run.hidden:
         abort(404)
+    return file_response(found)
+
+
+def file_response(found: ResultFile) -> Response:
+    """A result file as a download that browsers never render in place."""
     return Response(found.data, mimetype=found.content_type.split(";")[0], headers={
         "Content-Disposition": f'attachment; filename="{_safe_name(found.filename)}"',
         "X-Content-Type-Options": "nosniff", "Cache-Control": "private, no-store"})
