@@ -60,6 +60,46 @@ def check(directory: str | None) -> None:
 
 
 @cli.command()
+@click.argument("form_id")
+@click.option("--set", "assignments", multiple=True, metavar="FIELD=VALUE",
+              help="a field value (repeatable); other fields take their defaults")
+@click.option("--event", default="submit", show_default=True,
+              type=click.Choice(["submit", "update"]))
+@click.option("--rules", "rules_dir", help="rules directory (default: rules/)")
+def preview(form_id: str, assignments: tuple[str, ...], event: str,
+            rules_dir: str | None) -> None:
+    """Show what FORM_ID's tree would do with some values, without doing any of it.
+
+    With `--event update`, the record before the edit has the fields' defaults and the
+    `--set` values are the edit.
+    """
+    from . import actions
+    from .preview import preview as preview_tree
+    from .rules import load_rules
+    from .values import to_storage
+
+    settings = from_env()
+    actions.load_modules(settings.actions_modules)
+    form = load_rules(rules_dir or settings.rules_dir).form(form_id)
+    if form is None:
+        raise FormrulesError(f"no form {form_id!r} in {rules_dir or settings.rules_dir}")
+    defaults = {f.name: to_storage(f.default, f.type) for f in form.fields}
+    values = dict(defaults)
+    for assignment in assignments:
+        name, sep, raw = assignment.partition("=")
+        field = form.field(name.strip())
+        if not sep or field is None:
+            raise FormrulesError(f"--set {assignment!r}: expected FIELD=VALUE with one of "
+                                 + ", ".join(f.name for f in form.fields))
+        try:
+            values[field.name] = to_storage(raw, field.type)
+        except ValueError as exc:
+            raise FormrulesError(f"--set {assignment!r}: {exc}") from exc
+    for line in preview_tree(form, values, settings, event=event, old=defaults):
+        click.echo(str(line))
+
+
+@cli.command()
 @click.option("--rules", "rules_dir", help="rules directory (default: rules/)")
 @click.option("--port", default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)

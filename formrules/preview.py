@@ -1,0 +1,129 @@
+"""Preview what a form's tree would do with some values, without doing any of it.
+
+`set` runs (on a copy of the record: later conditions depend on it); `if` shows which
+branch it takes; every other action shows its rendered arguments instead of running;
+Background and Delay show when they would run, how they retry, and their children.
+Nothing is written, sent or enqueued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from . import engine, sandbox
+from .config import Settings
+from .context import Context
+from .duration import format_duration
+from .models import utcnow
+from .tree import ActionNode, DeferNode, Form, IfNode, Node, ProgressNode, RetryPolicy
+from .values import typed_record
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of a preview: a node path, what happens there, and its depth."""
+
+    path: str
+    text: str
+    depth: int = 0
+
+    def __str__(self) -> str:
+        return f"{'  ' * self.depth}{self.path}: {self.text}"
+
+
+def preview(form: Form, values: dict[str, Any], settings: Settings, *, event: str = "submit",
+            old: dict[str, Any] | None = None, now: datetime | None = None) -> list[Line]:
+    """The lines describing what `event`'s tree would do for a record with `values`.
+
+    For `update`, `old` is the record before the edit (`old.` and `changed.` follow).
+    """
+    extra: dict[str, Any] = {}
+    if event == "update":
+        old = dict(old or {})
+        extra = {"old": typed_record(old, form.field_types),
+                 "changed": {k: v for k, v in typed_record(values, form.field_types).items()
+                             if old.get(k) != values.get(k)}}
+    ctx = Context(settings=settings, form_id=form.id, field_types=form.field_types,
+                  data=dict(values), record_token="preview", extra=extra)
+    lines: list[Line] = []
+    _nodes(form.events.get(event, ()), ctx, lines, 0, now or utcnow(), settings)
+    return lines
+
+
+def _nodes(nodes: tuple[Node, ...], ctx: Context, lines: list[Line], depth: int,
+           now: datetime, settings: Settings) -> None:
+    for node in nodes:
+        try:
+            _node(node, ctx, lines, depth, now, settings)
+        except Exception as exc:  # show the author where it would fail, then go on
+            lines.append(Line(node.path, f"FAILS: {exc}", depth))
+
+
+def _node(node: Node, ctx: Context, lines: list[Line], depth: int, now: datetime,
+          settings: Settings) -> None:
+    if isinstance(node, IfNode):
+        result = engine.test(node, ctx.variables())
+        branch = node.then if result else node.otherwise
+        taken = "then" if result else "else"
+        lines.append(Line(node.path, f"if {node.test} -> {str(result).lower()}: "
+                                     f"{taken} ({len(branch)} node(s))", depth))
+        _nodes(branch, ctx, lines, depth + 1, now, settings)
+    elif isinstance(node, ActionNode) and node.action == "set":
+        ctx.path = node.path
+        engine.call_action(node, ctx)
+        shown = ", ".join(f"{k} = {ctx.data.get(k)!r}" for k in node.args)
+        lines.append(Line(node.path, f"set {shown}", depth))
+    elif isinstance(node, ActionNode):
+        args = sandbox.render_value(node.args, ctx.variables())
+        lines.append(Line(node.path, f"would run {node.action} {args!r}", depth))
+    elif isinstance(node, ProgressNode):
+        lines.append(Line(node.path, "progress "
+                          f"{node.done if node.done is not None else '-'}"
+                          f"/{node.total if node.total is not None else '-'} "
+                          f"{node.message or ''}".rstrip(), depth))
+    elif isinstance(node, DeferNode):
+        due = engine.due_time(node, ctx.variables(), now, settings.timezone)
+        when = "at once" if due <= now else \
+            f"at {due.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC (in {_roughly(due - now)})"
+        title = sandbox.render(node.title, ctx.variables())
+        parts = [f"{node.kind} {title!r} runs {when} on a worker",
+                 {"true": "awaited", "false": "not awaited",
+                  "optional": "awaited (can continue in background)"}[node.awaited]]
+        if node.flag:
+            parts.append(f"sets {node.flag} when done")
+        parts.append(_retry(node.retry))
+        if node.timeout:
+            parts.append(f"timeout {format_duration(node.timeout)}")
+        for key in ("when", "cancel_if"):
+            if getattr(node, key):
+                parts.append(f"{key}: {getattr(node, key)}")
+        lines.append(Line(node.path, "; ".join(parts), depth))
+        _nodes(node.do, ctx, lines, depth + 1, now, settings)
+        if node.on_error:
+            lines.append(Line(f"{node.path}/on_error",
+                              f"on_error: {len(node.on_error)} node(s) after the last attempt",
+                              depth + 1))
+
+
+def _retry(policy: RetryPolicy) -> str:
+    if policy.attempts <= 1:
+        return "no retries"
+    if policy.exponential_base is not None:
+        return (f"{policy.attempts} attempts, exponential from "
+                f"{format_duration(_td(policy.exponential_base))} up to "
+                f"{format_duration(_td(policy.exponential_max or 0))}")
+    waits = [policy.backoff[min(i, len(policy.backoff) - 1)] for i in range(policy.attempts - 1)]
+    return f"{policy.attempts} attempts, waiting " + ", ".join(
+        format_duration(_td(w)) for w in waits)
+
+
+def _roughly(delta: timedelta) -> str:
+    """A wait as people say it: days and hours, or hours and minutes."""
+    unit = 3600 if delta >= timedelta(days=1) else 60 if delta >= timedelta(hours=1) else 1
+    return format_duration(timedelta(seconds=delta.total_seconds() // unit * unit))
+
+
+def _td(seconds: float) -> timedelta:
+    return timedelta(seconds=seconds)
