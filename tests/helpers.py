@@ -121,7 +121,7 @@ class WorkerProcess:
         if self.process and self.process.poll() is None:
             # RQ puts each work-horse in a process group of its own (os.setpgrp), so the
             # worker's group alone would leave the horse running: kill every descendant.
-            for pid in _descendants(self.process.pid):
+            for pid in descendants(self.process.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -151,19 +151,36 @@ class WorkerProcess:
         self.stop()
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid`, read from /proc (children before they can be orphaned)."""
-    children: dict[int, list[int]] = {}
+def processes() -> dict[int, tuple[int, int]]:
+    """Every process on the machine: pid -> (parent pid, process group), from /proc."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                found[int(entry.name)] = (int(fields[1]), int(fields[2]))
             except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
+                continue  # it ended while we looked
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first, before they can be orphaned)."""
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _) in processes().items():
+        children.setdefault(ppid, []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
             found.append(child)
             todo.append(child)
     return found
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from formrules.redis_server import free_port
-from tests.helpers import ROOT, wait_until
+from tests.helpers import ROOT, alive, descendants, wait_until
 
 FORMRULES = [sys.executable, "-m", "formrules.cli"]
 
@@ -59,32 +59,6 @@ def test_check_reports_every_mistake_with_position_and_exits_1(tmp_path):
     assert "5 problems found." in result.stderr
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_run_starts_everything_and_stops_without_leftovers(tmp_path, stop_signal):
@@ -104,9 +78,9 @@ def test_run_starts_everything_and_stops_without_leftovers(tmp_path, stop_signal
                 return False
 
         wait_until(serving, timeout=60, interval=0.2)
-        tree = _descendants(process.pid)
+        tree = set(descendants(process.pid))
         names = {Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
-                 for p in tree if _alive(p)}
+                 for p in tree if alive(p)}
         assert any(b"redis-server" in n or b"valkey-server" in n for n in names), names
         assert any(b"formrules.worker" in n for n in names), names
         assert (tmp_path / "instance" / "secret_key").exists()
@@ -115,7 +89,7 @@ def test_run_starts_everything_and_stops_without_leftovers(tmp_path, stop_signal
         output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     assert "formrules is running at" in output and "Stopped." in output
-    wait_until(lambda: not any(_alive(p) for p in tree), timeout=20)
+    wait_until(lambda: not any(alive(p) for p in tree), timeout=20)
 
 
 @pytest.mark.slow
@@ -159,10 +133,10 @@ def test_run_stops_promptly_while_a_job_is_running(tmp_path):
             return runs and runs[0]["status"] == "running"
 
         wait_until(running, timeout=60, interval=0.2)
-        tree = _descendants(process.pid)
+        tree = set(descendants(process.pid))
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
-    wait_until(lambda: not any(_alive(p) for p in tree | _descendants(process.pid)),
+    wait_until(lambda: not any(alive(p) for p in tree | set(descendants(process.pid))),
                timeout=20)

@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -43,6 +42,7 @@ from tests.helpers import (
     WorkerProcess,
     enqueue_due_scheduled,
     events_of,
+    processes,
     record_of,
     runs_of,
     submit,
@@ -303,15 +303,8 @@ def run_cli(rt, env: dict, *args: str):
 
 def horse_of(worker: WorkerProcess) -> int | None:
     """The pid of a worker's work-horse: the child RQ put in a process group of its own."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == worker.process.pid and int(fields[2]) == int(entry.name):
-                return int(entry.name)
-    return None
+    return next((pid for pid, (ppid, group) in processes().items()
+                 if ppid == worker.process.pid and group == pid), None)
 
 
 @pytest.mark.slow
