@@ -43,7 +43,6 @@ class ActionSpec:
     fn: Callable[..., Any]
     params: dict[str, Param] | None = None  # None: any mapping (or a scalar) is accepted
     positional: str | None = None  # a scalar arg is passed as this parameter
-    doc: str = ""
     render_args: bool = True  # False: the action renders its own templates (e.g. `set`)
     extra_check: Callable[..., list[str]] | None = field(default=None, compare=False)
 
@@ -81,7 +80,6 @@ def action(
             raise ValueError(f"action {name!r} is already registered by "
                              f"{existing.fn.__module__}.{existing.fn.__qualname__}")
         _REGISTRY[name] = ActionSpec(name, fn, declared, positional,
-                                     (fn.__doc__ or "").strip().split("\n")[0],
                                      render_args, extra_check)
         return fn
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -79,10 +81,12 @@ def from_env(environ: dict[str, str] | None = None, **overrides: Any) -> Setting
         if var not in env or env[var] == "":
             continue
         raw, kind = env[var], types[name]
-        if kind == "int":
-            values[name] = int(raw)
-        elif kind == "float":
-            values[name] = float(raw)
+        if kind in ("int", "float"):
+            try:
+                values[name] = int(raw) if kind == "int" else float(raw)
+            except ValueError:
+                raise ConfigError(f"{var} must be a {'whole ' if kind == 'int' else ''}"
+                                  f"number, got {raw!r}") from None
         elif kind == "bool":
             values[name] = raw.lower() in ("1", "true", "yes", "on")
         elif name == "http_allow":

@@ -36,7 +36,6 @@ from .models import Run
 
 log = logging.getLogger("formrules.queue")
 JOB_FUNCTION = "formrules.job.execute_run"
-LIVE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STARTED, JobStatus.DEFERRED}
 GRACE_SECONDS = 60  # RQ's hard timeout sits this far beyond the node's own
 # RQ's scheduler moves due jobs every second; a job this overdue has no scheduler (the
 # worker holding the scheduler lock died, and RQ waits up to 10 minutes to take over).
@@ -80,9 +79,6 @@ class JobState:
         return False
 
 
-NO_JOB = JobState(exists=False)
-
-
 class Dispatcher:
     """Enqueues Runs as RQ jobs and looks jobs up without side effects."""
 
@@ -117,10 +113,6 @@ class Dispatcher:
     def job_status(self, run_id: str) -> JobStatus | None:
         """The RQ status of a Run's job, or None when Redis has no such job."""
         return self.job_states([run_id])[run_id].status
-
-    def is_live(self, run_id: str) -> bool:
-        """True when RQ holds a queued, scheduled or running job for this Run."""
-        return self.job_status(run_id) in LIVE
 
     def dispatch(self, run: Run, *, replace_started: bool = False,
                  state: JobState | None = None, started_grace: float = STARTED_GRACE) -> bool:

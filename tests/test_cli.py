@@ -140,3 +140,10 @@ def test_run_stops_promptly_while_a_job_is_running(tmp_path):
     assert process.returncode == 0, output
     wait_until(lambda: not any(alive(p) for p in tree | set(descendants(process.pid))),
                timeout=20)
+
+
+def test_bad_numeric_setting_is_a_clean_error(tmp_path):
+    env = {**os.environ, "FORMRULES_HEARTBEAT": "often", "FORMRULES_INSTANCE": str(tmp_path)}
+    result = run_cli("reconcile", env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: FORMRULES_HEARTBEAT must be a number, got 'often'"
