@@ -41,6 +41,7 @@ from .errors import (
     LeaseLost,
     PermanentError,
     RetryableError,
+    RuleError,
 )
 from .models import (
     PENDING,
@@ -355,7 +356,10 @@ class Execution:
                 self.event(s, owned, "", "cancel", "cancelled while running")
             return "cancelled"
         detail = "".join(traceback.format_exception(exc))
-        retryable = exc.retryable if isinstance(exc, ActionError) else True
+        # A snapshot the current code cannot rebuild (an action since removed, say) will not
+        # heal by waiting: dead at once, for an operator to retry once the code is back.
+        retryable = exc.retryable if isinstance(exc, ActionError) \
+            else not isinstance(exc, RuleError)
         safe = exc.safe_message if isinstance(exc, ActionError) else GENERIC_FAILURE
         if type(exc).__name__ == "JobTimeoutException":  # RQ's backstop fired
             safe = TIMED_OUT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from datetime import timedelta
 
@@ -84,3 +85,23 @@ def test_job_fired_long_before_due_leaves_run_scheduled(client, rt):
     assert Execution(rt, delayed.id).execute() == "not claimed"
     assert _delayed(rt, token).status == RunStatus.SCHEDULED
     assert record_of(rt, token).data["done"] is False
+
+
+def test_run_whose_tree_no_longer_loads_goes_dead_at_once(client, rt):
+    """An in-flight Run naming an action that has since been removed does not retry for days."""
+    from formrules.models import Run
+
+    token = token_of(submit(client, "demo", {"name": "Flo", "email": "flo@example.com"}))
+    run = runs_of(rt, token)[0]
+    with rt.store.session() as s:
+        stored = s.get(Run, run.id)
+        raw = copy.deepcopy(stored.snapshot["raw"])
+        raw["background"]["do"][0] = {"retired_action": {"x": 1}}
+        stored.snapshot = {**stored.snapshot, "raw": raw}
+    from formrules.job import RunFailed
+    with pytest.raises(RunFailed):
+        Execution(rt, run.id).execute()
+    run = runs_of(rt, token)[0]
+    assert run.status == RunStatus.DEAD and run.attempt == 1
+    assert "unknown action 'retired_action'" in run.last_error
+    assert "retired_action" not in (run.safe_error or "")
