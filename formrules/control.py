@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from redis.exceptions import RedisError
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from .models import PENDING, Run, RunEvent, RunStatus, utcnow
@@ -23,17 +24,23 @@ class NotAllowed(Exception):
 
 def cancel(s: Session, run: Run, who: str) -> str:
     """Cancel a Run: pending ones stop now, a running one at its next step or progress."""
+    # Guarded updates, not read-then-write: a worker may claim the Run (or finish it)
+    # between our read and our write, and a cancel must never overwrite that.
     # A batch child waiting for its turn is as good as pending (its batch moves on).
-    if run.status in {p.value for p in PENDING} | {RunStatus.WAITING.value}:
-        run.status, run.finished_at = RunStatus.CANCELLED.value, utcnow()
+    not_started = [p.value for p in PENDING] + [RunStatus.WAITING.value]
+    if s.execute(update(Run).where(Run.id == run.id, Run.status.in_(not_started))
+                 .values(status=RunStatus.CANCELLED.value, finished_at=utcnow())).rowcount:
         s.add(RunEvent(run_id=run.id, attempt=run.attempt, event="cancel",
                        detail=f"cancelled by {who} before it ran"))
+        s.refresh(run)
         return "cancelled"
-    if run.status == RunStatus.RUNNING:
-        run.cancel_requested = True
+    if s.execute(update(Run).where(Run.id == run.id, Run.status == RunStatus.RUNNING.value)
+                 .values(cancel_requested=True)).rowcount:
         s.add(RunEvent(run_id=run.id, attempt=run.attempt, event="cancel",
                        detail=f"cancel requested by {who}; stops at the next step"))
+        s.refresh(run)
         return "stopping"
+    s.refresh(run)
     raise NotAllowed(f"a {run.status} run cannot be cancelled")
 
 

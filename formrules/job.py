@@ -266,7 +266,7 @@ class Execution:
             with self.store.session() as s:
                 owned = self.owned(s)
                 child = new_run(node, form_id=run.form_id, field_types=run.snapshot["fields"],
-                                owner=run.owner, variables=variables(),
+                                owner=owned.owner, variables=variables(),
                                 record_id=run.record_id, now=utcnow(),
                                 tz=self.settings.timezone, parent_id=run.id)
                 s.add(child)
@@ -299,7 +299,7 @@ class Execution:
                 record = lock_record(s, run.record_id)
                 record.data = {**record.data, **ctx.updates}
             for item in ctx.attachments:
-                s.add(ResultFile(run_id=run.id, owner=run.owner, filename=item.filename,
+                s.add(ResultFile(run_id=run.id, owner=owned.owner, filename=item.filename,
                                  content_type=item.content_type, data=item.data))
             self.event(s, owned, node.path, "done", node.action,
                        int((time.monotonic() - started) * 1000))
@@ -348,7 +348,11 @@ class Execution:
 
     def fail(self, run: Run, node: DeferNode | None, exc: BaseException) -> str:
         """Classify a failure: cancelled, retry later, or dead (after on_error)."""
-        if isinstance(exc, Cancelled):
+        with self.store.session() as s:
+            # A cancel asked for while this step ran wins over any retry: a cancelled Run
+            # must end cancelled, not wait for an attempt nothing will ever claim.
+            cancelled = isinstance(exc, Cancelled) or self.owned(s).cancel_requested
+        if cancelled:
             with self.store.session() as s:
                 owned = self.owned(s)
                 owned.status, owned.finished_at = RunStatus.CANCELLED.value, utcnow()

@@ -119,6 +119,16 @@ def recover_stale(rt: Runtime, result: Pass) -> None:
 def dispatch_pending(rt: Runtime, result: Pass) -> None:
     """Enqueue each pending Run whose job RQ would not run on time (or at all)."""
     with rt.store.session() as s:
+        # A cancel requested while a Run was between attempts: nothing will claim it, so
+        # it ends here (guarded: a claim in between turns it into a running cancel).
+        stuck = s.execute(update(Run).where(
+            Run.status.in_([p.value for p in PENDING]), Run.cancel_requested.is_(True))
+            .values(status=RunStatus.CANCELLED.value, finished_at=utcnow())
+            .returning(Run.id)).scalars().all()
+        for run_id in stuck:
+            s.add(RunEvent(run_id=run_id, event="cancel",
+                           detail="cancelled: the cancel was asked for between attempts"))
+    with rt.store.session() as s:
         pending = list(s.execute(select(Run.id, Run.due_at).where(
             Run.status.in_([p.value for p in PENDING]), Run.cancel_requested.is_(False))))
     if not pending:

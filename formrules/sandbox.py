@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from jinja2 import TemplateSyntaxError, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .duration import parse_duration
@@ -48,11 +49,33 @@ GLOBALS: dict[str, Any] = {
 }
 
 
+MAX_REPEAT = 100_000  # longest text or list `*` may build
+MAX_EXPONENT = 1_000
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, with `*` and `**` bounded so a rule cannot exhaust memory."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
+                raise SecurityError(f"exponent {right!r} is larger than {MAX_EXPONENT}")
+            return left ** right
+        for seq, times in ((left, right), (right, left)):
+            if isinstance(seq, str | list | tuple) and isinstance(times, int) and \
+                    len(seq) * times > MAX_REPEAT:
+                raise SecurityError(f"'*' would build {len(seq) * times} items; "
+                                    f"the limit is {MAX_REPEAT}")
+        return left * right
+
+
 @functools.cache
 def environment() -> ImmutableSandboxedEnvironment:
     """The one sandboxed environment shared by every template and expression."""
     # An empty optional field is None: render it as nothing, not as the word "None".
-    env = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True,
+    env = _Sandbox(autoescape=False, keep_trailing_newline=True,
                                         finalize=lambda v: "" if v is None else v)
     env.globals.update(GLOBALS)
     env.filters["datetime"] = _parse_datetime

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from . import sandbox
 from .models import Record, ResultFile, Run, RunStatus
@@ -61,7 +61,9 @@ def files_by_run(s: Session, runs: list[Run]) -> dict[str, list[ResultFile]]:
     """The result files of `runs`, oldest first, keyed by Run id."""
     files: dict[str, list[ResultFile]] = {}
     if runs:
-        for f in s.scalars(select(ResultFile).where(ResultFile.run_id.in_([r.id for r in runs]))
+        # Ids and names only: this runs on every status poll, the bytes are for downloads.
+        for f in s.scalars(select(ResultFile).options(defer(ResultFile.data))
+                           .where(ResultFile.run_id.in_([r.id for r in runs]))
                            .order_by(ResultFile.created_at)):
             files.setdefault(f.run_id, []).append(f)
     return files

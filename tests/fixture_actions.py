@@ -67,3 +67,16 @@ def slow(ctx, seconds: float, steps: int = 10) -> None:
     for i in range(steps):
         time.sleep(float(seconds) / steps)
         ctx.progress(i + 1, steps, f"part {i + 1} of {steps}")
+
+
+@action("cancelled_meanwhile", {})
+def cancelled_meanwhile(ctx) -> None:
+    """Someone cancels the Run while this step runs; then the step fails retryably."""
+    from sqlalchemy import update
+
+    from formrules.models import Run
+    from formrules.runtime import current
+
+    with current().store.session() as s:
+        s.execute(update(Run).where(Run.id == ctx.run_id).values(cancel_requested=True))
+    raise RetryableError("upstream 503 right after the cancel")

@@ -72,8 +72,9 @@ def edit(operator, record_id: int, **changes):
     assert page.status_code == 200, page.data[:500]
     prefilled = {m[0].decode(): html.unescape(m[1].decode()) for m in re.findall(
         rb'<input[^>]* name="(\w+)" type="text" value="([^"]*)"', page.data)}
-    data = {**prefilled, "csrf_token": tokens(page.data)["csrf_token"], "name": "Ann",
-            "room": "A", **changes}
+    version = re.search(rb'name="version" value="(\d+)"', page.data).group(1).decode()
+    data = {**prefilled, "csrf_token": tokens(page.data)["csrf_token"], "version": version,
+            "name": "Ann", "room": "A", **changes}
     return operator.post(f"/admin/records/{record_id}/edit", data=data)
 
 
@@ -224,3 +225,24 @@ def test_operators_can_correct_hidden_fields(client, operator, rt):
     assert response.status_code == 303
     assert record_of(rt, token).data["status"] == "on hold"
     assert record_of(rt, token).data["date"] == day.isoformat()
+
+
+def test_an_edit_made_on_a_stale_page_does_not_undo_a_workers_write(client, operator, rt):
+    from formrules.store import lock_record
+
+    day = date.today() + timedelta(days=10)
+    token, record_id = book(client, rt, day)
+    page = operator.get(f"/admin/records/{record_id}/edit")
+    with rt.store.session() as s:  # a worker's step writes while the operator is typing
+        record = lock_record(s, record_id)
+        record.data = {**record.data, "status": "confirmed by worker"}
+    stale = {m[0].decode(): html.unescape(m[1].decode()) for m in re.findall(
+        rb'<input[^>]* name="(\w+)" type="text" value="([^"]*)"', page.data)}
+    version = re.search(rb'name="version" value="(\d+)"', page.data).group(1).decode()
+    response = operator.post(f"/admin/records/{record_id}/edit", data={
+        **stale, "csrf_token": tokens(page.data)["csrf_token"], "version": version,
+        "date": day.isoformat(), "room": "B"})
+    assert response.status_code == 303
+    assert b"changed while you were editing" in operator.get(response.headers["Location"]).data
+    data = record_of(rt, token).data
+    assert data["status"] == "confirmed by worker" and data["room"] == "A"

@@ -24,7 +24,7 @@ from werkzeug.datastructures import MultiDict
 from .. import tokens, updates
 from ..engine import submit as submit_record
 from ..errors import ActionError
-from ..models import Record, ResultFile
+from ..models import Record, ResultFile, Run
 from ..status import record_status
 from ..tree import Form
 from . import csrf, openapi
@@ -224,7 +224,11 @@ def patch(token: str):
 def file(file_id: str):
     """A result file of a Run (ids come from a record's `runs[].files`)."""
     found = db().get(ResultFile, file_id) if len(file_id) <= 32 else None
-    if found is None:
+    run = db().get(Run, found.run_id) if found is not None else None
+    record = db().get(Record, run.record_id) if run is not None and run.record_id else None
+    # Only files the API lists: those of a record's own Runs (not an operator's batch
+    # exports or a schedule's reports, which are for operators).
+    if record is None or run.owner != record.owner or run.hidden:
         return error(404, "not_found", "There is no file with this id.")
     return file_response(found)
 

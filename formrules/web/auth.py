@@ -51,7 +51,10 @@ def operator_required(view):
 def safe_next(target: str | None) -> str:
     """A local path to go to after login; anything else (other hosts, `//x`, `/\\x`) is home."""
     target = target or ""
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+    # Control characters and spaces are refused outright: browsers and Werkzeug drop
+    # some of them, so "/\t/evil.example" would otherwise become "//evil.example".
+    if not target.startswith("/") or target.startswith("//") or "\\" in target \
+            or any(ord(c) < 0x21 or ord(c) == 0x7F for c in target):
         return url_for("forms.index")
     return target
 
@@ -82,7 +85,8 @@ def login():
 
 def _adopt(old: str, new: str) -> None:
     """What this browser did before logging in now belongs to the account."""
-    for model in (Record, Run, ResultFile, Notification):
+    # Runs before records: the order workers lock them in, so the two never deadlock.
+    for model in (Run, ResultFile, Notification, Record):
         db().execute(update(model).where(model.owner == old).values(owner=new))
     db().commit()
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, session, url_for
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from sqlalchemy import select
 
 from .. import updates
@@ -51,6 +61,12 @@ def edit(record_id: int):
     cls = form_class(form, include_hidden=True)
     wtf = cls(data=typed_record(record.data, form.field_types))
     error = None
+    if request.method == "POST" and request.form.get("version") != str(record.version):
+        # The record was written since this page was rendered (a worker's step, another
+        # operator): saving the stale values would silently undo that write.
+        flash("This record changed while you were editing it. The form now shows the "
+              "current values; make your change again.", "error")
+        return redirect(url_for("updates.edit", record_id=record.id), 303)
     if wtf.validate_on_submit():
         values = {fd.name: getattr(wtf, fd.name).data for fd in form.fields}
         who = f"operator {session.get('user_name', '?')}"
