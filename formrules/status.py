@@ -92,6 +92,10 @@ def record_status(s: Session, record: Record, form: Form | None) -> dict[str, An
     runs = list(s.scalars(select(Run).where(Run.record_id == record.id, Run.hidden.is_(False),
                                             Run.owner == record.owner)
                           .order_by(Run.created_at, Run.node_path, Run.id)))
+    # Re-read the record after its Runs: a Run's "done" commits together with its flag, so
+    # the record read now is at least as new as the Runs; the copy the caller loaded
+    # before them could predate that commit ("done" with the flag still unset).
+    s.refresh(record)
     files = files_by_run(s, runs)
     awaited = [r for r in runs if r.awaited in ("true", "optional")]
     done = all(r.is_final for r in awaited)

@@ -63,6 +63,14 @@ def drain(env: dict, worker_args: tuple[str, ...]) -> None:
     worker.stop()
 
 
+def assert_stale_job_does_nothing(rt, run_id: str, env, worker_args) -> None:
+    """A job RQ still held for a cancelled Run runs on a real worker and changes nothing."""
+    leave_stale_job(rt, run_id)
+    drain(env, worker_args)
+    assert read_calls(rt.settings.instance_dir) == []
+    assert status_of(rt, run_id) == RunStatus.CANCELLED
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("worker_args", WORKER_CLASSES.values(), ids=WORKER_CLASSES.keys())
 def test_cancel_queued_run_takes_it_off_the_queue(client, rt, subprocess_env, worker_args):
@@ -76,10 +84,7 @@ def test_cancel_queued_run_takes_it_off_the_queue(client, rt, subprocess_env, wo
     assert rt.dispatcher.queue.count == 0  # taken off RQ, not just marked
     assert "was cancelled" in client.get("/tasks").get_data(as_text=True)
     # Even a job RQ still held would find the Run cancelled and do nothing.
-    leave_stale_job(rt, run.id)
-    drain(subprocess_env, worker_args)
-    assert read_calls(rt.settings.instance_dir) == []
-    assert status_of(rt, run.id) == RunStatus.CANCELLED
+    assert_stale_job_does_nothing(rt, run.id, subprocess_env, worker_args)
 
 
 @pytest.mark.slow
@@ -99,10 +104,7 @@ def test_cancel_scheduled_run_removes_it_from_the_schedule(client, rt, subproces
     with rt.store.session() as s:  # its time comes: nothing brings it back
         s.execute(update(Run).where(Run.id == run.id).values(due_at=utcnow()))
     assert reconcile_once(rt, schedules=False).dispatched == 0
-    leave_stale_job(rt, run.id)
-    drain(subprocess_env, worker_args)
-    assert read_calls(rt.settings.instance_dir) == []
-    assert status_of(rt, run.id) == RunStatus.CANCELLED
+    assert_stale_job_does_nothing(rt, run.id, subprocess_env, worker_args)
 
 
 @pytest.mark.slow
