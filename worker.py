@@ -1,6 +1,6 @@
 """Start a formrules worker: `python worker.py` (see `formrules worker --help`)."""
 
-from formrules.worker import main
+from formrules.process.worker import main
 
 if __name__ == "__main__":
     main()

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import click
 
-from .config import from_env
-from .errors import FormrulesError, RuleError
-from .rules import check_rules
+from formrules.config import from_env
+from formrules.errors import FormrulesError, RuleError
+from formrules.language.loader import check_rules
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,7 +43,7 @@ def main() -> None:
 @click.argument("directory", required=False)
 def check(directory: str | None) -> None:
     """Validate the rules in DIRECTORY (default: FORMRULES_RULES or rules/)."""
-    from . import actions
+    from formrules.actions import registry as actions
 
     settings = from_env()
     actions.load_modules(settings.actions_modules)
@@ -73,10 +73,10 @@ def preview(form_id: str, assignments: tuple[str, ...], event: str,
     With `--event update`, the record before the edit has the fields' defaults and the
     `--set` values are the edit.
     """
-    from . import actions
-    from .preview import preview as preview_tree
-    from .rules import load_rules
-    from .values import to_storage
+    from formrules.actions import registry as actions
+    from formrules.language.loader import load_rules
+    from formrules.language.values import to_storage
+    from formrules.runs.preview import preview as preview_tree
 
     settings = from_env()
     actions.load_modules(settings.actions_modules)
@@ -105,7 +105,7 @@ def preview(form_id: str, assignments: tuple[str, ...], event: str,
 @click.option("--host", default="127.0.0.1", show_default=True)
 def run(rules_dir: str | None, port: int, host: str) -> None:
     """Run everything: web + worker (+ a private Redis when REDIS_URL is unset)."""
-    from .redis_server import RedisServer
+    from formrules.process.redis_server import RedisServer
 
     if rules_dir:
         os.environ["FORMRULES_RULES"] = rules_dir
@@ -124,12 +124,12 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
             os.environ["REDIS_URL"] = redis_server.url
             click.echo(f"Started a private Redis at {redis_server.url} "
                        f"(data in {redis_server.data_dir})")
-        from .children import die_with_parent
-        children.append(subprocess.Popen([sys.executable, "-m", "formrules.worker"],
+        from formrules.process.children import die_with_parent
+        children.append(subprocess.Popen([sys.executable, "-m", "formrules.process.worker"],
                                          env=os.environ.copy(), preexec_fn=die_with_parent))
         from werkzeug.serving import run_simple
 
-        from .web import create_app
+        from formrules.web import create_app
         app = create_app(settings=from_env())
         click.echo(f"formrules is running at http://{host}:{port}/  (Ctrl-C stops it all)")
         run_simple(host, port, app, threaded=True, use_reloader=False)
@@ -160,7 +160,7 @@ def _stop_worker(child: subprocess.Popen) -> None:
 
 
 def _require_valid_rules(directory: str, modules: str) -> None:
-    from . import actions
+    from formrules.actions import registry as actions
 
     actions.load_modules(modules)
     _, problems = check_rules(directory)
@@ -175,7 +175,7 @@ def web(port: int, host: str) -> None:
     """Run the web app alone (development server; use gunicorn in production)."""
     from werkzeug.serving import run_simple
 
-    from .web import create_app
+    from formrules.web import create_app
     run_simple(host, port, create_app(), threaded=True, use_reloader=False)
 
 
@@ -184,15 +184,15 @@ def web(port: int, host: str) -> None:
 @click.option("--burst", is_flag=True, help="stop when the queue is empty")
 def worker(simple: bool, burst: bool) -> None:
     """Run a worker: RQ worker + scheduler + reconciler."""
-    from .worker import run_worker
+    from formrules.process.worker import run_worker
     run_worker(from_env(), simple=simple, burst=burst)
 
 
 @cli.command()
 def reconcile() -> None:
     """Run one reconciler pass now and print what it did."""
-    from .reconciler import reconcile_once
-    from .runtime import Runtime, install
+    from formrules.process.runtime import Runtime, install
+    from formrules.runs.reconciler import reconcile_once
     rt = install(Runtime(from_env()))
     rt.store.create_all()
     click.echo(str(reconcile_once(rt)))
@@ -204,7 +204,7 @@ def runs() -> None:
 
 
 def _runtime():
-    from .runtime import Runtime, install
+    from formrules.process.runtime import Runtime, install
     rt = install(Runtime(from_env()))
     rt.store.create_all()
     return rt
@@ -218,7 +218,7 @@ def runs_list(status: str | None, form_id: str | None, limit: int) -> None:
     """List Runs, newest first."""
     from sqlalchemy import select
 
-    from .models import Run
+    from formrules.store.models import Run
     rt = _runtime()
     with rt.store.session() as s:
         query = select(Run).order_by(Run.created_at.desc()).limit(limit)
@@ -237,7 +237,7 @@ def runs_show(run_id: str) -> None:
     """Show a Run with its trace and full error."""
     from sqlalchemy import select
 
-    from .models import Run, RunEvent
+    from formrules.store.models import Run, RunEvent
     rt = _runtime()
     with rt.store.session() as s:
         run = s.get(Run, run_id)
@@ -271,8 +271,8 @@ def runs_cancel(run_ids: tuple[str, ...]) -> None:
 
 
 def _control(run_ids: tuple[str, ...], what: str) -> None:
-    from . import control
-    from .models import Run
+    from formrules.runs import control
+    from formrules.store.models import Run
     rt = _runtime()
     failed = False
     for run_id in run_ids:
@@ -309,7 +309,7 @@ def users_add(name: str, operator: bool, password: str | None) -> None:
     from sqlalchemy import select
     from werkzeug.security import generate_password_hash
 
-    from .models import User
+    from formrules.store.models import User
     if not password:
         password = getpass.getpass(f"Password for {name}: ")
     if len(password) < 8:
@@ -333,7 +333,7 @@ def tokens() -> None:
 @click.argument("name")
 def tokens_add(name: str) -> None:
     """Create an API token called NAME and print it (it is shown only this once)."""
-    from . import tokens as tokens_mod
+    from formrules.store import tokens as tokens_mod
     rt = _runtime()
     with rt.store.session() as s:
         token = tokens_mod.create(s, name)
@@ -347,7 +347,7 @@ def tokens_list() -> None:
     """List API tokens (names and last use; never the tokens)."""
     from sqlalchemy import select
 
-    from .models import ApiToken
+    from formrules.store.models import ApiToken
     rt = _runtime()
     with rt.store.session() as s:
         for token in s.scalars(select(ApiToken).order_by(ApiToken.name)):
@@ -359,7 +359,7 @@ def tokens_list() -> None:
 @click.argument("name")
 def tokens_revoke(name: str) -> None:
     """Delete the API token called NAME; clients using it get 401 from now on."""
-    from . import tokens as tokens_mod
+    from formrules.store import tokens as tokens_mod
     rt = _runtime()
     with rt.store.session() as s:
         if not tokens_mod.revoke(s, name):
@@ -375,7 +375,7 @@ def tasks() -> None:
 @tasks.command("list")
 def tasks_list() -> None:
     """List the tasks every form defines."""
-    from .rules import cached_rules
+    from formrules.language.loader import cached_rules
     rt = _runtime()
     for form in sorted(cached_rules(rt.settings.rules_dir).forms.values(), key=lambda f: f.id):
         for task in form.tasks.values():
@@ -393,9 +393,9 @@ def tasks_run(form_id: str, task: str, where: str | None, wait: bool) -> None:
     """Start TASK of FORM over the form's records; print the batch id."""
     import time
 
-    from . import batch
-    from .models import Batch
-    from .rules import cached_rules
+    from formrules.language.loader import cached_rules
+    from formrules.runs import batch
+    from formrules.store.models import Batch
     rt = _runtime()
     form = cached_rules(rt.settings.rules_dir).form(form_id)
     if form is None:

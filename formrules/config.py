@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from formrules.errors import ConfigError
 
 
 @dataclass(frozen=True)

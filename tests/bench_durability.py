@@ -31,11 +31,11 @@ from rq import Worker  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from formrules.config import from_env  # noqa: E402
-from formrules.engine import submit  # noqa: E402
-from formrules.models import Run, RunEvent, RunStatus, utcnow  # noqa: E402
-from formrules.redis_server import RedisServer  # noqa: E402
-from formrules.rules import load_rules  # noqa: E402
-from formrules.runtime import Runtime, install  # noqa: E402
+from formrules.language.loader import load_rules  # noqa: E402
+from formrules.process.redis_server import RedisServer  # noqa: E402
+from formrules.process.runtime import Runtime, install  # noqa: E402
+from formrules.runs.engine import submit  # noqa: E402
+from formrules.store.models import Run, RunEvent, RunStatus, utcnow  # noqa: E402
 from tests.fixture_actions import read_calls  # noqa: E402
 from tests.helpers import WorkerProcess  # noqa: E402
 

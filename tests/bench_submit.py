@@ -124,7 +124,7 @@ def main() -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log in the figures
 
     from formrules.config import from_env
-    from formrules.redis_server import RedisServer, free_port
+    from formrules.process.redis_server import RedisServer, free_port
     from formrules.web import create_app
 
     tmp = Path(tempfile.mkdtemp(prefix="formrules-bench-"))

@@ -13,9 +13,9 @@ from redis import Redis
 from sqlalchemy import create_engine, text
 
 from formrules.config import from_env
-from formrules.models import Base
-from formrules.redis_server import RedisServer
-from formrules.runtime import Runtime, install
+from formrules.process.redis_server import RedisServer
+from formrules.process.runtime import Runtime, install
+from formrules.store.models import Base
 from tests.web_helpers import login, make_user
 
 HERE = Path(__file__).parent

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from formrules.actions import action
+from formrules.actions.registry import action
 from formrules.errors import PermanentError, RetryableError
 
 
@@ -74,8 +74,8 @@ def cancelled_meanwhile(ctx) -> None:
     """Someone cancels the Run while this step runs; then the step fails retryably."""
     from sqlalchemy import update
 
-    from formrules.models import Run
-    from formrules.runtime import current
+    from formrules.process.runtime import current
+    from formrules.store.models import Run
 
     with current().store.session() as s:
         s.execute(update(Run).where(Run.id == ctx.run_id).values(cancel_requested=True))

@@ -16,7 +16,7 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 from sqlalchemy import select
 
-from formrules.models import Record, Run, RunEvent
+from formrules.store.models import Record, Run, RunEvent
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,14 +10,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from formrules.actions import action
+from formrules.actions.context import Context
+from formrules.actions.registry import action
 from formrules.config import from_env
-from formrules.context import Context
-from formrules.duration import format_duration, parse_duration
-from formrules.engine import call_action
 from formrules.errors import PermanentError, RetryableError
-from formrules.tree import ActionNode
-from formrules.yamlsource import Pos
+from formrules.language.duration import format_duration, parse_duration
+from formrules.language.source import Pos
+from formrules.language.tree import ActionNode
+from formrules.runs.engine import call_action
 
 FIELDS = {"ref": "string", "email": "email", "amount": "decimal", "note": "text"}
 

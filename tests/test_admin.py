@@ -12,7 +12,7 @@ from rq.job import JobStatus
 from sqlalchemy import func, select
 
 from formrules.cli import cli
-from formrules.models import Run, RunEvent, RunStatus, User, utcnow
+from formrules.store.models import Run, RunEvent, RunStatus, User, utcnow
 from tests.helpers import WorkerProcess, runs_of, submit, token_of, wait_until, work
 from tests.web_helpers import PASSWORD, add_web_rules, login, make_user, post, workers_alive
 

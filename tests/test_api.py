@@ -12,8 +12,8 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from sqlalchemy import select
 
-from formrules import tokens
-from formrules.models import ApiToken, Record
+from formrules.store import tokens
+from formrules.store.models import ApiToken, Record
 from tests.helpers import ROOT, record_of, runs_of, work
 
 TICKET = """

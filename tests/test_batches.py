@@ -12,10 +12,10 @@ import zipfile
 import pytest
 from sqlalchemy import select
 
-from formrules import batch
-from formrules.engine import submit as submit_record
-from formrules.models import Batch, Notification, Run, RunStatus
-from formrules.rules import load_rules
+from formrules.language.loader import load_rules
+from formrules.runs import batch
+from formrules.runs.engine import submit as submit_record
+from formrules.store.models import Batch, Notification, Run, RunStatus
 from tests.fixture_actions import read_calls
 from tests.helpers import ROOT, events_of, tokens, wait_until, work
 
@@ -221,7 +221,7 @@ def test_selected_records_and_a_filter(operator, rt, form):
 
 def test_a_lost_hook_does_not_stall_the_batch(operator, rt, form):
     """The reconciler's pass starts the next child if a worker died before its hook ran."""
-    from formrules.reconciler import reconcile_once
+    from formrules.runs.reconciler import reconcile_once
 
     add_records(rt, form, [1, 2])
     batch_id = start(operator, "export")

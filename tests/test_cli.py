@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from formrules.redis_server import free_port
+from formrules.process.redis_server import free_port
 from tests.helpers import ROOT, alive, descendants, wait_until
 
 FORMRULES = [sys.executable, "-m", "formrules.cli"]
@@ -82,7 +82,7 @@ def test_run_starts_everything_and_stops_without_leftovers(tmp_path, stop_signal
         names = {Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
                  for p in tree if alive(p)}
         assert any(b"redis-server" in n or b"valkey-server" in n for n in names), names
-        assert any(b"formrules.worker" in n for n in names), names
+        assert any(b"formrules.process.worker" in n for n in names), names
         assert (tmp_path / "instance" / "secret_key").exists()
     finally:
         process.send_signal(stop_signal)

@@ -8,8 +8,8 @@ from datetime import timedelta
 
 import pytest
 
-from formrules.job import Execution
-from formrules.models import RunStatus, utcnow
+from formrules.runs.job import Execution
+from formrules.store.models import RunStatus, utcnow
 from tests.fixture_actions import read_calls
 from tests.helpers import (
     WorkerProcess,
@@ -66,7 +66,7 @@ def test_early_job_waits_for_due_time(client, rt):
     """RQ's scheduler may fire a little early: the job waits instead of running early."""
     token = token_of(submit(client, "slow", {"name": "Di"}))
     delayed = _delayed(rt, token)
-    from formrules.models import Run
+    from formrules.store.models import Run
     with rt.store.session() as s:
         s.get(Run, delayed.id).due_at = utcnow() + timedelta(seconds=1.5)
     began = time.monotonic()
@@ -79,7 +79,7 @@ def test_early_job_waits_for_due_time(client, rt):
 def test_job_fired_long_before_due_leaves_run_scheduled(client, rt):
     token = token_of(submit(client, "slow", {"name": "Ed"}))
     delayed = _delayed(rt, token)
-    from formrules.models import Run
+    from formrules.store.models import Run
     with rt.store.session() as s:
         s.get(Run, delayed.id).due_at = utcnow() + timedelta(minutes=10)
     assert Execution(rt, delayed.id).execute() == "not claimed"
@@ -89,7 +89,7 @@ def test_job_fired_long_before_due_leaves_run_scheduled(client, rt):
 
 def test_run_whose_tree_no_longer_loads_goes_dead_at_once(client, rt):
     """An in-flight Run naming an action that has since been removed does not retry for days."""
-    from formrules.models import Run
+    from formrules.store.models import Run
 
     token = token_of(submit(client, "demo", {"name": "Flo", "email": "flo@example.com"}))
     run = runs_of(rt, token)[0]
@@ -98,7 +98,7 @@ def test_run_whose_tree_no_longer_loads_goes_dead_at_once(client, rt):
         raw = copy.deepcopy(stored.snapshot["raw"])
         raw["background"]["do"][0] = {"retired_action": {"x": 1}}
         stored.snapshot = {**stored.snapshot, "raw": raw}
-    from formrules.job import RunFailed
+    from formrules.runs.job import RunFailed
     with pytest.raises(RunFailed):
         Execution(rt, run.id).execute()
     run = runs_of(rt, token)[0]

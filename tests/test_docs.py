@@ -28,13 +28,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from formrules import actions, sandbox
-from formrules.checker import DEFER_KEYS, KINDS
+from formrules.actions import registry as actions
+from formrules.actions.context import Context
 from formrules.config import _ENV, Settings
-from formrules.context import Context
-from formrules.engine import call_action
 from formrules.errors import Cancelled, PermanentError, RetryableError
-from formrules.rules import (
+from formrules.language import sandbox
+from formrules.language.checker import DEFER_KEYS, KINDS
+from formrules.language.loader import (
     EVENTS,
     FIELD_KEYS,
     FORM_KEYS,
@@ -42,7 +42,8 @@ from formrules.rules import (
     TASK_KEYS,
     parse_form,
 )
-from formrules.tree import FIELD_TYPES, DeferNode, Form
+from formrules.language.tree import FIELD_TYPES, DeferNode, Form
+from formrules.runs.engine import call_action
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES_MD = ROOT / "docs" / "rules.md"
@@ -412,7 +413,7 @@ def test_retry_options_are_documented_and_used():
         assert mentioned(option) and option in used["retry"], option
     assert "exponential" in used["backoff"] and "retry: False" in used["retry"]
     assert "[10s, 1m, 10m, 1h, 6h, 1d, 1d]" in DOCS_TEXT  # the default schedule
-    from formrules.tree import DEFAULT_RETRY
+    from formrules.language.tree import DEFAULT_RETRY
     assert DEFAULT_RETRY.backoff == (10, 60, 600, 3600, 21600, 86400, 86400)
     assert DEFAULT_RETRY.attempts == 8 and DEFAULT_RETRY.jitter == 0.1
 

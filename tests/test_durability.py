@@ -26,17 +26,17 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from sqlalchemy import select
 
-from formrules import runtime as runtime_mod
 from formrules.cli import cli
 from formrules.errors import GENERIC_FAILURE
-from formrules.job import LOST_WORKER, TIMED_OUT, execute_run
-from formrules.models import Notification, Record, Run, RunStatus, utcnow
-from formrules.queue import GRACE_SECONDS
-from formrules.reconciler import reconcile_once, run_forever
-from formrules.redis_server import RedisServer
-from formrules.rules import parse_form
-from formrules.runtime import install
-from formrules.tree import DAY, DEFAULT_RETRY, RetryPolicy
+from formrules.language.loader import parse_form
+from formrules.language.tree import DAY, DEFAULT_RETRY, RetryPolicy
+from formrules.process import runtime as runtime_mod
+from formrules.process.redis_server import RedisServer
+from formrules.process.runtime import install
+from formrules.runs.job import LOST_WORKER, TIMED_OUT, execute_run
+from formrules.runs.queue import GRACE_SECONDS
+from formrules.runs.reconciler import reconcile_once, run_forever
+from formrules.store.models import Notification, Record, Run, RunStatus, utcnow
 from tests.fixture_actions import read_calls
 from tests.helpers import (
     WorkerProcess,

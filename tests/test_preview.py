@@ -8,8 +8,8 @@ import sys
 from datetime import UTC, datetime
 
 from formrules.config import from_env
-from formrules.preview import preview
-from formrules.rules import load_rules
+from formrules.language.loader import load_rules
+from formrules.runs.preview import preview
 from tests.helpers import ROOT
 
 RULES = ROOT / "tests" / "rules"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import event
 
-from formrules.models import RunStatus
-from formrules.runtime import Runtime, install
+from formrules.process.runtime import Runtime, install
+from formrules.store.models import RunStatus
 from tests.helpers import runs_of, submit, token_of, work
 from tests.web_helpers import add_web_rules
 

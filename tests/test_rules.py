@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from formrules.cli import cli
 from formrules.errors import RuleError
-from formrules.rules import check_rules, load_rules, parse_form
+from formrules.language.loader import check_rules, load_rules, parse_form
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,12 +11,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select
 
-from formrules.engine import submit as submit_record
-from formrules.models import Record, Run, RunEvent, ScheduleSlot
-from formrules.reconciler import reconcile_once
-from formrules.rules import load_rules
-from formrules.runtime import Runtime
-from formrules.schedule import fire_due
+from formrules.language.loader import load_rules
+from formrules.process.runtime import Runtime
+from formrules.runs.engine import submit as submit_record
+from formrules.runs.reconciler import reconcile_once
+from formrules.runs.schedule import fire_due
+from formrules.store.models import Record, Run, RunEvent, ScheduleSlot
 from tests.fixture_actions import read_calls
 from tests.helpers import work
 

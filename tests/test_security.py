@@ -8,12 +8,12 @@ import pytest
 from jinja2.exceptions import SecurityError
 from sqlalchemy import update
 
-from formrules import control
 from formrules.config import instance_secret
-from formrules.job import Execution
-from formrules.models import ResultFile, Run, RunStatus
-from formrules.reconciler import reconcile_once
-from formrules.sandbox import evaluate
+from formrules.language.sandbox import evaluate
+from formrules.runs import control
+from formrules.runs.job import Execution
+from formrules.runs.reconciler import reconcile_once
+from formrules.store.models import ResultFile, Run, RunStatus
 from tests.helpers import events_of, runs_of, submit, token_of
 from tests.web_helpers import login, make_user
 
@@ -64,7 +64,7 @@ def test_reconciler_ends_a_pending_run_whose_cancel_was_requested(client, rt):
 
 
 def test_api_tokens_cannot_download_operator_files(client, rt):
-    from formrules import tokens
+    from formrules.store import tokens
 
     token = token_of(submit(client, "demo", GOOD))
     (run,) = runs_of(rt, token)

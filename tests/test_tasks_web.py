@@ -12,9 +12,9 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from sqlalchemy import select, update
 
-from formrules.models import Notification, ResultFile, Run, RunStatus, utcnow
-from formrules.queue import JOB_FUNCTION
-from formrules.reconciler import reconcile_once
+from formrules.runs.queue import JOB_FUNCTION
+from formrules.runs.reconciler import reconcile_once
+from formrules.store.models import Notification, ResultFile, Run, RunStatus, utcnow
 from tests.fixture_actions import read_calls
 from tests.helpers import (
     WorkerProcess,

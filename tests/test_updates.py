@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from formrules.models import Record, RunStatus
+from formrules.store.models import Record, RunStatus
 from tests.fixture_actions import read_calls
 from tests.helpers import events_of, record_of, runs_of, submit, token_of, tokens, work
 from tests.web_helpers import login, make_user
@@ -228,7 +228,7 @@ def test_operators_can_correct_hidden_fields(client, operator, rt):
 
 
 def test_an_edit_made_on_a_stale_page_does_not_undo_a_workers_write(client, operator, rt):
-    from formrules.store import lock_record
+    from formrules.store.db import lock_record
 
     day = date.today() + timedelta(days=10)
     token, record_id = book(client, rt, day)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from formrules.models import Run, RunStatus
+from formrules.store.models import Run, RunStatus
 from tests.helpers import WorkerProcess, runs_of, submit, token_of, wait_until, work
 from tests.web_helpers import add_web_rules, workers_alive
 

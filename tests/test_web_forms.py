@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import func, select
 
 from formrules.errors import RuleError
-from formrules.models import Record, Run
+from formrules.store.models import Record, Run
 from formrules.web import create_app
 from tests.helpers import submit, token_of, tokens
 
@@ -115,8 +115,8 @@ def test_submit_with_redis_down_still_confirms(rt, app, monkeypatch):
     # Point the dispatcher at a port where nothing listens: the record and its Run are
     # committed (the outbox) and the user gets the confirmation; the reconciler enqueues
     # later (proven end to end in test_durability).
-    from formrules.queue import Dispatcher, connect
-    from formrules.redis_server import free_port
+    from formrules.process.redis_server import free_port
+    from formrules.runs.queue import Dispatcher, connect
 
     rt.__dict__["dispatcher"] = Dispatcher(connect(f"redis://127.0.0.1:{free_port()}/0"),
                                            rt.settings.queue)

@@ -9,7 +9,7 @@ from redis import Redis
 from rq import Worker
 from werkzeug.security import generate_password_hash
 
-from formrules.models import User
+from formrules.store.models import User
 from tests.helpers import tokens
 
 WEB_RULES = Path(__file__).parent / "rules_web"

@@ -10,9 +10,9 @@ from typing import Any
 from flask import Flask, render_template
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
-from .. import runtime as runtime_mod
-from ..config import Settings, from_env
-from ..rules import load_rules
+from formrules.config import Settings, from_env
+from formrules.language.loader import load_rules
+from formrules.process import runtime as runtime_mod
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 csrf = CSRFProtect()
@@ -42,7 +42,7 @@ def create_app(test_config: dict[str, Any] | None = None,
     app.extensions["formrules.rules"] = load_rules(settings.rules_dir)
     csrf.init_app(app)
 
-    from . import admin, api, auth, batches, forms, records, tasks, updates
+    from formrules.web import admin, api, auth, batches, forms, records, tasks, updates
     for module in (forms, records, tasks, auth, admin, updates, batches, api):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)

@@ -1,7 +1,7 @@
 """Operator pages (`/admin`): every Run with filters, a Run's trace, retry/cancel/delete,
 the dead list. Records and queues are in `admin_records`. Operators only.
 
-Every change goes through `formrules.control` (database first, then RQ), as the CLI does.
+Every change goes through `formrules.runs.control` (database first, then RQ), as the CLI does.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from redis.exceptions import RedisError
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.sql import Select
 
-from .. import control
-from ..models import Record, ResultFile, Run, RunEvent, RunStatus
-from .auth import operator_required
-from .state import db, rt, rules
+from formrules.runs import control
+from formrules.store.models import Record, ResultFile, Run, RunEvent, RunStatus
+from formrules.web.auth import operator_required
+from formrules.web.state import db, rt, rules
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 PER_PAGE = 50
@@ -202,4 +202,4 @@ def endpoint_helpers() -> dict:
     return {"has_endpoint": lambda name: name in current_app.view_functions}
 
 
-from . import admin_records  # noqa: E402,F401  (registers the records and queue views)
+from formrules.web import admin_records  # noqa: E402,F401  (registers the records and queue views)

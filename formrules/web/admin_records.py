@@ -8,11 +8,11 @@ from flask import abort, current_app, render_template, request, url_for
 from redis.exceptions import RedisError
 from sqlalchemy import func, or_, select
 
-from .. import overview
-from ..models import ACTIVE, Record, Run, RunEvent, RunStatus
-from .admin import bp, form_ids, page_number, paginate
-from .auth import operator_required
-from .state import db, rt, rules
+from formrules.runs import overview
+from formrules.store.models import ACTIVE, Record, Run, RunEvent, RunStatus
+from formrules.web.admin import bp, form_ids, page_number, paginate
+from formrules.web.auth import operator_required
+from formrules.web.state import db, rt, rules
 
 PENDING_STATUSES = ("scheduled", "queued", "waiting", "retrying")
 # The queue page lists what needs eyes first: work in flight, then what is over.

@@ -21,16 +21,17 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.datastructures import MultiDict
 
-from .. import tokens, updates
-from ..engine import submit as submit_record
-from ..errors import ActionError
-from ..models import Record, ResultFile, Run
-from ..status import record_status
-from ..tree import Form
-from . import csrf, openapi
-from .formbuilder import form_class, record_values
-from .records import file_response
-from .state import db, rt, rules
+from formrules.errors import ActionError
+from formrules.language.tree import Form
+from formrules.runs import updates
+from formrules.runs.engine import submit as submit_record
+from formrules.runs.status import record_status
+from formrules.store import tokens
+from formrules.store.models import Record, ResultFile, Run
+from formrules.web import csrf, openapi
+from formrules.web.formbuilder import form_class, record_values
+from formrules.web.records import file_response
+from formrules.web.state import db, rt, rules
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 csrf.exempt(bp)

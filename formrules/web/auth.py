@@ -11,8 +11,8 @@ from werkzeug.security import check_password_hash, generate_password_hash
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
-from ..models import Notification, Record, ResultFile, Run, User
-from .state import db
+from formrules.store.models import Notification, Record, ResultFile, Run, User
+from formrules.web.state import db
 
 bp = Blueprint("auth", __name__)
 # Checked when the user name is unknown, so a wrong name costs as long as a wrong password

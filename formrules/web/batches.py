@@ -19,11 +19,11 @@ from sqlalchemy import select
 from wtforms import StringField
 from wtforms.validators import Length, Optional
 
-from .. import batch as batches
-from ..models import Batch, Record, Run
-from ..values import typed_record
-from .auth import operator_required
-from .state import db, rt, rules
+from formrules.language.values import typed_record
+from formrules.runs import batch as batches
+from formrules.store.models import Batch, Record, Run
+from formrules.web.auth import operator_required
+from formrules.web.state import db, rt, rules
 
 bp = Blueprint("batches", __name__, url_prefix="/admin/batches")
 SHOWN_RECORDS = 500  # records listed for picking; a filter reaches the rest

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 from markupsafe import Markup, escape
 
-from ..models import utcnow
+from formrules.store.models import utcnow
 
 
 def _parse(value: datetime | str | None) -> datetime | None:

@@ -32,8 +32,8 @@ from wtforms.validators import (
     Regexp,
 )
 
-from ..tree import FieldDef, Form
-from ..values import to_storage
+from formrules.language.tree import FieldDef, Form
+from formrules.language.values import to_storage
 
 SUBMIT_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 

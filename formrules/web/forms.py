@@ -10,12 +10,12 @@ from flask import Blueprint, abort, redirect, render_template, request, url_for
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from ..engine import submit as submit_record
-from ..errors import ActionError
-from ..models import FINAL, Record, Run
-from ..tree import DeferNode, Form, walk
-from .formbuilder import form_class, record_values
-from .state import db, owner, rt, rules
+from formrules.errors import ActionError
+from formrules.language.tree import DeferNode, Form, walk
+from formrules.runs.engine import submit as submit_record
+from formrules.store.models import FINAL, Record, Run
+from formrules.web.formbuilder import form_class, record_values
+from formrules.web.state import db, owner, rt, rules
 
 bp = Blueprint("forms", __name__)
 FINAL_STATUSES = {status.value for status in FINAL}

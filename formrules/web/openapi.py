@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..tree import FieldDef, Form, RuleSet
+from formrules.language.tree import FieldDef, Form, RuleSet
 
 JSON = "application/json"
 

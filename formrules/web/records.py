@@ -14,11 +14,11 @@ import json
 from flask import Blueprint, Response, abort, jsonify, render_template, request
 from sqlalchemy import select, update
 
-from ..models import Notification, Record, ResultFile, Run, utcnow
-from ..status import record_status
-from . import display
-from .auth import is_operator
-from .state import current_owner_or_none, db, rt, rules
+from formrules.runs.status import record_status
+from formrules.store.models import Notification, Record, ResultFile, Run, utcnow
+from formrules.web import display
+from formrules.web.auth import is_operator
+from formrules.web.state import current_owner_or_none, db, rt, rules
 
 bp = Blueprint("records", __name__)
 

@@ -10,8 +10,8 @@ import secrets
 
 from flask import current_app, g, session
 
-from ..runtime import Runtime
-from ..tree import RuleSet
+from formrules.language.tree import RuleSet
+from formrules.process.runtime import Runtime
 
 
 def rt() -> Runtime:

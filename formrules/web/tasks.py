@@ -19,10 +19,10 @@ from flask import (
 )
 from sqlalchemy import func, select, update
 
-from .. import control
-from ..models import Notification, Record, ResultFile, Run, utcnow
-from ..status import files_by_run, run_view
-from .state import current_owner_or_none, db, rt, rules
+from formrules.runs import control
+from formrules.runs.status import files_by_run, run_view
+from formrules.store.models import Notification, Record, ResultFile, Run, utcnow
+from formrules.web.state import current_owner_or_none, db, rt, rules
 
 bp = Blueprint("tasks", __name__)
 

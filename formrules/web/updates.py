@@ -1,4 +1,4 @@
-"""The operator's record edit page: the form prefilled, saved through `formrules.updates`."""
+"""The operator's record edit page: the form prefilled, saved through `formrules.runs.updates`."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from flask import (
 )
 from sqlalchemy import select
 
-from .. import updates
-from ..errors import ActionError, RuleError
-from ..models import PENDING, Record, Run
-from ..rules import rebuild_defer
-from ..values import typed_record
-from .auth import operator_required
-from .formbuilder import form_class
-from .state import db, rt, rules
+from formrules.errors import ActionError, RuleError
+from formrules.language.loader import rebuild_defer
+from formrules.language.values import typed_record
+from formrules.runs import updates
+from formrules.store.models import PENDING, Record, Run
+from formrules.web.auth import operator_required
+from formrules.web.formbuilder import form_class
+from formrules.web.state import db, rt, rules
 
 bp = Blueprint("updates", __name__)
 log = logging.getLogger("formrules.web")

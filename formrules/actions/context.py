@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Settings
-from .errors import Cancelled, PermanentError
-from .values import to_storage, typed_record
+from formrules.config import Settings
+from formrules.errors import Cancelled, PermanentError
+from formrules.language.values import to_storage, typed_record
 
 
 @dataclass

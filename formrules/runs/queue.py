@@ -13,7 +13,7 @@ What RQ does on its own, and how each is kept from doing harm here:
   leftover job is removed first inside a WATCH transaction, so two dispatchers never
   both replace it;
 - RQ's own Retry fires whatever the database says: the job aligns it on each failure
-  (`formrules.job`), and a job that fires for a Run that is not due simply does nothing.
+  (`formrules.runs.job`), and a job that fires for a Run that is not due simply does nothing.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import str_to_date
 
-from .models import Run
+from formrules.store.models import Run
 
-log = logging.getLogger("formrules.queue")
-JOB_FUNCTION = "formrules.job.execute_run"
+log = logging.getLogger("formrules.runs.queue")
+JOB_FUNCTION = "formrules.runs.job.execute_run"
 GRACE_SECONDS = 60  # RQ's hard timeout sits this far beyond the node's own
 # RQ's scheduler moves due jobs every second; a job this overdue has no scheduler (the
 # worker holding the scheduler lock died, and RQ waits up to 10 minutes to take over).

@@ -1,7 +1,7 @@
 """Validation of event-tree nodes: raw YAML in, frozen tree nodes and problems out.
 
 A node's kind is decided by its single key; an unknown kind is an error, never ignored.
-Every problem carries file:line:col and the node path. `formrules.rules` drives this over
+Every problem carries file:line:col and the node path. `formrules.language.loader` drives this over
 whole files.
 """
 
@@ -13,10 +13,12 @@ from typing import Any
 
 from jinja2 import TemplateSyntaxError, meta
 
-from . import actions, sandbox
-from .duration import parse_duration
-from .errors import Problem
-from .tree import (
+from formrules.actions import registry as actions
+from formrules.errors import Problem
+from formrules.language import sandbox
+from formrules.language.duration import parse_duration
+from formrules.language.source import Map, Pos, Seq, plain
+from formrules.language.tree import (
     DEFAULT_RETRY,
     FIELD_TYPES,
     NO_RETRY,
@@ -27,7 +29,6 @@ from .tree import (
     ProgressNode,
     RetryPolicy,
 )
-from .yamlsource import Map, Pos, Seq, plain
 
 DEFER_KEYS = {
     "background": ("title", "flag", "await", "timeout", "retry", "do", "on_error",

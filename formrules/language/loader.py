@@ -12,9 +12,10 @@ from typing import Any
 
 from croniter import croniter
 
-from .checker import Checker, did_you_mean
-from .errors import Problem, RuleError
-from .tree import (
+from formrules.errors import Problem, RuleError
+from formrules.language.checker import Checker, did_you_mean
+from formrules.language.source import Map, load_yaml, plain
+from formrules.language.tree import (
     FIELD_TYPES,
     DeferNode,
     FieldDef,
@@ -23,8 +24,7 @@ from .tree import (
     ScheduleDef,
     TaskDef,
 )
-from .values import to_storage
-from .yamlsource import Map, load_yaml, plain
+from formrules.language.values import to_storage
 
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 FORM_ID = re.compile(r"^[a-z][a-z0-9_-]*$")

@@ -1,6 +1,6 @@
 """The validated rule tree: frozen dataclasses with source positions and node paths.
 
-Raw YAML stops at validation (`formrules.rules`); everything after works on these types.
+Raw YAML stops at validation (`formrules.language.loader`); everything after works on these types.
 A node's `path` (`events/submit/2/background/do/0`) is the one name used in errors, traces,
 logs, job metadata, idempotency keys and the UI.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from .yamlsource import Pos
+from formrules.language.source import Pos
 
 FIELD_TYPES = ("string", "text", "email", "integer", "decimal", "boolean", "date",
                "datetime", "choice")

@@ -12,10 +12,10 @@ from redis.exceptions import RedisError
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from .models import PENDING, Run, RunEvent, RunStatus, utcnow
-from .queue import Dispatcher
+from formrules.runs.queue import Dispatcher
+from formrules.store.models import PENDING, Run, RunEvent, RunStatus, utcnow
 
-log = logging.getLogger("formrules.control")
+log = logging.getLogger("formrules.runs.control")
 
 
 class NotAllowed(Exception):

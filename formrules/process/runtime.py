@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 
-from . import actions
-from .config import Settings, from_env
-from .queue import Dispatcher, connect
-from .store import Store
+from formrules.actions import registry as actions
+from formrules.config import Settings, from_env
+from formrules.runs.queue import Dispatcher, connect
+from formrules.store.db import Store
 
 
 @dataclass

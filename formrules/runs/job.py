@@ -30,10 +30,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from . import runtime as runtime_mod
-from .context import Context
-from .engine import call_action, new_run, walk
-from .errors import (
+from formrules.actions.context import Context
+from formrules.errors import (
     GENERIC_FAILURE,
     ActionError,
     Cancelled,
@@ -43,7 +41,13 @@ from .errors import (
     RetryableError,
     RuleError,
 )
-from .models import (
+from formrules.language.loader import rebuild_defer
+from formrules.language.sandbox import evaluate, render
+from formrules.language.tree import ActionNode, DeferNode, ProgressNode
+from formrules.process import runtime as runtime_mod
+from formrules.runs.engine import call_action, new_run, walk
+from formrules.store.db import lock_record
+from formrules.store.models import (
     PENDING,
     Notification,
     Record,
@@ -54,12 +58,8 @@ from .models import (
     new_id,
     utcnow,
 )
-from .rules import rebuild_defer
-from .sandbox import evaluate, render
-from .store import lock_record
-from .tree import ActionNode, DeferNode, ProgressNode
 
-log = logging.getLogger("formrules.job")
+log = logging.getLogger("formrules.runs.job")
 EARLY_WAIT_LIMIT = 5.0  # RQ's scheduler may fire a little early: wait that out in place
 TIMED_OUT = "This took longer than allowed and was stopped."
 LOST_WORKER = "This task stopped unexpectedly several times."
@@ -209,7 +209,7 @@ class Execution:
             beat.join(timeout=5)
             self.rt.dispatcher.dispatch_all(self.pending_children)
             if run.batch_id is not None:  # a batch child ended (or will retry): a free slot
-                from .batch import child_finished
+                from formrules.runs.batch import child_finished
                 child_finished(self.rt, run)
 
     def check_when(self, s: Session, run: Run, node: DeferNode, record: Record) -> bool:

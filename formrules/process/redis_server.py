@@ -16,7 +16,7 @@ from pathlib import Path
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .children import die_with_parent
+from formrules.process.children import die_with_parent
 
 
 def server_binary() -> str:

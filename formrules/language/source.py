@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .errors import Problem
+from formrules.errors import Problem
 
 
 @dataclass(frozen=True)

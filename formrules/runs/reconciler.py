@@ -6,8 +6,8 @@ Each pass (every `reconcile_seconds`, in every worker; passes are safe to run at
 2. enqueue every pending Run that has no live RQ job (Redis was down at submit, lost its
    data, a delayed job vanished, the scheduler died); one pipelined Redis round trip
    reads every job's state, and `unique` enqueueing means never twice;
-3. fire due cron schedules (`formrules.schedule`), one Run per slot;
-4. advance batches (`formrules.batch`): start waiting children in free slots.
+3. fire due cron schedules (`formrules.runs.schedule`), one Run per slot;
+4. advance batches (`formrules.runs.batch`): start waiting children in free slots.
 
 Recovery bound: a Run whose worker (or work-horse) is SIGKILLed mid-step is enqueued
 again, at the front of the queue, at most `stale_seconds` (FORMRULES_STALE_AFTER, 30 s by
@@ -28,12 +28,12 @@ from datetime import timedelta
 from redis.exceptions import RedisError
 from sqlalchemy import select, update
 
-from .job import EARLY_WAIT_LIMIT, LOST_WORKER, notify
-from .models import PENDING, Run, RunEvent, RunStatus, utcnow
-from .queue import JobState
-from .runtime import Runtime
+from formrules.process.runtime import Runtime
+from formrules.runs.job import EARLY_WAIT_LIMIT, LOST_WORKER, notify
+from formrules.runs.queue import JobState
+from formrules.store.models import PENDING, Run, RunEvent, RunStatus, utcnow
 
-log = logging.getLogger("formrules.reconciler")
+log = logging.getLogger("formrules.runs.reconciler")
 
 
 @dataclass
@@ -52,12 +52,12 @@ def reconcile_once(rt: Runtime, schedules: bool = True) -> Pass:
     recover_stale(rt, result)
     dispatch_pending(rt, result)
     if schedules:
-        from .schedule import fire_due
+        from formrules.runs.schedule import fire_due
         try:
             result.schedules = fire_due(rt)
         except Exception:  # a broken schedule must not stop recovery of everything else
             log.exception("schedules failed")
-    from .batch import advance_all
+    from formrules.runs.batch import advance_all
     try:  # a batch whose child ended without its hook (worker killed) moves on here
         result.dispatched += advance_all(rt)
     except Exception:

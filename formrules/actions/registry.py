@@ -2,7 +2,7 @@
 
 A custom action is a plain function taking a context and keyword arguments:
 
-    from formrules.actions import action
+    from formrules.actions.registry import action
 
     @action("notify_slack", params={"channel": "text", "text": "text"})
     def notify_slack(ctx, channel, text):
@@ -88,7 +88,7 @@ def action(
 
 def registry() -> dict[str, ActionSpec]:
     """Every registered action by name (built-ins are registered on first use)."""
-    from . import builtin_actions  # noqa: F401  (registers on import)
+    from formrules.actions import builtin  # noqa: F401  (registers on import)
 
     return _REGISTRY
 

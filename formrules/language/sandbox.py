@@ -15,7 +15,7 @@ from jinja2 import TemplateSyntaxError, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .duration import parse_duration
+from formrules.language.duration import parse_duration
 
 
 def _now() -> datetime:

@@ -12,13 +12,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from . import engine, sandbox
-from .config import Settings
-from .context import Context
-from .duration import format_duration
-from .models import utcnow
-from .tree import ActionNode, DeferNode, Form, IfNode, Node, ProgressNode, RetryPolicy
-from .values import typed_record
+from formrules.actions.context import Context
+from formrules.config import Settings
+from formrules.language import sandbox
+from formrules.language.duration import format_duration
+from formrules.language.tree import (
+    ActionNode,
+    DeferNode,
+    Form,
+    IfNode,
+    Node,
+    ProgressNode,
+    RetryPolicy,
+)
+from formrules.language.values import typed_record
+from formrules.runs import engine
+from formrules.store.models import utcnow
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,17 @@ from redis.exceptions import RedisError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from . import engine, sandbox
-from .errors import FormrulesError, PermanentError, RuleError
-from .models import Record, Run, RunEvent, RunStatus, utcnow
-from .queue import Dispatcher
-from .rules import rebuild_defer
-from .store import lock_record
-from .tree import DeferNode, Form
-from .values import to_storage, typed, typed_record
+from formrules.errors import FormrulesError, PermanentError, RuleError
+from formrules.language import sandbox
+from formrules.language.loader import rebuild_defer
+from formrules.language.tree import DeferNode, Form
+from formrules.language.values import to_storage, typed, typed_record
+from formrules.runs import engine
+from formrules.runs.queue import Dispatcher
+from formrules.store.db import lock_record
+from formrules.store.models import Record, Run, RunEvent, RunStatus, utcnow
 
-log = logging.getLogger("formrules.updates")
+log = logging.getLogger("formrules.runs.updates")
 NOT_FIRED = (RunStatus.SCHEDULED.value, RunStatus.QUEUED.value)
 
 

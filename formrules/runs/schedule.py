@@ -23,15 +23,15 @@ from croniter import croniter
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from . import sandbox
-from .engine import new_run
-from .models import Record, Run, RunEvent, ScheduleSlot, utcnow
-from .rules import cached_rules, rebuild_defer
-from .runtime import Runtime
-from .tree import Form, ScheduleDef
-from .values import typed_record
+from formrules.language import sandbox
+from formrules.language.loader import cached_rules, rebuild_defer
+from formrules.language.tree import Form, ScheduleDef
+from formrules.language.values import typed_record
+from formrules.process.runtime import Runtime
+from formrules.runs.engine import new_run
+from formrules.store.models import Record, Run, RunEvent, ScheduleSlot, utcnow
 
-log = logging.getLogger("formrules.schedule")
+log = logging.getLogger("formrules.runs.schedule")
 # A slot seen this soon after its time is on time; later, it was missed (downtime).
 ON_TIME = timedelta(minutes=2)
 OWNER = "schedule"

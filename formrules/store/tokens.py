@@ -13,8 +13,8 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .errors import FormrulesError
-from .models import ApiToken, utcnow
+from formrules.errors import FormrulesError
+from formrules.store.models import ApiToken, utcnow
 
 PREFIX = "frt_"  # recognisable in logs and by secret scanners
 

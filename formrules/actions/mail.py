@@ -7,7 +7,7 @@ import smtplib
 from email.message import EmailMessage
 from pathlib import Path
 
-from .config import Settings
+from formrules.config import Settings
 
 
 def send(settings: Settings, message: EmailMessage) -> str:

@@ -11,10 +11,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, defer
 
-from . import sandbox
-from .models import Record, ResultFile, Run, RunStatus
-from .tree import Form
-from .values import typed_record
+from formrules.language import sandbox
+from formrules.language.tree import Form
+from formrules.language.values import typed_record
+from formrules.store.models import Record, ResultFile, Run, RunStatus
 
 # What users read for each status (the status itself stays the CSS class and JSON value).
 LABELS = {

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, event, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Base, Record, utcnow
+from formrules.store.models import Base, Record, utcnow
 
 
 class Store:

@@ -17,13 +17,13 @@ import threading
 from rq import SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 
-from . import reconciler
-from .children import die_with_parent
-from .config import Settings, from_env
-from .rules import load_rules
-from .runtime import Runtime, install
+from formrules.config import Settings, from_env
+from formrules.language.loader import load_rules
+from formrules.process.children import die_with_parent
+from formrules.process.runtime import Runtime, install
+from formrules.runs import reconciler
 
-log = logging.getLogger("formrules.worker")
+log = logging.getLogger("formrules.process.worker")
 
 
 def reconciler_main(settings: Settings, parent_pid: int) -> None:

@@ -23,11 +23,15 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from . import sandbox
-from .checker import did_you_mean
-from .engine import new_run
-from .errors import FormrulesError
-from .models import (
+from formrules.errors import FormrulesError
+from formrules.language import sandbox
+from formrules.language.checker import did_you_mean
+from formrules.language.loader import rebuild_defer
+from formrules.language.tree import Form
+from formrules.language.values import typed_record
+from formrules.process.runtime import Runtime
+from formrules.runs.engine import new_run
+from formrules.store.models import (
     ACTIVE,
     FINAL,
     PENDING,
@@ -40,12 +44,8 @@ from .models import (
     RunStatus,
     utcnow,
 )
-from .rules import rebuild_defer
-from .runtime import Runtime
-from .tree import Form
-from .values import typed_record
 
-log = logging.getLogger("formrules.batch")
+log = logging.getLogger("formrules.runs.batch")
 WAITING = RunStatus.WAITING.value
 STOPPABLE = [WAITING, *(p.value for p in PENDING)]
 OPEN = ("running", "stopping", "cancelling")  # statuses of a batch that has not ended

@@ -2,7 +2,7 @@
 
 At submit time (`submit`) everything runs inline in the request's transaction and each
 Background/Delay node becomes a Run row in that same transaction (the outbox); the caller
-enqueues them after commit. Workers (`formrules.job`) use the same walker for a Run's
+enqueues them after commit. Workers (`formrules.runs.job`) use the same walker for a Run's
 children, with checkpoints around each action.
 """
 
@@ -15,11 +15,12 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy.orm import Session
 
-from . import actions, sandbox
-from .context import Context
-from .errors import PermanentError
-from .models import Record, Run, RunStatus, utcnow
-from .tree import ActionNode, DeferNode, Form, IfNode, Node, ProgressNode
+from formrules.actions import registry as actions
+from formrules.actions.context import Context
+from formrules.errors import PermanentError
+from formrules.language import sandbox
+from formrules.language.tree import ActionNode, DeferNode, Form, IfNode, Node, ProgressNode
+from formrules.store.models import Record, Run, RunStatus, utcnow
 
 
 def call_action(node: ActionNode, ctx: Context) -> None:

@@ -15,11 +15,12 @@ from email.utils import formatdate
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import mail, sandbox
-from .actions import Param, action
-from .context import Context
-from .duration import parse_duration
-from .errors import PermanentError, RetryableError
+from formrules.actions import mail
+from formrules.actions.context import Context
+from formrules.actions.registry import Param, action
+from formrules.errors import PermanentError, RetryableError
+from formrules.language import sandbox
+from formrules.language.duration import parse_duration
 
 _SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>[^{}]*)\}\}\s*$")
 

@@ -1,0 +1,1 @@
+"""Actions: the registry, the built-in actions, and what an action sees when it runs."""

@@ -1,0 +1,1 @@
+"""Processes: per-process resources, the worker, the private Redis, child processes."""

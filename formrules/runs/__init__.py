@@ -1,0 +1,1 @@
+"""The run machinery: engine, Runs and their jobs, queue, reconciler, schedules, batches."""

@@ -1,0 +1,1 @@
+"""The database: tables, the engine and sessions, API tokens."""
