@@ -263,8 +263,12 @@ class Execution:
         def on_defer(node: DeferNode) -> None:
             if node.path in done_paths:
                 return
+            if self.cancelled():
+                raise Cancelled()
             with self.store.session() as s:
                 owned = self.owned(s)
+                if owned.cancel_requested:
+                    raise Cancelled()
                 child = new_run(node, form_id=run.form_id, field_types=run.snapshot["fields"],
                                 owner=owned.owner, variables=variables(),
                                 record_id=run.record_id, now=utcnow(),
@@ -289,7 +293,11 @@ class Execution:
         if self.cancelled():
             raise Cancelled()
         with self.store.session() as s:
-            self.event(s, self.owned(s), node.path, "start", node.action)
+            owned = self.owned(s)
+            if owned.cancel_requested:  # asked for since the last heartbeat: never start
+                self.cancel_seen.set()
+                raise Cancelled()
+            self.event(s, owned, node.path, "start", node.action)
         ctx = self.context(run, self.record_data(run), node.path, **extra)
         started = time.monotonic()
         call_action(node, ctx)
@@ -303,6 +311,8 @@ class Execution:
                                  content_type=item.content_type, data=item.data))
             self.event(s, owned, node.path, "done", node.action,
                        int((time.monotonic() - started) * 1000))
+            if owned.cancel_requested:  # read with the checkpoint: no later step starts
+                self.cancel_seen.set()
 
     def progress(self, run: Run, done: float | None, total: float | None,
                  message: str | None, force: bool = False, title: str | None = None) -> None:
@@ -336,6 +346,8 @@ class Execution:
         """All steps done: set the flag and finish, in one transaction."""
         with self.store.session() as s:
             owned = self.owned(s)
+            if owned.cancel_requested or self.cancel_seen.is_set():
+                raise Cancelled()  # a cancel asked for during the last step wins
             if node.flag and run.record_id is not None:
                 record = lock_record(s, run.record_id)
                 record.data = {**record.data, node.flag: True}
