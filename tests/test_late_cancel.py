@@ -11,8 +11,15 @@ from sqlalchemy import select
 
 from formrules.store.models import Notification, Run, RunStatus
 from tests.fixture_actions import read_calls
-from tests.helpers import WorkerProcess, events_of, record_of, runs_of, submit, token_of, \
-    wait_until
+from tests.helpers import (
+    WorkerProcess,
+    events_of,
+    record_of,
+    runs_of,
+    submit,
+    token_of,
+    wait_until,
+)
 from tests.web_helpers import post
 
 

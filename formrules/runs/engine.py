@@ -20,6 +20,7 @@ from formrules.actions.context import Context
 from formrules.errors import PermanentError
 from formrules.language import sandbox
 from formrules.language.tree import ActionNode, DeferNode, Form, IfNode, Node, ProgressNode
+from formrules.runs.snapshot import Snapshot
 from formrules.store.models import Record, Run, RunStatus, utcnow
 
 
@@ -88,18 +89,19 @@ def due_time(node: DeferNode, variables: dict[str, Any], now: datetime, tz: str)
 
 def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner: str,
             variables: dict[str, Any], record_id: int | None, now: datetime, tz: str,
-            kind: str | None = None, **extra: Any) -> Run:
-    """A Run row for a deferred node; the snapshot carries the subtree it started with."""
+            kind: str | None = None, inputs: dict[str, dict[str, Any]] | None = None,
+            **extra: Any) -> Run:
+    """A Run row for a deferred node; the snapshot carries the subtree it started with.
+
+    `inputs` are an update event's `old` and `changed` (stored forms), carried so the
+    worker sees them too.
+    """
     due = due_time(node, variables, now, tz).astimezone(UTC)
     try:
         title = sandbox.render(node.title, variables)
     except Exception:  # a title must never stop work from being recorded
         title = node.title
-    snapshot = {
-        "raw": node.raw, "fields": field_types,
-        "intervals": node.retry.intervals(),
-        "timeout": node.timeout.total_seconds() if node.timeout else None,
-    }
+    snapshot = Snapshot.of(node, field_types, inputs).dump()
     return Run(
         record_id=record_id, form_id=form_id, owner=owner, kind=kind or node.kind,
         node_path=node.path, title=title[:300], snapshot=snapshot,
@@ -126,8 +128,13 @@ def submit(session: Session, form: Form, values: dict[str, Any], *, owner: str,
 
 
 def run_inline(session: Session, form: Form, record: Record, nodes: tuple[Node, ...], *,
-               settings, extra: dict[str, Any] | None = None) -> list[Run]:
-    """Run `nodes` inline against `record` (in the caller's transaction)."""
+               settings, inputs: dict[str, dict[str, Any]] | None = None) -> list[Run]:
+    """Run `nodes` inline against `record` (in the caller's transaction).
+
+    `inputs` are an update event's `old` and `changed` in stored form; the tree sees them
+    typed, and its deferred nodes carry them to the worker.
+    """
+    extra = Snapshot(raw={}, fields=form.field_types, inputs=dict(inputs or {})).variables()
     ctx = Context(settings=settings, form_id=form.id, field_types=form.field_types,
                   data=dict(record.data), record_token=record.token, extra=dict(extra or {}))
     runs: list[Run] = []
@@ -140,7 +147,7 @@ def run_inline(session: Session, form: Form, record: Record, nodes: tuple[Node, 
     def on_defer(node: DeferNode) -> None:
         run = new_run(node, form_id=form.id, field_types=form.field_types,
                       owner=record.owner, variables=ctx.variables(), record_id=record.id,
-                      now=now, tz=settings.timezone)
+                      now=now, tz=settings.timezone, inputs=inputs)
         session.add(run)
         runs.append(run)
 

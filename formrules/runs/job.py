@@ -41,11 +41,11 @@ from formrules.errors import (
     RetryableError,
     RuleError,
 )
-from formrules.language.loader import rebuild_defer
 from formrules.language.sandbox import evaluate, render
 from formrules.language.tree import ActionNode, DeferNode, ProgressNode
 from formrules.process import runtime as runtime_mod
 from formrules.runs.engine import call_action, new_run, walk
+from formrules.runs.snapshot import Snapshot
 from formrules.store.db import lock_record
 from formrules.store.models import (
     PENDING,
@@ -97,6 +97,7 @@ class Execution:
         self.timeout = self.settings.default_timeout_seconds
         self.deadline = float("inf")  # monotonic; set from the node's timeout when it starts
         self.pending_children: list[Run] = []
+        self.snapshot = Snapshot(raw={}, fields={})  # loaded once the Run is claimed
 
     # -- ownership ---------------------------------------------------------------------
     def claim(self) -> Run | None:
@@ -177,8 +178,9 @@ class Execution:
         node: DeferNode | None = None
         started = time.monotonic()
         try:
-            node = rebuild_defer(run.snapshot["raw"], run.node_path, run.snapshot["fields"])
-            self.timeout = run.snapshot.get("timeout") or self.settings.default_timeout_seconds
+            self.snapshot = Snapshot.load(run.snapshot)
+            node = self.snapshot.node(run.node_path)
+            self.timeout = self.snapshot.timeout_seconds(self.settings.default_timeout_seconds)
             self.deadline = started + self.timeout
             if run.recoveries >= self.settings.max_recoveries:
                 # Its steps killed the worker again and again: stop trying, but still run
@@ -214,8 +216,7 @@ class Execution:
 
     def check_when(self, s: Session, run: Run, node: DeferNode, record: Record) -> bool:
         """A Delay's `when:` is re-checked at fire time; false means skipped."""
-        variables = {"record": self.context(run, record.data, "").record}
-        if evaluate(node.when, variables):
+        if evaluate(node.when, self.context(run, record.data, "").variables()):
             return True
         run = self.owned(s)
         run.status, run.finished_at, run.lease = RunStatus.SKIPPED.value, utcnow(), None
@@ -225,9 +226,10 @@ class Execution:
     def context(self, run: Run, data: dict[str, Any], path: str, **extra: Any) -> Context:
         """The action context for one step of this Run."""
         return Context(
-            settings=self.settings, form_id=run.form_id, field_types=run.snapshot["fields"],
+            settings=self.settings, form_id=run.form_id, field_types=self.snapshot.fields,
             data=dict(data), path=path, run_id=run.id, attempt=run.attempt,
-            extra={"run": {"id": run.id, "title": run.title, "attempt": run.attempt},
+            extra={**self.snapshot.variables(),
+                   "run": {"id": run.id, "title": run.title, "attempt": run.attempt},
                    **extra},
             all_records=lambda: self.form_records(run.form_id),
             on_progress=lambda d, t, m: self.progress(run, d, t, m),
@@ -269,10 +271,11 @@ class Execution:
                 owned = self.owned(s)
                 if owned.cancel_requested:
                     raise Cancelled()
-                child = new_run(node, form_id=run.form_id, field_types=run.snapshot["fields"],
+                child = new_run(node, form_id=run.form_id, field_types=self.snapshot.fields,
                                 owner=owned.owner, variables=variables(),
                                 record_id=run.record_id, now=utcnow(),
-                                tz=self.settings.timezone, parent_id=run.id)
+                                tz=self.settings.timezone, parent_id=run.id,
+                                inputs=self.snapshot.inputs)
                 s.add(child)
                 self.event(s, owned, node.path, "done", f"started run {child.id}")
             self.pending_children.append(child)
@@ -386,9 +389,8 @@ class Execution:
             self.event(s, owned, getattr(exc, "path", ""), "error", detail)
             remaining: list[int] = []
             if retryable and owned.attempt < owned.max_attempts:
-                intervals = owned.snapshot.get("intervals") or [0]
-                remaining = [intervals[min(i, len(intervals) - 1)]
-                             for i in range(owned.attempt - 1, owned.max_attempts - 1)]
+                remaining = Snapshot.load(owned.snapshot).waits_after(owned.attempt,
+                                                                      owned.max_attempts)
                 wait = remaining[0]
                 owned.status, owned.lease = RunStatus.RETRYING.value, None
                 owned.due_at = utcnow() + timedelta(seconds=wait)

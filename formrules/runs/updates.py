@@ -106,11 +106,9 @@ def apply_edit(s: Session, form: Form, record_id: int, values: dict[str, Any], *
     if not changes:
         return edit  # saving an unchanged form is not an update event
     record.data = {**old, **changes}
-    types = form.field_types
-    extra = {"old": typed_record(old, types),
-             "changed": {k: typed(v, types.get(k, "string")) for k, v in changes.items()}}
     edit.new_runs = engine.run_inline(s, form, record, form.events.get("update", ()),
-                                      settings=settings, extra=extra)
+                                      settings=settings,
+                                      inputs={"old": old, "changed": changes})
     # Fields the update tree set are changes too: a Delay may follow them as well.
     edit.changed = {k: v for k, v in record.data.items() if old.get(k) != v}
     apply_policies(s, record, old, edit, settings=settings, who=who)
