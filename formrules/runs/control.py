@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 
 from redis.exceptions import RedisError
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from formrules.runs import lifecycle
 from formrules.runs.queue import Dispatcher
-from formrules.store.models import PENDING, Run, RunEvent, RunStatus, utcnow
+from formrules.store.models import Run, RunStatus
 
 log = logging.getLogger("formrules.runs.control")
 
@@ -24,35 +24,18 @@ class NotAllowed(Exception):
 
 def cancel(s: Session, run: Run, who: str) -> str:
     """Cancel a Run: pending ones stop now, a running one at its next step or progress."""
-    # Guarded updates, not read-then-write: a worker may claim the Run (or finish it)
+    # Guarded transitions, not read-then-write: a worker may claim the Run (or finish it)
     # between our read and our write, and a cancel must never overwrite that.
-    # A batch child waiting for its turn is as good as pending (its batch moves on).
-    not_started = [p.value for p in PENDING] + [RunStatus.WAITING.value]
-    if s.execute(update(Run).where(Run.id == run.id, Run.status.in_(not_started))
-                 .values(status=RunStatus.CANCELLED.value, finished_at=utcnow())).rowcount:
-        s.add(RunEvent(run_id=run.id, attempt=run.attempt, event="cancel",
-                       detail=f"cancelled by {who} before it ran"))
-        s.refresh(run)
-        return "cancelled"
-    if s.execute(update(Run).where(Run.id == run.id, Run.status == RunStatus.RUNNING.value)
-                 .values(cancel_requested=True)).rowcount:
-        s.add(RunEvent(run_id=run.id, attempt=run.attempt, event="cancel",
-                       detail=f"cancel requested by {who}; stops at the next step"))
-        s.refresh(run)
-        return "stopping"
-    s.refresh(run)
-    raise NotAllowed(f"a {run.status} run cannot be cancelled")
+    outcome = lifecycle.cancel(s, run, who)
+    if outcome is None:
+        raise NotAllowed(f"a {run.status} run cannot be cancelled")
+    return outcome
 
 
 def retry(s: Session, run: Run, who: str) -> None:
     """Run a dead or cancelled Run again now, resuming after its completed steps."""
-    if run.status not in (RunStatus.DEAD, RunStatus.CANCELLED):
+    if not lifecycle.operator_retry(s, run, who):
         raise NotAllowed(f"a {run.status} run cannot be retried")
-    run.status, run.due_at, run.finished_at = RunStatus.QUEUED.value, utcnow(), None
-    run.attempt, run.cancel_requested, run.lease = 0, False, None
-    run.recoveries = 0  # a fresh start: a crash loop that made it dead may be fixed now
-    run.safe_error = None
-    s.add(RunEvent(run_id=run.id, event="retry", detail=f"retried by {who}"))
 
 
 def after_commit(dispatcher: Dispatcher, run: Run) -> None:

@@ -20,8 +20,9 @@ from formrules.actions.context import Context
 from formrules.errors import PermanentError
 from formrules.language import sandbox
 from formrules.language.tree import ActionNode, DeferNode, Form, IfNode, Node, ProgressNode
+from formrules.runs import lifecycle
 from formrules.runs.snapshot import Snapshot
-from formrules.store.models import Record, Run, RunStatus, utcnow
+from formrules.store.models import Record, Run, new_id, utcnow
 
 
 def call_action(node: ActionNode, ctx: Context) -> None:
@@ -90,11 +91,11 @@ def due_time(node: DeferNode, variables: dict[str, Any], now: datetime, tz: str)
 def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner: str,
             variables: dict[str, Any], record_id: int | None, now: datetime, tz: str,
             kind: str | None = None, inputs: dict[str, dict[str, Any]] | None = None,
-            **extra: Any) -> Run:
+            waiting: bool = False, **extra: Any) -> Run:
     """A Run row for a deferred node; the snapshot carries the subtree it started with.
 
     `inputs` are an update event's `old` and `changed` (stored forms), carried so the
-    worker sees them too.
+    worker sees them too; `waiting`: a batch child that waits for a free slot.
     """
     due = due_time(node, variables, now, tz).astimezone(UTC)
     try:
@@ -102,14 +103,12 @@ def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner
     except Exception:  # a title must never stop work from being recorded
         title = node.title
     snapshot = Snapshot.of(node, field_types, inputs).dump()
-    return Run(
-        record_id=record_id, form_id=form_id, owner=owner, kind=kind or node.kind,
+    return lifecycle.born(Run(
+        id=new_id(), record_id=record_id, form_id=form_id, owner=owner, kind=kind or node.kind,
         node_path=node.path, title=title[:300], snapshot=snapshot,
-        status=(RunStatus.SCHEDULED if due > now + timedelta(seconds=1)
-                else RunStatus.QUEUED).value,
         awaited=node.awaited, flag=node.flag, due_at=due, max_attempts=node.retry.attempts,
         created_at=now, **extra,
-    )
+    ), waiting=waiting)
 
 
 def submit(session: Session, form: Form, values: dict[str, Any], *, owner: str,

@@ -29,7 +29,7 @@ from formrules.language.tree import Form, ScheduleDef
 from formrules.language.values import typed_record
 from formrules.process.runtime import Runtime
 from formrules.runs.engine import new_run
-from formrules.store.models import Record, Run, RunEvent, ScheduleSlot, utcnow
+from formrules.store.models import EventKind, Record, Run, RunEvent, ScheduleSlot, utcnow
 
 log = logging.getLogger("formrules.runs.schedule")
 # A slot seen this soon after its time is on time; later, it was missed (downtime).
@@ -122,9 +122,9 @@ def _runs(s, form: Form, index: int, schedule: ScheduleDef, slot: datetime, now:
                       tz=settings.timezone, kind="schedule")
         s.add(run)
         runs.append(run)
-    s.flush()  # Run ids for the trace lines
+    s.flush()  # the Runs exist before their trace lines (foreign keys)
     for run in runs:
-        s.add(RunEvent(run_id=run.id, event="schedule", path=run.node_path,
+        s.add(RunEvent(run_id=run.id, event=EventKind.SCHEDULE.value, path=run.node_path,
                        detail=f"slot {slot.isoformat(timespec='minutes')} of "
                               f"{schedule_key(form, schedule)} ({schedule.cron} "
                               f"{schedule.timezone})"))

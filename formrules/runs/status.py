@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, defer
 from formrules.language import sandbox
 from formrules.language.tree import Form
 from formrules.language.values import typed_record
-from formrules.store.models import Record, ResultFile, Run, RunStatus
+from formrules.store.models import CANCELLABLE, Record, ResultFile, Run, RunStatus
 
 # What users read for each status (the status itself stays the CSS class and JSON value).
 LABELS = {
@@ -22,7 +22,6 @@ LABELS = {
     "retrying": "Retrying", "done": "Done", "dead": "Failed", "cancelled": "Cancelled",
     "skipped": "Skipped",
 }
-CANCELLABLE = ("scheduled", "queued", "waiting", "retrying", "running")
 
 
 def _iso(value) -> str | None:

@@ -18,7 +18,6 @@ from formrules.web.formbuilder import form_class, record_values
 from formrules.web.state import db, owner, rt, rules
 
 bp = Blueprint("forms", __name__)
-FINAL_STATUSES = {status.value for status in FINAL}
 log = logging.getLogger("formrules.web")
 
 
@@ -80,7 +79,7 @@ def _wait_inline(form: Form, runs: list[Run]) -> None:
         while True:
             statuses = s.scalars(select(Run.status).where(Run.id.in_(ids))).all()
             s.rollback()  # end the read so the next one sees the worker's commits
-            if all(st in FINAL_STATUSES for st in statuses) or time.monotonic() >= deadline:
+            if all(st in FINAL for st in statuses) or time.monotonic() >= deadline:
                 return
             time.sleep(0.1)
 

@@ -21,7 +21,16 @@ from sqlalchemy import func, select, update
 
 from formrules.runs import control
 from formrules.runs.status import files_by_run, run_view
-from formrules.store.models import Notification, Record, ResultFile, Run, utcnow
+from formrules.store.models import (
+    FINAL,
+    OPEN,
+    Notification,
+    Record,
+    ResultFile,
+    Run,
+    RunStatus,
+    utcnow,
+)
 from formrules.web.state import current_owner_or_none, db, rt, rules
 
 bp = Blueprint("tasks", __name__)
@@ -52,10 +61,10 @@ def _form_title(form_id: str) -> str:
 # My tasks, in the order people look for them: what is happening, what is coming, what
 # needs attention, what is over.
 GROUPS = (
-    ("active", "In progress", ("running", "queued", "waiting", "retrying")),
-    ("scheduled", "Scheduled", ("scheduled",)),
-    ("failed", "Failed", ("dead",)),
-    ("finished", "Finished", ("done", "cancelled", "skipped")),
+    ("active", "In progress", OPEN - {RunStatus.SCHEDULED}),
+    ("scheduled", "Scheduled", {RunStatus.SCHEDULED}),
+    ("failed", "Failed", {RunStatus.DEAD}),
+    ("finished", "Finished", FINAL - {RunStatus.DEAD}),
 )
 
 
