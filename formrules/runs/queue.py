@@ -32,6 +32,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import str_to_date
 
+from formrules.runs.snapshot import Snapshot
 from formrules.store.models import Run
 
 log = logging.getLogger("formrules.runs.queue")
@@ -136,7 +137,9 @@ class Dispatcher:
                 return False
             if not self._remove(run.id, state.status):
                 return False  # it changed under us: another dispatcher or a worker has it
-        intervals = list(run.snapshot.get("intervals", []))[max(0, run.attempt):]
+        # RQ retries after each attempt still allowed, as the job would schedule them.
+        intervals = Snapshot.load(run.snapshot).waits_after(max(0, run.attempt) + 1,
+                                                            run.max_attempts)
         retry = Retry(max=len(intervals), interval=intervals) if intervals else None
         kwargs = dict(job_id=run.id, timeout=self.job_timeout(run), retry=retry,
                       description=f"{run.form_id} {run.node_path}: {run.title}"[:200],
@@ -157,7 +160,7 @@ class Dispatcher:
 
     def job_timeout(self, run: Run) -> int:
         """RQ's hard limit: the node's `timeout:` (or the default) plus a grace period."""
-        timeout = run.snapshot.get("timeout") or self.default_timeout
+        timeout = Snapshot.load(run.snapshot).timeout_seconds(self.default_timeout)
         return int(timeout + GRACE_SECONDS)
 
     def dispatch_all(self, runs: list[Run]) -> int:

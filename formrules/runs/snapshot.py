@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from formrules.errors import Problem, RuleError
 from formrules.language.loader import rebuild_defer
 from formrules.language.tree import DeferNode
 from formrules.language.values import typed, typed_record
@@ -43,9 +44,9 @@ class Snapshot:
     def load(cls, data: dict[str, Any]) -> Snapshot:
         """Read a stored snapshot of any known version (missing `v` means 1)."""
         version = int(data.get(VERSION_KEY, 1))
-        if version > VERSION:
-            from formrules.errors import RuleError
-            raise RuleError(f"snapshot version {version} is newer than this code ({VERSION})")
+        if version > VERSION:  # written by newer code: refuse rather than guess
+            raise RuleError([Problem("<snapshot>", 1, 1, "", f"snapshot version {version} is "
+                                     f"newer than this code understands ({VERSION})")])
         return cls(raw=data.get("raw") or {}, fields=dict(data.get("fields") or {}),
                    intervals=tuple(data.get("intervals") or ()),
                    timeout=data.get("timeout"),
