@@ -138,3 +138,23 @@ def subprocess_env(settings):
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     })
     return env
+
+
+# Test layers: a test that needs none of these is pure (`unit`, the inner loop:
+# `pytest -m unit`, well under 15 s); one that does is `integration` (real Redis, real
+# databases, the app); those that start real worker processes are also marked `slow`.
+INTEGRATION_FIXTURES = {"redis_server", "redis_url", "pg_url", "database_url", "settings",
+                        "rt", "app", "client", "operator", "subprocess_env",
+                        "http_server"}  # a real HTTP server on loopback
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test `unit` or `integration` by the fixtures it uses."""
+    for item in items:
+        if item.get_closest_marker("integration"):
+            continue  # marked by its module (a subprocess, a server)
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())) \
+                or item.get_closest_marker("browser") or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)

@@ -11,8 +11,6 @@ from formrules.errors import RuleError
 from formrules.language.loader import parse_form
 from formrules.runs.snapshot import VERSION, VERSION_KEY, Snapshot
 
-pytestmark = pytest.mark.unit
-
 FORM = """
 form: s
 title: S
