@@ -9,11 +9,20 @@ from __future__ import annotations
 import logging
 
 from redis.exceptions import RedisError
+from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from formrules.runs import lifecycle
 from formrules.runs.queue import Dispatcher
-from formrules.store.models import Run, RunStatus
+from formrules.store.models import (
+    Notification,
+    Record,
+    ResultFile,
+    Run,
+    RunEvent,
+    RunStatus,
+    utcnow,
+)
 
 log = logging.getLogger("formrules.runs.control")
 
@@ -36,6 +45,35 @@ def retry(s: Session, run: Run, who: str) -> None:
     """Run a dead or cancelled Run again now, resuming after its completed steps."""
     if not lifecycle.operator_retry(s, run, who):
         raise NotAllowed(f"a {run.status} run cannot be retried")
+
+
+def adopt(s: Session, old: str, new: str) -> None:
+    """What one owner (an anonymous browser) made now belongs to another (its account)."""
+    # Runs before records: the order workers lock them in, so the two never deadlock.
+    for model in (Run, ResultFile, Notification, Record):
+        s.execute(update(model).where(model.owner == old).values(owner=new))
+
+
+def hide(s: Session, run: Run) -> None:
+    """A person deletes a finished Run from their list: hidden, its files and notices go."""
+    if not run.is_final:
+        raise NotAllowed(f"a {run.status} run cannot be deleted; cancel it first")
+    run.hidden = True
+    s.execute(delete(ResultFile).where(ResultFile.run_id == run.id))
+    # Its notices go too: a banner pointing at a deleted task only confuses.
+    s.execute(update(Notification).where(Notification.run_id == run.id,
+                                         Notification.read_at.is_(None))
+              .values(read_at=utcnow()))
+
+
+def delete_run(s: Session, run: Run) -> None:
+    """An operator deletes a finished Run with its trace and files."""
+    if not run.is_final:
+        raise NotAllowed(f"a {run.status} run cannot be deleted; cancel it first")
+    # Explicit deletes: the schema cascades, but not every database enforces it.
+    s.execute(delete(RunEvent).where(RunEvent.run_id == run.id))
+    s.execute(delete(ResultFile).where(ResultFile.run_id == run.id))
+    s.delete(run)
 
 
 def after_commit(dispatcher: Dispatcher, run: Run) -> None:

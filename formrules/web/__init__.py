@@ -42,10 +42,22 @@ def create_app(test_config: dict[str, Any] | None = None,
     app.extensions["formrules.rules"] = load_rules(settings.rules_dir)
     csrf.init_app(app)
 
-    from formrules.web import admin, api, auth, batches, forms, records, tasks, updates
+    from formrules.web import (
+        admin,
+        admin_records,  # noqa: F401  (adds its views to admin.bp)
+        api,
+        auth,
+        batches,
+        forms,
+        records,
+        state,
+        tasks,
+        updates,
+    )
     for module in (forms, records, tasks, auth, admin, updates, batches, api):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
+    app.teardown_request(state.close_db)  # every request's session, whichever blueprint
 
     @app.errorhandler(CSRFError)
     def csrf_error(exc: CSRFError):

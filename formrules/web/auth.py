@@ -6,12 +6,13 @@ import functools
 
 from flask import Blueprint, redirect, render_template, request, session, url_for
 from flask_wtf import FlaskForm
-from sqlalchemy import select, update
+from sqlalchemy import select
 from werkzeug.security import check_password_hash, generate_password_hash
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
-from formrules.store.models import Notification, Record, ResultFile, Run, User
+from formrules.runs import control
+from formrules.store.models import User
 from formrules.web.state import db
 
 bp = Blueprint("auth", __name__)
@@ -85,9 +86,7 @@ def login():
 
 def _adopt(old: str, new: str) -> None:
     """What this browser did before logging in now belongs to the account."""
-    # Runs before records: the order workers lock them in, so the two never deadlock.
-    for model in (Run, ResultFile, Notification, Record):
-        db().execute(update(model).where(model.owner == old).values(owner=new))
+    control.adopt(db(), old, new)
     db().commit()
 
 

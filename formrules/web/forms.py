@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 
 from flask import Blueprint, abort, redirect, render_template, request, url_for
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from formrules.errors import ActionError
-from formrules.language.tree import DeferNode, Form, walk
-from formrules.runs.engine import submit as submit_record
-from formrules.store.models import FINAL, Record, Run
+from formrules.runs import submit
 from formrules.web.formbuilder import form_class, record_values
 from formrules.web.state import db, owner, rt, rules
 
@@ -38,56 +33,14 @@ def show(form_id: str):
         return render_template("forms/form.html", form=form, wtf=wtf)
     if not wtf.validate_on_submit():
         return render_template("forms/form.html", form=form, wtf=wtf), 422
-    key = wtf.submit_key.data or None
-    s = db()
-    if key and (existing := s.scalar(select(Record).where(Record.submit_key == key))):
-        return redirect(url_for("records.wait", token=existing.token), 303)  # double submit
     try:
-        record, runs = submit_record(s, form, record_values(form, wtf), owner=owner(),
-                                     settings=rt().settings, submit_key=key)
-        s.commit()
-    except IntegrityError:
-        s.rollback()  # the same submit_key won a race in another request
-        existing = s.scalar(select(Record).where(Record.submit_key == key))
-        if existing is None:
-            raise
-        return redirect(url_for("records.wait", token=existing.token), 303)
-    except ActionError as exc:
-        s.rollback()  # nothing of the submission is kept; the user's input stays on screen
+        done = submit.accept(db(), form, record_values(form, wtf), owner=owner(),
+                             settings=rt().settings, submit_key=wtf.submit_key.data or None)
+    except ActionError as exc:  # nothing of the submission is kept; the input stays on screen
         log.warning("form %s: submit failed: %s", form.id, exc)
         return render_template("forms/form.html", form=form, wtf=wtf,
                                error=exc.safe_message), 500
-    rt().dispatcher.dispatch_all(runs)
-    _wait_inline(form, runs)
-    return redirect(url_for("records.wait", token=record.token), 303)
-
-
-def _wait_inline(form: Form, runs: list[Run]) -> None:
-    """`inline_for:` hold the answer a little so quick background work shows as done.
-
-    Only awaited Runs are waited for, and never longer than the largest `inline_for` of
-    the nodes that started them; slower work simply continues in the background.
-    """
-    limits = {n.path: n.inline_for.total_seconds() for n in walk(form.events.get("submit", ()))
-              if isinstance(n, DeferNode) and n.inline_for}
-    waited = [r for r in runs if r.node_path in limits and r.awaited != "false"]
-    if not waited:
-        return
-    deadline = time.monotonic() + max(limits[r.node_path] for r in waited)
-    ids = [r.id for r in waited]
-    with rt().store.sessions() as s:
-        while True:
-            statuses = s.scalars(select(Run.status).where(Run.id.in_(ids))).all()
-            s.rollback()  # end the read so the next one sees the worker's commits
-            if all(st in FINAL for st in statuses) or time.monotonic() >= deadline:
-                return
-            time.sleep(0.1)
-
-
-@bp.teardown_app_request
-def close_db(exc):
-    """Close the request's database session."""
-    from flask import g
-    session = g.pop("db", None)
-    if session is not None:
-        session.close()
+    if not done.duplicate:
+        submit.dispatch(rt().dispatcher, done)
+        submit.wait_inline(rt().store, form, done.runs)
+    return redirect(url_for("records.wait", token=done.record.token), 303)

@@ -46,3 +46,10 @@ def db():
     if "db" not in g:
         g.db = rt().store.sessions()
     return g.db
+
+
+def close_db(_exc: BaseException | None = None) -> None:
+    """Close the request's database session (registered by the app factory)."""
+    session = g.pop("db", None)
+    if session is not None:
+        session.close()

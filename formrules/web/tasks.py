@@ -26,7 +26,6 @@ from formrules.store.models import (
     OPEN,
     Notification,
     Record,
-    ResultFile,
     Run,
     RunStatus,
     utcnow,
@@ -130,15 +129,11 @@ def cancel(run_id: str):
 def delete(run_id: str):
     """Remove a finished Run (and its files) from my list."""
     run = _own_run(run_id)
-    if not run.is_final:
+    try:
+        control.hide(db(), run)
+    except control.NotAllowed:
         flash("Only finished tasks can be deleted; cancel it first.", "error")
         return redirect(url_for("tasks.index"), 303)
-    run.hidden = True
-    db().execute(ResultFile.__table__.delete().where(ResultFile.run_id == run.id))
-    # Its notices go too: a banner pointing at a deleted task only confuses.
-    db().execute(update(Notification).where(Notification.run_id == run.id,
-                                            Notification.read_at.is_(None))
-                 .values(read_at=utcnow()))
     db().commit()
     flash(f"“{run.title}” was deleted.", "info")
     return redirect(url_for("tasks.index"), 303)

@@ -1,0 +1,99 @@
+"""Submitting a form: the one service the HTML form and the JSON API both call.
+
+    accept(s, form, values, owner=…, settings=…, submit_key=…)
+      the same submit key again ── the record it made (duplicate=True), nothing new
+      store the record + run the submit tree inline + its Runs (the outbox), commit
+      a race on the submit key ── rolled back, the winner's record (duplicate=True)
+      a synchronous action failed ── rolled back, ActionError raised: nothing is kept
+    dispatch(dispatcher, submitted)   after commit: RQ gets the new Runs
+    wait_inline(store, form, runs)    `inline_for:` hold the answer for quick work
+
+Nothing here imports Flask.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from formrules.language.tree import DeferNode, Form, walk
+from formrules.runs import engine
+from formrules.runs.queue import Dispatcher
+from formrules.store.db import Store
+from formrules.store.models import FINAL, Record, Run
+
+
+@dataclass
+class Submitted:
+    """What a submit made: the record, its new Runs, and whether it was a repeat."""
+
+    record: Record
+    runs: list[Run] = field(default_factory=list)
+    duplicate: bool = False  # the same submit key was seen before: nothing new was made
+
+
+def accept(s: Session, form: Form, values: dict[str, Any], *, owner: str, settings,
+           submit_key: str | None = None) -> Submitted:
+    """Store a submission and run its submit tree, committing `s`; see the module doc."""
+    if submit_key and (existing := _by_key(s, submit_key)):
+        return Submitted(existing, duplicate=True)
+    try:
+        record, runs = engine.submit(s, form, values, owner=owner, settings=settings,
+                                     submit_key=submit_key)
+        s.commit()
+    except IntegrityError:
+        s.rollback()  # the same submit key won a race in another request
+        existing = _by_key(s, submit_key) if submit_key else None
+        if existing is None:
+            raise
+        return Submitted(existing, duplicate=True)
+    except BaseException:
+        s.rollback()  # nothing of the submission is kept (an ActionError, say)
+        raise
+    return Submitted(record, runs)
+
+
+def _by_key(s: Session, submit_key: str) -> Record | None:
+    return s.scalar(select(Record).where(Record.submit_key == submit_key))
+
+
+def dispatch(dispatcher: Dispatcher, submitted: Submitted) -> None:
+    """After commit: put the new Runs on RQ (Redis down: the reconciler will)."""
+    dispatcher.dispatch_all(submitted.runs)
+
+
+def inline_seconds(form: Form, runs: list[Run]) -> float:
+    """How long the answer may wait for `runs`: the largest `inline_for` of the awaited
+    Runs' nodes, 0 when none has one."""
+    return _inline(form, runs)[0]
+
+
+def _inline(form: Form, runs: list[Run]) -> tuple[float, list[str]]:
+    limits = {n.path: n.inline_for.total_seconds() for n in walk(form.events.get("submit", ()))
+              if isinstance(n, DeferNode) and n.inline_for}
+    waited = [r for r in runs if r.node_path in limits and r.awaited != "false"]
+    return max((limits[r.node_path] for r in waited), default=0.0), [r.id for r in waited]
+
+
+def wait_inline(store: Store, form: Form, runs: list[Run]) -> None:
+    """`inline_for:` hold the answer a little so quick background work shows as done.
+
+    Only awaited Runs are waited for, and never longer than `inline_seconds`; slower work
+    simply continues in the background.
+    """
+    limit, ids = _inline(form, runs)
+    if not ids:
+        return
+    deadline = time.monotonic() + limit
+    with store.sessions() as s:
+        while True:
+            statuses = s.scalars(select(Run.status).where(Run.id.in_(ids))).all()
+            s.rollback()  # end the read so the next one sees the worker's commits
+            if all(st in FINAL for st in statuses) or time.monotonic() >= deadline:
+                return
+            time.sleep(0.1)
