@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from formrules.errors import FormrulesError
+from formrules.errors import BatchError
 from formrules.language import sandbox
 from formrules.language.checker import did_you_mean
 from formrules.language.loader import rebuild_defer
@@ -47,10 +47,6 @@ from formrules.store.models import (
 
 log = logging.getLogger("formrules.runs.batch")
 WAITING = RunStatus.WAITING
-
-
-class BatchError(FormrulesError):
-    """A batch cannot be started as asked (unknown task, bad filter, no records)."""
 
 
 def matching_records(s: Session, form: Form, *, record_ids: list[int] | None = None,

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
+from formrules.errors import NotAllowed
 from formrules.runs import lifecycle
 from formrules.runs.queue import Dispatcher
 from formrules.store.models import (
@@ -25,10 +26,6 @@ from formrules.store.models import (
 )
 
 log = logging.getLogger("formrules.runs.control")
-
-
-class NotAllowed(Exception):
-    """The Run is not in a state where this operation makes sense."""
 
 
 def cancel(s: Session, run: Run, who: str) -> str:

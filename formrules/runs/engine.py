@@ -8,6 +8,7 @@ children, with checkpoints around each action.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -23,6 +24,8 @@ from formrules.language.tree import ActionNode, DeferNode, Form, IfNode, Node, P
 from formrules.runs import lifecycle
 from formrules.runs.snapshot import Snapshot
 from formrules.store.models import Record, Run, new_id, utcnow
+
+log = logging.getLogger("formrules.runs.engine")
 
 
 def call_action(node: ActionNode, ctx: Context) -> None:
@@ -100,7 +103,9 @@ def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner
     due = due_time(node, variables, now, tz).astimezone(UTC)
     try:
         title = sandbox.render(node.title, variables)
-    except Exception:  # a title must never stop work from being recorded
+    except Exception as exc:  # a title must never stop work from being recorded
+        log.warning("%s: title %r did not render (%s); kept as written",
+                    node.path, node.title, exc)
         title = node.title
     snapshot = Snapshot.of(node, field_types, inputs).dump()
     return lifecycle.born(Run(

@@ -33,13 +33,14 @@ from sqlalchemy.orm import Session
 from formrules.actions.context import Context
 from formrules.errors import (
     GENERIC_FAILURE,
+    TIMED_OUT,
     ActionError,
     Cancelled,
-    FormrulesError,
     LeaseLost,
     PermanentError,
-    RetryableError,
     RuleError,
+    RunFailed,
+    TimedOut,
 )
 from formrules.language.sandbox import evaluate, render
 from formrules.language.tree import ActionNode, DeferNode, ProgressNode
@@ -61,19 +62,7 @@ from formrules.store.models import (
 
 log = logging.getLogger("formrules.runs.job")
 EARLY_WAIT_LIMIT = 5.0  # RQ's scheduler may fire a little early: wait that out in place
-TIMED_OUT = "This took longer than allowed and was stopped."
 LOST_WORKER = "This task stopped unexpectedly several times."
-
-
-class RunFailed(FormrulesError):
-    """Raised out of the job so RQ records the failure (and retries when attempts remain)."""
-
-
-class TimedOut(RetryableError):
-    """The Run went past its node's `timeout:`."""
-
-    def __init__(self, message: str):
-        super().__init__(message, TIMED_OUT)
 
 
 def execute_run(run_id: str) -> str:

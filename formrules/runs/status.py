@@ -6,6 +6,7 @@ internal error detail (`last_error`, traces) is for operators only, never here.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import select
@@ -15,6 +16,8 @@ from formrules.language import sandbox
 from formrules.language.tree import Form
 from formrules.language.values import typed_record
 from formrules.store.models import CANCELLABLE, Record, ResultFile, Run, RunStatus
+
+log = logging.getLogger("formrules.runs.status")
 
 # What users read for each status (the status itself stays the CSS class and JSON value).
 LABELS = {
@@ -75,7 +78,8 @@ def _message(record: Record, form: Form | None) -> str:
         return sandbox.render(form.after_submit_message,
                               {"record": typed_record(record.data, form.field_types),
                                "form": {"id": form.id, "title": form.title}})
-    except Exception:  # an author's template bug must not hide the result
+    except Exception as exc:  # an author's template bug must not hide the result
+        log.warning("form %s: after_submit message did not render: %s", form.id, exc)
         return "Done."
 
 

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from formrules.errors import FormrulesError, PermanentError, RuleError
+from formrules.errors import InvalidValues, PermanentError, RuleError
 from formrules.language import sandbox
 from formrules.language.tree import DeferNode, Form
 from formrules.language.values import to_storage, typed, typed_record
@@ -33,14 +33,6 @@ from formrules.store.db import lock_record
 from formrules.store.models import NOT_FIRED, EventKind, Record, Run, utcnow
 
 log = logging.getLogger("formrules.runs.updates")
-
-
-class InvalidValues(FormrulesError):
-    """Some values do not fit their fields; `errors` maps field name to messages."""
-
-    def __init__(self, errors: dict[str, list[str]]):
-        self.errors = errors
-        super().__init__("; ".join(f"{k}: {' '.join(v)}" for k, v in sorted(errors.items())))
 
 
 @dataclass

@@ -38,7 +38,8 @@ def _delays(record: Record) -> list[dict]:
             Run.status.in_(sorted(PENDING))).order_by(Run.due_at)):
         try:
             node = Snapshot.load(run.snapshot).node(run.node_path)
-        except RuleError:
+        except RuleError as exc:  # shown without its policy; the edit still works
+            log.warning("run %s: cannot rebuild its node: %s", run.id, exc)
             node = None
         policy = "keeps its time"
         if node is not None and node.on_change == "recompute" and node.at:
