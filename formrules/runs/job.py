@@ -3,10 +3,12 @@
     execute_run(run_id)
       claim the Run (a lease: only one execution may own it) ── not due yet? wait or leave
       for each action of the subtree: skip if checkpointed, else run it, then commit its
-      field writes + files + checkpoint in one transaction (lease checked in the same one)
-      success ── set the flag field, status done, notify
+      field writes + files + checkpoint in one transaction (lease checked, a requested
+      cancel read and the record re-read in the same one: no step starts after a cancel)
+      success ── set the flag field, status done, notify (a cancel asked for meanwhile wins)
       failure ── retryable and attempts left: status retrying, raise so RQ's Retry fires
               └─ otherwise: on_error branch (once), status dead, notify
+Every status change goes through `formrules.runs.lifecycle`.
 
 A heartbeat thread keeps the lease alive (also through steps far longer than the stale
 limit); the reconciler resumes Runs whose heartbeat stops (a killed worker), and an
