@@ -13,6 +13,7 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from formrules.config import Settings, from_env
 from formrules.language.loader import load_rules
 from formrules.process import runtime as runtime_mod
+from formrules.web import display
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 csrf = CSRFProtect()
@@ -41,6 +42,7 @@ def create_app(test_config: dict[str, Any] | None = None,
     app.extensions["formrules"] = rt
     app.extensions["formrules.rules"] = load_rules(settings.rules_dir)
     csrf.init_app(app)
+    display.init_app(app, settings.timezone, settings.locale)
 
     from formrules.web import admin, api, auth, batches, forms, records, tasks, updates
     for module in (forms, records, tasks, auth, admin, updates, batches, api):
