@@ -379,7 +379,7 @@ def tasks_list() -> None:
     rt = _runtime()
     for form in sorted(cached_rules(rt.settings.rules_dir).forms.values(), key=lambda f: f.id):
         for task in form.tasks.values():
-            click.echo(f"{form.id} {task.name}  {task.title}  (concurrency {task.concurrency}"
+            click.echo(f"{form.id} {task.name}  {task.label}  (concurrency {task.concurrency}"
                        f"{', stop_on_error' if task.stop_on_error else ''})")
 
 

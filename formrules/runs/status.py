@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, defer
 
 from formrules.language import sandbox
 from formrules.language.tree import Form
-from formrules.language.values import typed_record
+from formrules.language.variables import form_variables
 from formrules.store.models import Record, ResultFile, Run, RunStatus
 
 # What users read for each status (the status itself stays the CSS class and JSON value).
@@ -73,9 +73,7 @@ def _message(record: Record, form: Form | None) -> str:
     if form is None or not form.after_submit_message:
         return "Done."
     try:
-        return sandbox.render(form.after_submit_message,
-                              {"record": typed_record(record.data, form.field_types),
-                               "form": {"id": form.id, "title": form.title}})
+        return sandbox.render(form.after_submit_message, form_variables(form, record.data))
     except Exception:  # an author's template bug must not hide the result
         return "Done."
 
