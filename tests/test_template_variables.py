@@ -4,11 +4,15 @@ and a batch; and a task is named the same way on every batch page."""
 
 from __future__ import annotations
 
+import logging
+import textwrap
+
 import pytest
 from sqlalchemy import select
 
-from formrules.language.loader import load_rules
+from formrules.language.loader import load_rules, parse_form
 from formrules.runs.preview import preview
+from formrules.runs.status import FAILED_MESSAGE
 from formrules.store.models import Batch, Run
 from tests.helpers import record_of, runs_of, submit, token_of, tokens, work
 
@@ -86,3 +90,69 @@ def test_a_task_is_named_the_same_on_every_batch_page(operator, client, rt):
     shown = operator.get(f"/admin/batches/{batch_id}").data.decode()
     assert "<h1>Export row <span" in shown and "{{" not in shown
     assert "Export row" in operator.get("/admin/batches").data.decode()
+
+
+def test_check_catches_what_after_submit_cannot_name():
+    text = textwrap.dedent("""\
+        form: booking
+        fields:
+          - {name: room, type: string}
+        events:
+          submit: []
+        after_submit:
+          message: "{{ run.title }} {{ form.titel }} {{ reccord.room }} {{ record.rom }}"
+        """)
+    _form, found = parse_form(text, "rules/booking.yaml")
+    shown = [str(p) for p in sorted(found)]
+    assert any("'form' has no 'titel'" in p and "did you mean 'title'" in p for p in shown)
+    assert any("'run' is only set inside a Run" in p for p in shown), shown
+    assert any("unknown name 'reccord'" in p for p in shown)
+    assert any("unknown field 'rom'" in p for p in shown)
+    assert all(p.startswith("rules/booking.yaml:7:") for p in shown), shown
+
+
+def test_run_names_are_checked_inside_a_run():
+    text = textwrap.dedent("""\
+        form: booking
+        fields:
+          - {name: note, type: string}
+        events:
+          submit:
+            - set: {note: "{{ run.id }}"}
+            - background:
+                do: [{set: {note: "{{ run.id }} {{ run.attempts }}"}}]
+        """)
+    _form, found = parse_form(text, "rules/booking.yaml")
+    shown = [str(p) for p in sorted(found)]
+    assert len(shown) == 2, shown
+    assert "events/submit/0: 'run' is only set inside a Run" in shown[0]
+    assert "'run' has no 'attempts'" in shown[1] and "did you mean 'attempt'" in shown[1]
+
+
+BROKEN_MESSAGE = """
+form: sums
+title: Sums
+fields:
+  - {name: count, type: integer}
+events:
+  submit: []
+after_submit:
+  message: "You sent {{ record.count + 'apples' }}."
+"""
+
+
+def test_a_failing_after_submit_is_logged_and_the_user_reads_a_plain_sentence(
+        client, rt, rules_dir, caplog):
+    (rules_dir / "sums.yaml").write_text(BROKEN_MESSAGE)
+    from formrules.web import create_app
+
+    browser = create_app({"TESTING": True}, settings=rt.settings).test_client()
+    token = token_of(submit(browser, "sums", {"count": "3"}))
+    with caplog.at_level(logging.ERROR, logger="formrules"):
+        page = browser.get(f"/r/{token}")
+    assert page.status_code == 200
+    assert FAILED_MESSAGE in page.data.decode()
+    assert "apples" not in page.data.decode() and "TypeError" not in page.data.decode()
+    (entry,) = [r for r in caplog.records if "after_submit" in r.getMessage()]
+    assert "form sums" in entry.getMessage() and token in entry.getMessage()
+    assert "TypeError" in entry.getMessage() and "sums.yaml" in entry.getMessage()

@@ -12,6 +12,9 @@ from typing import Any
 
 from formrules.language.values import typed_record
 
+FORM_NAMES = ("id", "title")  # what `form.` has
+RUN_NAMES = ("id", "title", "attempt")  # what `run.` has
+
 
 def template_variables(*, form_id: str, form_title: str | None, field_types: dict[str, str],
                        data: dict[str, Any], run: dict[str, Any] | None = None,

@@ -6,6 +6,7 @@ internal error detail (`last_error`, traces) is for operators only, never here.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import select
@@ -22,6 +23,7 @@ LABELS = {
     "retrying": "Retrying", "done": "Done", "dead": "Failed", "cancelled": "Cancelled",
     "skipped": "Skipped",
 }
+log = logging.getLogger("formrules.runs.status")
 CANCELLABLE = ("scheduled", "queued", "waiting", "retrying", "running")
 
 
@@ -69,13 +71,20 @@ def files_by_run(s: Session, runs: list[Run]) -> dict[str, list[ResultFile]]:
     return files
 
 
+FAILED_MESSAGE = "Done: everything for your submission has been taken care of."
+
+
 def _message(record: Record, form: Form | None) -> str:
     if form is None or not form.after_submit_message:
         return "Done."
     try:
         return sandbox.render(form.after_submit_message, form_variables(form, record.data))
-    except Exception:  # an author's template bug must not hide the result
-        return "Done."
+    except Exception as exc:  # an author's template bug must not hide the result
+        # The person sees a plain sentence; operators find what broke in the log.
+        log.error("form %s: after_submit message failed for record %s: %s: %s "
+                  "(%s: after_submit/message)", form.id, record.token,
+                  type(exc).__name__, exc, form.file)
+        return FAILED_MESSAGE
 
 
 def record_status(s: Session, record: Record, form: Form | None) -> dict[str, Any]:
