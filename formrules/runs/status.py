@@ -46,9 +46,13 @@ def run_view(run: Run, files: list[ResultFile] | None = None) -> dict[str, Any]:
         "message": run.progress_message or "",
         "attempt": run.attempt,
         "max_attempts": run.max_attempts,
-        "awaited": run.awaited,
+        # JSON booleans: whether the page waits for it, and whether the user may leave it
+        # to finish in the background (`await: optional`).
+        "awaited": run.awaited != "false",
+        "can_continue": run.awaited == "optional",
         "due_at": _iso(run.due_at),
         "created_at": _iso(run.created_at),
+        "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
         "files": [{"id": f.id, "filename": f.filename} for f in files or []],
     }
