@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, render_template
+from flask import Flask, render_template, send_from_directory
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
 from formrules.config import Settings, from_env
@@ -48,6 +48,12 @@ def create_app(test_config: dict[str, Any] | None = None,
     for module in (forms, records, tasks, auth, admin, updates, batches, api):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
+
+    @app.get("/favicon.ico")
+    def favicon():
+        """The tab icon: browsers ask for it on every page, so it must not 404."""
+        return send_from_directory(app.static_folder, "favicon.ico", max_age=86400,
+                                   mimetype="image/vnd.microsoft.icon")
 
     @app.errorhandler(CSRFError)
     def csrf_error(exc: CSRFError):
