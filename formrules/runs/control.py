@@ -6,6 +6,7 @@ unreachable the reconciler brings RQ in line later.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from redis.exceptions import RedisError
@@ -51,16 +52,22 @@ def adopt(s: Session, old: str, new: str) -> None:
         s.execute(update(model).where(model.owner == old).values(owner=new))
 
 
-def hide(s: Session, run: Run) -> None:
-    """A person deletes a finished Run from their list: hidden, its files and notices go."""
+def hide(s: Session, run: Run, who: str) -> str | None:
+    """A person deletes a Run from their list: hidden, its files and notices go. One still
+    going is cancelled first; returns that cancel's outcome (None: it had ended)."""
+    outcome = None
     if not run.is_final:
-        raise NotAllowed(f"a {run.status} run cannot be deleted; cancel it first")
+        # A running one stops at its next step; hidden now, it is gone from the list. One
+        # that finished meanwhile (NotAllowed) only needs deleting.
+        with contextlib.suppress(NotAllowed):
+            outcome = cancel(s, run, who)
     run.hidden = True
     s.execute(delete(ResultFile).where(ResultFile.run_id == run.id))
     # Its notices go too: a banner pointing at a deleted task only confuses.
     s.execute(update(Notification).where(Notification.run_id == run.id,
                                          Notification.read_at.is_(None))
               .values(read_at=utcnow()))
+    return outcome
 
 
 def delete_run(s: Session, run: Run) -> None:

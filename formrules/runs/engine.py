@@ -107,7 +107,9 @@ def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner
         log.warning("%s: title %r did not render (%s); kept as written",
                     node.path, node.title, exc)
         title = node.title
-    snapshot = Snapshot.of(node, field_types, inputs).dump()
+    # Templates inside the Run name the form as it was when the work was started.
+    snapshot = Snapshot.of(node, field_types, inputs,
+                           form_title=(variables.get("form") or {}).get("title")).dump()
     return lifecycle.born(Run(
         id=new_id(), record_id=record_id, form_id=form_id, owner=owner, kind=kind or node.kind,
         node_path=node.path, title=title[:300], snapshot=snapshot,
@@ -140,7 +142,8 @@ def run_inline(session: Session, form: Form, record: Record, nodes: tuple[Node, 
     """
     extra = Snapshot(raw={}, fields=form.field_types, inputs=dict(inputs or {})).variables()
     ctx = Context(settings=settings, form_id=form.id, field_types=form.field_types,
-                  data=dict(record.data), record_token=record.token, extra=dict(extra or {}))
+                  data=dict(record.data), record_token=record.token, extra=dict(extra or {}),
+                  form_title=form.title)
     runs: list[Run] = []
     now = utcnow()
 

@@ -46,6 +46,7 @@ from formrules.errors import (
 )
 from formrules.language.sandbox import evaluate, render
 from formrules.language.tree import ActionNode, DeferNode, ProgressNode
+from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
 from formrules.runs import lifecycle
 from formrules.runs.engine import call_action, new_run, walk
@@ -214,9 +215,8 @@ class Execution:
         return Context(
             settings=self.settings, form_id=run.form_id, field_types=self.snapshot.fields,
             data=dict(self.data), path=path, run_id=run.id, attempt=run.attempt,
-            extra={**self.snapshot.variables(),
-                   "run": {"id": run.id, "title": run.title, "attempt": run.attempt},
-                   **extra},
+            extra={**self.snapshot.variables(), "run": run_info(run), **extra},
+            form_title=form_title_of(run),
             all_records=lambda: self.form_records(run.form_id),
             on_progress=lambda d, t, m: self.progress(run, d, t, m),
             is_cancelled=self.cancelled,

@@ -16,6 +16,8 @@ def run_ended(s: Session, run: Run, level: str, message: str) -> None:
     """Tell a Run's owner how it ended, unless that is not news to them."""
     if run.batch_id is not None:
         return  # the batch tells its owner once, when it ends, not once per record
+    if run.hidden:
+        return  # its owner deleted it (cancel-and-delete): news of it would only confuse
     if run.awaited == "false" and level == "success" and run.kind == "delay":
         return  # a reminder firing on schedule is not news to the person who submitted
     token = None

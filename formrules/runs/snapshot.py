@@ -3,7 +3,8 @@
 Stored as JSON in `runs.snapshot`:
 
     {"v": 2, "raw": {kind: options}, "fields": {name: type}, "intervals": [s, ...],
-     "timeout": seconds | null, "inputs": {"old": {...}, "changed": {...}}}
+     "timeout": seconds | null, "form_title": "…" | null,
+     "inputs": {"old": {...}, "changed": {...}}}
 
 `v` is the format version (a snapshot without it is version 1, which had no `inputs`);
 `inputs` carries the variables an update event had (`old`, `changed`, as stored), so a
@@ -38,6 +39,7 @@ class Snapshot:
     intervals: tuple[int, ...] = ()  # seconds before attempt 2, 3, …
     timeout: float | None = None  # the node's `timeout:` in seconds (None: the default)
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # old/changed, stored
+    form_title: str | None = None  # the form's title when the work started (templates)
     version: int = VERSION
 
     @classmethod
@@ -51,21 +53,24 @@ class Snapshot:
                    intervals=tuple(data.get("intervals") or ()),
                    timeout=data.get("timeout"),
                    inputs=dict(data.get("inputs") or {}) if version >= 2 else {},
+                   form_title=data.get("form_title"),
                    version=VERSION)
 
     @classmethod
     def of(cls, node: DeferNode, fields: dict[str, str],
-           inputs: dict[str, dict[str, Any]] | None = None) -> Snapshot:
+           inputs: dict[str, dict[str, Any]] | None = None,
+           form_title: str | None = None) -> Snapshot:
         """The snapshot for a new Run of `node` (retry jitter is drawn here, once)."""
         return cls(raw=node.raw, fields=dict(fields), intervals=tuple(node.retry.intervals()),
                    timeout=node.timeout.total_seconds() if node.timeout else None,
-                   inputs={k: v for k, v in (inputs or {}).items() if k in INPUT_NAMES})
+                   inputs={k: v for k, v in (inputs or {}).items() if k in INPUT_NAMES},
+                   form_title=form_title)
 
     def dump(self) -> dict[str, Any]:
         """The JSON form stored in `runs.snapshot`."""
         out: dict[str, Any] = {VERSION_KEY: self.version, "raw": self.raw,
                                "fields": self.fields, "intervals": list(self.intervals),
-                               "timeout": self.timeout}
+                               "timeout": self.timeout, "form_title": self.form_title}
         if self.inputs:
             out["inputs"] = self.inputs
         return out
