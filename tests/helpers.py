@@ -148,7 +148,9 @@ class WorkerProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        out = self.stop()
+        if os.environ.get("FORMRULES_TEST_SHOW_WORKER"):
+            print(out)
 
 
 def processes() -> dict[int, tuple[int, int]]:

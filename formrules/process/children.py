@@ -1,4 +1,4 @@
-"""Helpers for the child processes formrules starts (Redis, worker, reconciler)."""
+"""Helpers for the child processes formrules starts (Redis, workers)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import signal
 def die_with_parent() -> None:
     """Linux: have the kernel stop this process when its parent dies (even by SIGKILL).
 
-    Used as `preexec_fn`, it is armed before the child program starts; a parent that died
-    before that leaves the child to its own start-up checks (see `worker.reconciler_main`).
+    Used as `preexec_fn`, it is armed before the child program starts.
     """
     # Not Linux (no libc.so.6 / prctl): the parent's own cleanup still applies.
     with contextlib.suppress(OSError, AttributeError):
