@@ -142,15 +142,14 @@ class WorkerProcess:
         self.log.seek(0)
         output = self.log.read().decode(errors="replace")
         self.log.close()
+        self.output = output  # what it printed, for tests that check its logs
         return output
 
     def __enter__(self) -> WorkerProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        out = self.stop()
-        if os.environ.get("FORMRULES_TEST_SHOW_WORKER"):
-            print(out)
+        self.stop()
 
 
 def processes() -> dict[int, tuple[int, int]]:
