@@ -8,20 +8,31 @@ worker by hand.
 
 from __future__ import annotations
 
+import http.cookiejar
+import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from formrules.process.leader import leader_of
-from formrules.process.redis_server import RedisServer
+from formrules.process.redis_server import RedisServer, free_port
 from formrules.process.runtime import Runtime, install
 from formrules.store.models import RunStatus
 from tests.fixture_actions import read_calls
 from tests.helpers import (
+    ROOT,
     WorkerProcess,
+    alive,
+    descendants,
     events_of,
     processes,
     runs_of,
@@ -228,3 +239,67 @@ def test_delay_is_on_time_after_the_leader_is_killed(on_own_redis):
     assert run.due_at <= started
     assert (started - run.due_at).total_seconds() < 6
     assert names(rt) == Counter(later=1)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return b""
+
+
+def _child(process, needle: bytes) -> int | None:
+    """A live descendant of `process` whose command line holds `needle`."""
+    return next((p for p in descendants(process.pid)
+                 if needle in _cmdline(p) and alive(p)), None)
+
+
+@pytest.mark.slow
+def test_one_command_run_restarts_its_killed_worker_and_redis(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "DATABASE_URL", "SECRET_KEY")}
+    env.update({"FORMRULES_INSTANCE": str(tmp_path / "instance"),
+                "FORMRULES_RULES": str(ROOT / "tests" / "rules"),
+                "FORMRULES_ACTIONS": "tests.fixture_actions", "PYTHONPATH": str(ROOT)})
+    process = subprocess.Popen([sys.executable, "-m", "formrules.cli", "run", "--port",
+                                str(port)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    try:
+        def form_page():
+            try:
+                with opener.open(f"{base}/forms/slow", timeout=2) as response:
+                    return response.read()
+            except OSError:
+                return None
+
+        wait_until(form_page, timeout=60, interval=0.2)
+        worker = wait_until(lambda: _child(process, b"formrules.process.worker"), timeout=30)
+        server = wait_until(lambda: _child(process, b"-server"), timeout=30)
+        os.kill(worker, signal.SIGKILL)  # the OOM killer, say
+        os.kill(server, signal.SIGKILL)
+        wait_until(lambda: (_child(process, b"formrules.process.worker") or worker) != worker,
+                   timeout=60)
+        wait_until(lambda: (_child(process, b"-server") or server) != server, timeout=60)
+
+        page = form_page()
+        data = {name: re.search(rb'name="' + name.encode() + rb'" type="hidden" value="([^"]*)"',
+                                page).group(1).decode() for name in ("csrf_token", "submit_key")}
+        data["name"] = "Again"
+        with opener.open(f"{base}/forms/slow", urllib.parse.urlencode(data).encode(),
+                         timeout=10) as response:
+            status_url = response.url + "/status"
+
+        def done():
+            with opener.open(status_url, timeout=5) as response:
+                return json.loads(response.read())["done"]
+
+        wait_until(done, timeout=120, interval=0.5)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "the worker exited" in output and "the private Redis exited" in output
