@@ -198,10 +198,13 @@ def worker(simple: bool, burst: bool) -> None:
 def reconcile() -> None:
     """Run one reconciler pass now and print what it did."""
     from formrules.process.runtime import Runtime, install
-    from formrules.runs.reconciler import reconcile_once
-    rt = install(Runtime(from_env()))
+    from formrules.runs.reconciler import dispatch_due, reconcile_once
+    rt = install(Runtime(from_env(), bounded=False))  # as the leader runs it
     rt.store.create_all()
-    click.echo(str(reconcile_once(rt)))
+    moved = dispatch_due(rt)  # the due Delays and retries, as the leader's tick does
+    result = reconcile_once(rt)
+    result.dispatched += moved
+    click.echo(str(result))
 
 
 @cli.group()
