@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+from redis.exceptions import RedisError
+
 
 class Outage:
     """Exponential backoff from `first` to `cap` seconds, logged once per outage."""
@@ -34,3 +36,27 @@ class Outage:
         if self.began is not None:
             self.log.warning("%s is back after %.0f s", self.what, time.monotonic() - self.began)
             self.began, self.delay = None, self.first
+
+
+class QuietOutage(logging.Filter):
+    """For RQ's worker logger: one "could not connect" line per outage, no tracebacks.
+
+    RQ logs every reconnect attempt (every 2 s) and a traceback when its loop gives up;
+    during an outage the worker's own single line says all of that.
+    """
+
+    def __init__(self, quiet_for: float = 300.0):
+        super().__init__()
+        self.quiet_for = quiet_for
+        self.last = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop repeats; keep the line but not the traceback of a Redis error."""
+        if record.exc_info and isinstance(record.exc_info[1], RedisError):
+            record.exc_info, record.exc_text = None, None
+        if "could not connect to redis" in record.getMessage().lower():
+            now = time.monotonic()
+            if now - self.last < self.quiet_for:
+                return False
+            self.last = now
+        return True

@@ -24,7 +24,7 @@ from rq.serializers import JSONSerializer
 from formrules.config import Settings, from_env
 from formrules.language.loader import load_rules
 from formrules.process.leader import QUIET, Leader
-from formrules.process.outage import Outage
+from formrules.process.outage import Outage, QuietOutage
 from formrules.process.runtime import Runtime, install
 
 log = logging.getLogger("formrules.process.worker")
@@ -67,6 +67,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
     queue = Queue(settings.queue, connection=rt.redis, serializer=JSONSerializer)
     worker_class = InProcessWorker if simple else ForkingWorker
     outage = Outage("Redis", log)
+    logging.getLogger("rq.worker").addFilter(QuietOutage())
     worked = False
     if burst:  # no leader in a burst: move what is due once, as RQ's burst scheduler did
         from formrules.runs.reconciler import dispatch_due
@@ -83,6 +84,9 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
                 # RQ's loop gave up (a Redis timeout or error it logged): start again.
             except RedisError as exc:
                 outage.failed(exc)
+            with contextlib.suppress(Exception):  # its reconnect loop would log every 2 s
+                if worker.pubsub_thread is not None:
+                    worker.pubsub_thread.stop()
             _await_horse(worker)
             _await_redis(rt, outage, stopping)
         return worked
