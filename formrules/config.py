@@ -40,6 +40,7 @@ class Settings:
     leader_lease_seconds: float = 5.0  # a killed leader's duties move on within this
     tick_seconds: float = 0.5  # how often the leader moves due Delays and retries to the queue
     timezone: str = "UTC"
+    locale: str = "en"  # pages' language and date formats when the browser asks for none
     secure_cookies: bool = False  # set behind HTTPS: cookies are then never sent in clear
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -72,6 +73,7 @@ _ENV = {
     "default_timeout_seconds": "FORMRULES_DEFAULT_TIMEOUT",
     "progress_write_seconds": "FORMRULES_PROGRESS_INTERVAL",
     "max_recoveries": "FORMRULES_MAX_RECOVERIES", "timezone": "FORMRULES_TIMEZONE",
+    "locale": "FORMRULES_LOCALE",
     "secure_cookies": "FORMRULES_SECURE_COOKIES",
     "submit_redis_seconds": "FORMRULES_SUBMIT_REDIS_TIMEOUT",
     "leader_lease_seconds": "FORMRULES_LEADER_LEASE", "tick_seconds": "FORMRULES_TICK",
