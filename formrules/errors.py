@@ -116,4 +116,4 @@ class BatchError(FormrulesError):
 
 
 class RunFailed(FormrulesError):
-    """Raised out of the job so RQ records the failure (and retries when attempts remain)."""
+    """Raised out of the job so RQ records the failure (the database schedules any retry)."""

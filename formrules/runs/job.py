@@ -6,7 +6,7 @@
       field writes + files + checkpoint in one transaction (lease checked, a requested
       cancel read and the record re-read in the same one: no step starts after a cancel)
       success ── set the flag field, status done, notify (a cancel asked for meanwhile wins)
-      failure ── retryable and attempts left: status retrying, raise so RQ's Retry fires
+      failure ── retryable and attempts left: status retrying, due after its wait
               └─ otherwise: on_error branch (once), status dead, notify
 Every status change goes through `formrules.runs.lifecycle`.
 
@@ -15,8 +15,8 @@ limit); the reconciler resumes Runs whose heartbeat stops (a killed worker), and
 execution that lost its lease stops at its next write. The node's `timeout:` (default
 `default_timeout_seconds`) is enforced at every progress/cancel check inside a step and
 between steps; RQ's own job timeout, a little longer, is the backstop for actions that
-never check. RQ's Retry is aligned with the database on every failure, so RQ never
-retries a Run the database has given up on, nor at another time than the Run shows.
+never check. RQ does not retry: a retrying Run's next attempt is due at `Run.due_at`, and
+the leader enqueues it then (`formrules.process.leader`).
 Nothing here imports the web layer.
 """
 
@@ -341,7 +341,6 @@ class Execution:
         safe = exc.safe_message if isinstance(exc, ActionError) else GENERIC_FAILURE
         if type(exc).__name__ == "JobTimeoutException":  # RQ's backstop fired
             safe = TIMED_OUT
-        remaining: list[int] = []
         with self.store.session() as s:
             owned = lifecycle.hold(s, run.id, self.lease)
             # A cancel asked for while this step ran wins over any retry: a cancelled Run
@@ -355,16 +354,15 @@ class Execution:
             lifecycle.note(s, owned, EventKind.ERROR, detail,
                            getattr(exc, "path", "") or self.current_path)
             if retryable and owned.attempt < owned.max_attempts:
-                remaining = self.snapshot.waits_after(owned.attempt, owned.max_attempts)
+                wait = self.snapshot.waits_after(owned.attempt, owned.max_attempts)[0]
                 lifecycle.retry_later(s, run.id, self.lease,
-                                      utcnow() + timedelta(seconds=remaining[0]),
+                                      utcnow() + timedelta(seconds=wait),
                                       owned.attempt, owned.max_attempts)
                 outcome = "retrying"
             else:
                 outcome = "dead"
         if outcome == "dead":
             self.dead(run, node, exc, safe)
-        _align_rq_retry(remaining)
         raise RunFailed(f"run {run.id}: {outcome}: {exc}") from exc
 
     def dead(self, run: Run, node: DeferNode | None, exc: BaseException, safe: str) -> None:
@@ -383,18 +381,3 @@ class Execution:
                                    f"{node.path}/on_error")
         with self.store.session() as s:
             lifecycle.die(s, run.id, self.lease, run.attempt)
-
-
-def _align_rq_retry(remaining: list[int]) -> None:
-    """Make RQ's Retry of the current job match the Run: next attempt at its `due_at`.
-
-    `remaining` are the waits before each attempt still allowed; empty once the Run is
-    dead, so RQ never retries a Run the database has given up on.
-    """
-    from rq import get_current_job
-
-    job = get_current_job()
-    if job is None:
-        return  # called outside a worker (tests, tools): nothing to align
-    job.retries_left = len(remaining)
-    job.retry_intervals = list(remaining) or None

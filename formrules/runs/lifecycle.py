@@ -246,9 +246,10 @@ def request_cancel(s: Session, where: Iterable[Any], detail: str) -> list[str]:
                                    cancel_requested=True)]
 
 
-def end_cancelled_between_attempts(s: Session) -> list[str]:
-    """Pending Runs with a cancel requested (nothing will claim them): cancelled now."""
-    return cancel_not_started(s, [Run.status.in_(sorted(PENDING)),
+def end_cancelled_between_attempts(s: Session, now: datetime) -> list[str]:
+    """Due pending Runs with a cancel requested (nothing will claim them): cancelled now.
+    A future one is left to its due time: it cannot be claimed before then either."""
+    return cancel_not_started(s, [Run.status.in_(sorted(PENDING)), Run.due_at <= now,
                                   Run.cancel_requested.is_(True)],
                               "cancelled: the cancel was asked for between attempts")
 

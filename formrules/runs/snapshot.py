@@ -97,7 +97,7 @@ class Snapshot:
         """Seconds to wait before each attempt still allowed once `attempt` has failed.
 
         The one place retry timing is worked out: the job schedules the next attempt
-        with the first wait, and RQ's Retry is given the whole list.
+        (`Run.due_at`) with the first wait; RQ does not retry by itself.
         """
         intervals = list(self.intervals) or [0]
         return [intervals[min(i, len(intervals) - 1)]
