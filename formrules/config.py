@@ -37,6 +37,12 @@ class Settings:
     max_recoveries: int = 5  # a Run that kills its worker this often goes dead
     timezone: str = "UTC"
     secure_cookies: bool = False  # set behind HTTPS: cookies are then never sent in clear
+    session_idle_hours: float = 12.0  # a logged-in session unused this long ends
+    session_max_days: float = 14.0  # and every logged-in session ends this long after login
+    # Failed log-ins and API token failures allowed per window ("N per M minutes").
+    login_account_limit: str = "5 per 15 minutes"  # per user name: a lockout window
+    login_client_limit: str = "20 per 15 minutes"  # per client address, any names
+    api_auth_limit: str = "20 per 15 minutes"  # per client address, bad API tokens
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,6 +75,11 @@ _ENV = {
     "progress_write_seconds": "FORMRULES_PROGRESS_INTERVAL",
     "max_recoveries": "FORMRULES_MAX_RECOVERIES", "timezone": "FORMRULES_TIMEZONE",
     "secure_cookies": "FORMRULES_SECURE_COOKIES",
+    "session_idle_hours": "FORMRULES_SESSION_IDLE_HOURS",
+    "session_max_days": "FORMRULES_SESSION_MAX_DAYS",
+    "login_account_limit": "FORMRULES_LOGIN_ACCOUNT_LIMIT",
+    "login_client_limit": "FORMRULES_LOGIN_CLIENT_LIMIT",
+    "api_auth_limit": "FORMRULES_API_AUTH_LIMIT",
 }
 
 

@@ -38,6 +38,17 @@ from formrules.language.values import to_storage
 SUBMIT_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
+class FiniteDecimalField(DecimalField):
+    """A DecimalField that refuses NaN, sNaN and Infinity: they are not amounts, and
+    comparing them with a `min:` or `max:` raises instead of failing validation."""
+
+    def process_formdata(self, valuelist):
+        super().process_formdata(valuelist)
+        if isinstance(self.data, Decimal) and not self.data.is_finite():
+            self.data = None
+            raise ValueError(self.gettext("Not a valid decimal value."))
+
+
 def _field(fd: FieldDef) -> Field:
     # Text must have content (DataRequired strips blanks); parsed types must have been
     # typed at all (InputRequired), so "31/02" says "Not a valid date", not "required".
@@ -62,7 +73,7 @@ def _field(fd: FieldDef) -> Field:
     if fd.type == "decimal":
         if fd.default is not None:
             kwargs["default"] = Decimal(str(fd.default))
-        return DecimalField(validators=required, places=None, **kwargs)
+        return FiniteDecimalField(validators=required, places=None, **kwargs)
     if fd.type == "boolean":
         return BooleanField(validators=[DataRequired()] if fd.required else [], **kwargs)
     if fd.type == "date":
