@@ -317,6 +317,8 @@ def users_add(name: str, operator: bool, password: str | None) -> None:
     rt = _runtime()
     with rt.store.session() as s:
         user = s.scalar(select(User).where(User.name == name)) or User(name=name)
+        if user.id is not None:  # a new password ends the sessions started with the old one
+            user.session_generation = (user.session_generation or 0) + 1
         user.password_hash = generate_password_hash(password)
         user.is_operator = operator
         s.add(user)

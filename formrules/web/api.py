@@ -76,7 +76,10 @@ def _json_object():
 
 
 def _not_text(value: str) -> bool:
-    """True for strings that cannot be stored as UTF-8 text (lone surrogates from `\ud800`)."""
+    """True for strings that cannot be stored as text: lone surrogates (from a JSON
+    `\\ud800`), which UTF-8 cannot encode, and NUL, which PostgreSQL refuses."""
+    if "\x00" in value:
+        return True
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

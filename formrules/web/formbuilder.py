@@ -30,6 +30,7 @@ from wtforms.validators import (
     NumberRange,
     Optional,
     Regexp,
+    ValidationError,
 )
 
 from formrules.language.tree import FieldDef, Form
@@ -49,6 +50,12 @@ class FiniteDecimalField(DecimalField):
             raise ValueError(self.gettext("Not a valid decimal value."))
 
 
+def _no_nul(form, field) -> None:
+    """NUL is not text: PostgreSQL refuses it in strings, so refuse it at the door."""
+    if isinstance(field.data, str) and "\x00" in field.data:
+        raise ValidationError("Contains characters that are not valid text.")
+
+
 def _field(fd: FieldDef) -> Field:
     # Text must have content (DataRequired strips blanks); parsed types must have been
     # typed at all (InputRequired), so "31/02" says "Not a valid date", not "required".
@@ -61,6 +68,8 @@ def _field(fd: FieldDef) -> Field:
         required.append(NumberRange(min=fd.min, max=fd.max))
     if fd.max_length and fd.type in ("string", "text", "email"):
         required.append(Length(max=fd.max_length))
+    if text_like:
+        required.append(_no_nul)
     if fd.type == "string":
         return StringField(validators=required, **kwargs)
     if fd.type == "text":

@@ -58,8 +58,9 @@ def install(app: Flask, settings: Settings) -> Limiter:
     login = limiter.limit(settings.login_client_limit, methods=["POST"],
                           deduct_when=_failed_login, scope="login-client")(login)
     app.view_functions["auth.login"] = login
-    limiter.limit(settings.api_auth_limit, deduct_when=_failed_login,
-                  scope="api-auth")(app.blueprints["api"])
+    # Shared: one count for every API endpoint, not one per endpoint.
+    limiter.shared_limit(settings.api_auth_limit, scope="api-auth",
+                         deduct_when=_failed_login)(app.blueprints["api"])
 
     @app.errorhandler(RateLimitExceeded)
     def too_many(exc: RateLimitExceeded):
