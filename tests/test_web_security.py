@@ -246,7 +246,7 @@ def test_non_finite_decimals_are_refused_not_500(client, auth, value):
     assert "Not a valid decimal value" in page.get_data(as_text=True)
     # As a JSON string, and as the bare NaN / Infinity literals Python's parser accepts.
     for raw in (json.dumps(value), "NaN", "-Infinity"):
-        api = client.post("/api/forms/priced", data='{"label": "x", "price": %s}' % raw,
+        api = client.post("/api/forms/priced", data='{"label": "x", "price": ' + raw + "}",
                           headers={**auth, "Content-Type": "application/json"})
         assert api.status_code == 422, raw
         assert "Not a valid decimal value." in api.json["fields"]["price"]
@@ -278,7 +278,7 @@ def test_a_deeply_nested_body_is_a_400(client, auth):
 
 @pytest.mark.parametrize("raw", ['"\\ud800"', '"a\\udfffb"', '"nul\\u0000"'])
 def test_text_that_cannot_be_stored_is_refused(client, rt, operator, auth, raw):
-    body = '{"label": %s}' % raw
+    body = '{"label": ' + raw + "}"
     response = client.post("/api/forms/priced", data=body,
                            headers={**auth, "Content-Type": "application/json"})
     assert response.status_code == 422

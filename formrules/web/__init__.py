@@ -7,13 +7,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, g, render_template
+from flask import Flask, render_template
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy.exc import DBAPIError
 
 from formrules.config import Settings, from_env
 from formrules.language.loader import load_rules
 from formrules.process import runtime as runtime_mod
+from formrules.web.state import discard_db
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 csrf = CSRFProtect()
@@ -21,16 +22,6 @@ log = logging.getLogger("formrules.web")
 FALLBACK_500 = ("<!doctype html><meta charset='utf-8'><title>Something went wrong</title>"
                 "<h1>Something went wrong</h1><p>Something went wrong on our side. Please try "
                 "again in a moment.</p>")
-
-
-def _discard_db() -> None:
-    """Drop the request's database session, whatever state a failure left it in."""
-    session = g.pop("db", None)
-    if session is not None:
-        try:
-            session.close()
-        except Exception:  # a dead connection may fail even to roll back
-            log.debug("closing a failed database session failed", exc_info=True)
 
 
 class FormrulesFlask(Flask):
@@ -46,7 +37,7 @@ class FormrulesFlask(Flask):
                 raise
             log.warning("database connection lost; running the request once more: %s",
                         exc.orig)
-            _discard_db()
+            discard_db()
             return super().full_dispatch_request()
 
 
@@ -109,14 +100,14 @@ def create_app(test_config: dict[str, Any] | None = None,
     def server_error(exc):
         # The failure may have left the request's database session unusable (a lost
         # connection): start the page on a fresh one, and if even that fails, plain HTML.
-        _discard_db()
+        discard_db()
         try:
             return render_template("error.html", title="Something went wrong",
                                    message="Something went wrong on our side. Please try "
                                            "again in a moment."), 500
         except Exception:
             log.exception("the error page itself failed")
-            _discard_db()
+            discard_db()
             return FALLBACK_500, 500
 
     return app
