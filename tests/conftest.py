@@ -86,7 +86,7 @@ def settings(tmp_path, database_url, redis_url, rules_dir):
         database_url=database_url, redis_url=redis_url, secret_key="test-secret",
         heartbeat_seconds=0.2, stale_seconds=2.0, reconcile_seconds=0.5,
         progress_write_seconds=0.0, actions_modules="tests.fixture_actions",
-        http_allow=("127.0.0.1",),
+        http_allow=("127.0.0.1:*",),  # test servers listen on random ports
     )
 
 

@@ -62,7 +62,7 @@ def http_server():
 @pytest.fixture
 def ctx(tmp_path):
     settings = from_env({}, instance_dir=str(tmp_path), secret_key="x",
-                        http_allow=("127.0.0.1",))
+                        http_allow=("127.0.0.1:*",))
     return Context(settings=settings, form_id="order", field_types=FIELDS,
                    data={"email": "ann@example.com", "amount": "12.50"},
                    path="events/submit/0/background/do/0", run_id="run1")

@@ -92,8 +92,8 @@ def http_request(ctx: Context, url: str, method: str = "POST", headers: dict | N
                  save: dict | None = None) -> None:
     """Call an allowed HTTP endpoint, sending the step's Idempotency-Key header."""
     host = (urlsplit(url).hostname or "").lower()
-    if urlsplit(url).scheme not in ("http", "https") or host not in ctx.settings.http_allow:
-        raise PermanentError(f"http_request: host {host!r} is not in FORMRULES_HTTP_ALLOW",
+    if not allowed(url, ctx.settings.http_allow):
+        raise PermanentError(f"http_request: {_origin(url)!r} is not in FORMRULES_HTTP_ALLOW",
                              "This form is not allowed to contact that service.")
     data = None
     sent_headers = {"Idempotency-Key": ctx.idempotency_key, **(headers or {})}
@@ -131,6 +131,36 @@ def http_request(ctx: Context, url: str, method: str = "POST", headers: dict | N
             ctx.set(name, sandbox.render(str(template), variables))
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> str:
+    """`host:port` of a URL, the port made explicit (what allowlist entries name)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:  # a port that is not a number, or out of range
+        port = None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def allowed(url: str, allow: tuple[str, ...]) -> bool:
+    """May `http_request` call `url`? An allowlist entry `host` allows that host on the
+    scheme's default port only (80, 443); `host:port` allows that port; `host:*` any."""
+    parts = urlsplit(url)
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return False
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    host = parts.hostname.lower()
+    named = f"[{host}]" if ":" in host else host
+    default = port is None or port == DEFAULT_PORTS[parts.scheme]
+    return (default and host in allow) or _origin(url) in allow or f"{named}:*" in allow
+
+
 class _AllowlistRedirects(urllib.request.HTTPRedirectHandler):
     """Follow a redirect only to an allowed host: the allowlist must not be a detour."""
 
@@ -138,9 +168,7 @@ class _AllowlistRedirects(urllib.request.HTTPRedirectHandler):
         self.allowed = allowed
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        target = urlsplit(newurl)
-        if target.scheme not in ("http", "https") or \
-                (target.hostname or "").lower() not in self.allowed:
+        if not allowed(newurl, self.allowed):
             raise PermanentError(f"http_request: redirect to {newurl!r} is not allowed",
                                  "This form is not allowed to contact that service.")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
