@@ -14,7 +14,7 @@ import time_machine
 from sqlalchemy import select, update
 
 from formrules.store import tokens
-from formrules.store.models import Record, User
+from formrules.store.models import Record, RevokedSession, User, utcnow
 from formrules.web import create_app
 from tests.helpers import ROOT, submit, token_of
 from tests.web_helpers import PASSWORD, login, make_user, post
@@ -121,6 +121,22 @@ def copied_session(app, browser):
     thief = app.test_client()
     thief.set_cookie("session", browser.get_cookie("session").value)
     return thief
+
+
+def test_log_out_ends_a_copied_session_but_not_other_log_ins(app, rt, operator):
+    other_device = app.test_client()
+    assert login(other_device, "olga").status_code == 303
+    thief = copied_session(app, operator)
+    assert thief.get("/admin").status_code == 200
+    assert post(operator, "/logout").status_code == 303
+    assert operator.get("/admin").status_code == 302
+    assert thief.get("/admin").status_code == 302  # the copy died with the session
+    assert other_device.get("/admin").status_code == 200
+    assert post(other_device, "/logout").status_code == 303
+    with rt.store.session() as s:  # kept only as long as the sessions could have lasted
+        rows = s.scalars(select(RevokedSession)).all()
+    assert len(rows) == 2
+    assert all(row.expires_at <= utcnow() + timedelta(days=14) for row in rows)
 
 
 def test_log_out_everywhere_ends_a_copied_session(app, rt, operator):

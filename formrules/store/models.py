@@ -194,6 +194,16 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class RevokedSession(Base):
+    """A logged-in session ended by "Log out": its cookie, even a copy, opens nothing more.
+    Rows are only needed until the session would have expired anyway (`expires_at`)."""
+
+    __tablename__ = "revoked_sessions"
+
+    sid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class Notification(Base):
     __tablename__ = "notifications"
 

@@ -7,6 +7,7 @@ import functools
 from flask import Blueprint, g, redirect, render_template, request, session, url_for
 from flask_wtf import FlaskForm
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length
@@ -89,9 +90,16 @@ def _adopt(old: str, new: str) -> None:
 
 @bp.post("/logout")
 def logout():
-    """Forget the session; with `everywhere`, end every session of the account too."""
-    if request.form.get("everywhere") and g.get("user") is not None:
-        sessions.end_everywhere(g.user.id)
-        db().commit()
+    """End this session (on the server too); with `everywhere`, every session of the
+    account, on every browser."""
+    if g.get("user") is not None:
+        if request.form.get("everywhere"):
+            sessions.end_everywhere(g.user.id)
+        else:
+            sessions.end_this()
+        try:
+            db().commit()
+        except IntegrityError:  # a second tab logged out at the same moment: already done
+            db().rollback()
     session.clear()
     return redirect(url_for("forms.index"), 303)

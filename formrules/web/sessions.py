@@ -1,22 +1,25 @@
-"""Logged-in sessions that the server can end: a generation, idle and absolute lifetimes.
+"""Logged-in sessions that the server can end: revocation, idle and absolute lifetimes.
 
-The session cookie is signed, not stored, so it cannot be deleted on the server. Instead
-it carries the user's `session_generation` from login time; logging out everywhere and a
-new password bump the generation, and every request compares the two. The user (and so
-the operator role) is read from the database on each request, never from the cookie.
+The session cookie is signed, not stored, so deleting it in one browser does not stop a
+copy. So it carries a random session id and the user's `session_generation` from login
+time, and every request checks both: "Log out" records the id as revoked; "Log out
+everywhere" and a new password bump the generation, ending all of the account's sessions.
+The user (and so the operator role) is read from the database on each request, never
+from the cookie.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from datetime import UTC, datetime, timedelta
 
 from flask import Flask, g, request, session
 from flask.sessions import SecureCookieSessionInterface
-from sqlalchemy import update
+from sqlalchemy import delete, update
 
 from formrules.config import Settings
-from formrules.store.models import User
+from formrules.store.models import RevokedSession, User, utcnow
 from formrules.web.state import db, rt
 
 SEEN_EVERY = 60  # seconds: refresh the idle clock (and so the cookie) at most this often
@@ -28,7 +31,20 @@ def start(user: User) -> None:
     session.clear()
     session.permanent = True
     session.update(user_id=user.id, user_name=user.name, gen=user.session_generation,
-                   login_at=now, seen_at=now)
+                   sid=secrets.token_hex(16), login_at=now, seen_at=now)
+
+
+def end_this() -> None:
+    """Revoke this browser's session on the server, so a copy of its cookie dies with it
+    (the caller commits). Revocations past their session's lifetime are dropped."""
+    sid = session.get("sid")
+    if not sid:
+        return
+    longest = timedelta(days=rt().settings.session_max_days)
+    expires = datetime.fromtimestamp(session.get("login_at", 0), UTC) + longest
+    db().execute(delete(RevokedSession).where(RevokedSession.expires_at < utcnow()))
+    if db().get(RevokedSession, sid) is None:
+        db().add(RevokedSession(sid=sid, expires_at=expires))
 
 
 def end_everywhere(user_id: int) -> None:
@@ -52,7 +68,8 @@ def load_user() -> None:
     user = db().get(User, session["user_id"])
     now = time.time()
     if user is None or session.get("gen") != user.session_generation \
-            or _expired(rt().settings, now):
+            or _expired(rt().settings, now) or not session.get("sid") \
+            or db().get(RevokedSession, session["sid"]) is not None:
         session.clear()  # logged out: revoked, expired, or the account is gone
         return
     if now - session.get("seen_at", 0) > SEEN_EVERY:
