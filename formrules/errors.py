@@ -14,7 +14,7 @@ generic message: external errors and tracebacks are for operators only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GENERIC_FAILURE = "Something went wrong while processing this. The team has been told."
 
@@ -28,10 +28,12 @@ class Problem:
     col: int
     path: str
     message: str
+    excerpt: str = field(default="", compare=False)  # the source line and a caret, if useful
 
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path else ""
-        return f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
+        text = f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
+        return f"{text}\n{self.excerpt}" if self.excerpt else text
 
 
 class FormrulesError(Exception):
