@@ -5,6 +5,7 @@
     ├── ConfigError           settings or environment are unusable
     └── ActionError           an action failed; `safe_message` is what end users may see
         ├── PermanentError    do not retry (bad input, 4xx answer, …)
+        │   └── TemplateLimit a template crossed a sandbox bound (language/sandbox.py)
         ├── RetryableError    retry with backoff (timeouts, 5xx, connection refused, …)
         └── Cancelled         the run was cancelled; stop at this step
 

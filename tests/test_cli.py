@@ -53,8 +53,8 @@ def test_check_reports_every_mistake_with_position_and_exits_1(tmp_path):
         f"{tmp_path}/a.yaml:9:15: events/submit/0/background/do/0: unknown action "
         "'send_emial' (did you mean 'send_email'?)",
         f"{tmp_path}/b.yaml:2:1: duplicate key 'form' (first defined at line 1)",
-        f"{tmp_path}/c.yaml:2:1: not valid YAML: while parsing a flow sequence: expected ',' "
-        "or ']', but got '<stream end>'",
+        f"{tmp_path}/c.yaml:2:1: not valid YAML: the '[' at line 1, column 7 is not closed "
+        "with ']' (or a ',' is missing between its items)",
     ]
     assert "5 problems found." in result.stderr
 

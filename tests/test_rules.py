@@ -162,8 +162,8 @@ def test_duplicate_keys_are_reported_with_the_first_line():
 
 def test_a_file_that_is_not_yaml():
     assert problems("form: booking\nfields: [\n  - {name: email\n") == [
-        "rules/booking.yaml:3:3: not valid YAML: while parsing a flow node: expected the "
-        "node content, but found '-'"]
+        "rules/booking.yaml:3:3: not valid YAML: expected a value here, but found a list "
+        "item ('-')\n      - {name: email\n      ^"]
 
 
 def test_a_file_that_is_not_a_mapping():

@@ -232,9 +232,11 @@ def _plain_words(exc: yaml.MarkedYAMLError) -> str:
                     f"not closed with '{closer}' (or a ',' is missing between its items)")
     if "quoted scalar" in context:
         return "a quote is opened and never closed"
+    if problem.startswith("expected the node content"):
+        problem = problem.replace("expected the node content", "expected a value here")
     for token, words in _TOKENS.items():
         problem = problem.replace(token, words)
-    return ": ".join(x for x in (context, problem) if x)
+    return problem or context  # "while parsing a flow node" is the parser's business
 
 
 def _excerpt(text: str, line: int, col: int) -> str:
