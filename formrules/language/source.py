@@ -205,16 +205,16 @@ def _plain_words(exc: yaml.MarkedYAMLError) -> str:
     """PyYAML's message for `exc`, in the words of someone writing a rule file."""
     problem = exc.problem or ""
     context = exc.context or ""
-    if problem.startswith("expected <block end>"):
-        if context.startswith("while parsing a block") and exc.context_mark is not None:
-            start = exc.context_mark
-            found = problem.rsplit("found ", 1)[-1]
-            what = "a list item ('-')" if found == "'-'" else "this line"
-            return (f"{what} is not indented like the lines of the "
-                    f"{'list' if 'collection' in context else 'mapping'} it belongs to "
-                    f"(which starts at line {start.line + 1}, column {start.column + 1}); "
-                    "check the indentation: items of one mapping or list start in the same "
-                    "column")
+    if problem.startswith("expected <block end>") and exc.context_mark is not None and \
+            context.startswith("while parsing a block"):
+        start = exc.context_mark
+        found = problem.rsplit("found ", 1)[-1]
+        what = "a list item ('-')" if found == "'-'" else "this line"
+        return (f"{what} is not indented like the lines of the "
+                f"{'list' if 'collection' in context else 'mapping'} it belongs to "
+                f"(which starts at line {start.line + 1}, column {start.column + 1}); "
+                "check the indentation: items of one mapping or list start in the same "
+                "column")
     if problem == "mapping values are not allowed here":
         return ("a ':' here starts a 'key: value' where none can start: is this line "
                 "indented too far, or does a value contain ': ' and need quotes?")
