@@ -6,6 +6,7 @@ bug and keeps its traceback. The web layer is imported only by the commands that
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import signal
@@ -18,6 +19,7 @@ import click
 from formrules.config import from_env
 from formrules.errors import FormrulesError, RuleError
 from formrules.language.loader import check_rules
+from formrules.logs import configure_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +29,7 @@ def cli() -> None:
 
 def main() -> None:
     """Console entry point."""
+    configure_logging()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -118,6 +121,7 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGHUP, shutdown)  # a closed terminal: stop in order, as for Ctrl-C
     try:
         if not os.environ.get("REDIS_URL"):
             redis_server = RedisServer(Path(settings.instance_dir) / "redis").start()
@@ -139,8 +143,9 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
         for child in children:
             _stop_worker(child)
         if redis_server is not None:
-            redis_server.stop()
-        click.echo("Stopped.")
+            redis_server.stop()  # last: the worker needed it until it stopped
+        with contextlib.suppress(OSError):  # after a hangup the terminal may be gone
+            click.echo("Stopped.")
 
 
 def _stop_worker(child: subprocess.Popen) -> None:

@@ -19,6 +19,7 @@ from rq.serializers import JSONSerializer
 
 from formrules.config import Settings, from_env
 from formrules.language.loader import load_rules
+from formrules.logs import configure_logging, level_name
 from formrules.process.children import die_with_parent
 from formrules.process.runtime import Runtime, install
 from formrules.runs import reconciler
@@ -31,7 +32,7 @@ def reconciler_main(settings: Settings, parent_pid: int) -> None:
     die_with_parent()
     if os.getppid() != parent_pid:  # the worker died while we were starting up
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s reconciler %(message)s")
+    configure_logging()  # a spawned process starts with nothing configured
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -51,6 +52,7 @@ def start_reconciler(settings: Settings) -> multiprocessing.Process:
 def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
                with_reconciler: bool = True) -> bool:
     """Run an RQ worker on the app's queue until stopped (or drained, with `burst`)."""
+    configure_logging()  # here, not in one caller: `formrules worker` and worker.py alike
     rt = install(Runtime(settings))
     load_rules(settings.rules_dir)  # refuse to work with rules that would not load
     rt.store.create_all()
@@ -59,7 +61,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
     worker = worker_class([rt.dispatcher.queue], connection=rt.redis,
                           serializer=JSONSerializer)
     try:
-        return worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+        return worker.work(burst=burst, with_scheduler=True, logging_level=level_name())
     finally:
         if child is not None and child.is_alive():
             child.terminate()
@@ -75,7 +77,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-reconciler", action="store_true",
                         help="leave reconciling to other workers")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run_worker(from_env(), simple=args.simple, burst=args.burst,
                with_reconciler=not args.no_reconciler)
 
