@@ -33,6 +33,9 @@ FORM_KEYS = ("form", "title", "description", "fields", "events", "after_submit",
 FIELD_KEYS = ("name", "type", "label", "help", "required", "min", "max", "max_length",
               "choices", "default", "hidden")
 EVENTS = ("submit", "update")
+# Most characters a text field takes when the rule sets no `max_length` (docs/rules.md):
+# no field accepts megabytes by default; an e-mail address is at most 254 (RFC 5321).
+DEFAULT_MAX_LENGTH = {"string": 1000, "email": 254, "text": 20_000}
 RESERVED_FIELD_NAMES = frozenset(n for n in dir(dict) if not n.startswith("_"))
 # A task or a schedule runs as a Background: these keys mean what they mean there.
 RUN_KEYS = ("title", "do", "retry", "timeout", "on_error")
@@ -183,7 +186,7 @@ def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
         for key in ("required", "hidden"):
             if key in item:
                 c.boolean(item[key], vp(key), path)
-        max_length = None
+        max_length = DEFAULT_MAX_LENGTH.get(ftype)
         if "max_length" in item:
             max_length = c.integer(item["max_length"], vp("max_length"), path, minimum=1)
         out.append(FieldDef(
