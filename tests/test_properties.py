@@ -63,6 +63,7 @@ def test_any_rule_shaped_structure_gives_positioned_problems(document):
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(VALUES, max_size=5))
+@example([{"background": {"flag": []}}])  # found by this test: a TypeError traceback
 def test_any_submit_tree_gives_positioned_problems(nodes):
     text = yaml.safe_dump({"form": "gen", "fields": [{"name": "x", "type": "integer"}],
                            "events": {"submit": nodes}})

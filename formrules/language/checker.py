@@ -162,7 +162,9 @@ class Checker:
 
     def field_name(self, name: Any, pos: Pos | None, path: str, *, boolean: bool = False) -> str:
         """A declared field's name (a boolean one when `boolean`)."""
-        if name not in self.fields:
+        if not isinstance(name, str):  # a list here would not even be comparable to names
+            self.error(pos, path, f"expected a field name, got {_kind(name)}")
+        elif name not in self.fields:
             self.error(pos, path, f"unknown field '{name}'{did_you_mean(name, self.fields)}")
         elif boolean and self.fields[name] != "boolean" and self.fields[name] in FIELD_TYPES:
             self.error(pos, path, f"flag field '{name}' must have type boolean, "
