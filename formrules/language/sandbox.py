@@ -72,7 +72,7 @@ MAX_SECONDS = 10.0  # wall time of one render
 MAX_PAD = 10_000  # widths and precisions in format strings ("{:>10}", "%10s")
 MAX_DEPTH = 100  # nested calls (a macro calling itself)
 MAX_INT_BITS = 100_000  # about 30 000 decimal digits
-MAX_REPEAT = 100_000  # longest text or list `*` may build
+MAX_REPEAT = 100_000  # longest text or list `*` may build; widths and counts of filters
 MAX_EXPONENT = 1_000
 
 
@@ -157,8 +157,9 @@ def _built(value: Any) -> Any:
 
 
 def _check_width(number: Any, what: str) -> None:
-    if isinstance(number, int) and not isinstance(number, bool) and abs(number) > MAX_SIZE:
-        raise TemplateLimit(f"{what} {number} is larger than {MAX_SIZE}")
+    """Widths and counts (`center(n)`, `batch(n)`, `ljust(n)`) go up to MAX_REPEAT."""
+    if isinstance(number, int) and not isinstance(number, bool) and abs(number) > MAX_REPEAT:
+        raise TemplateLimit(f"{what} {number} is larger than {MAX_REPEAT}")
 
 
 _PERCENT = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?[a-zA-Z%]")
