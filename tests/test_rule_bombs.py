@@ -93,5 +93,10 @@ def test_rule_loaders_of_workers_refuse_a_bomb_in_a_live_rules_folder(tmp_path):
     (tmp_path / "ok.yaml").write_text("form: ok\n")
     assert set(cached_rules(tmp_path).forms) == {"ok"}
     (tmp_path / "lol.yaml").write_text(BILLION_LAUGHS)
-    with pytest.raises(RuleError, match="more than 100000 values"):
+    with pytest.raises(RuleError, match="more than 100000 values") as first:
         cached_rules(tmp_path)  # what the reconciler and the scheduler call on every pass
+    with pytest.raises(RuleError) as again:
+        cached_rules(tmp_path)
+    assert again.value is first.value  # remembered: the bomb is not parsed on every pass
+    (tmp_path / "lol.yaml").unlink()
+    assert set(cached_rules(tmp_path).forms) == {"ok"}

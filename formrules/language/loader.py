@@ -330,7 +330,7 @@ def rebuild_defer(raw: dict, path: str, fields: dict[str, str]) -> DeferNode:
     return node
 
 
-_cache: dict[str, tuple[tuple, RuleSet]] = {}
+_cache: dict[str, tuple[tuple, RuleSet | RuleError]] = {}
 
 
 def cached_rules(directory: str | Path) -> RuleSet:
@@ -344,6 +344,11 @@ def cached_rules(directory: str | Path) -> RuleSet:
     signature = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
     hit = _cache.get(str(root))
     if hit is None or hit[0] != signature:
-        hit = (signature, load_rules(root))
+        try:
+            hit = (signature, load_rules(root))
+        except RuleError as exc:  # kept too: a broken file is not re-read on every pass
+            hit = (signature, exc)
         _cache[str(root)] = hit
+    if isinstance(hit[1], RuleError):
+        raise hit[1]
     return hit[1]
