@@ -350,5 +350,5 @@ def cached_rules(directory: str | Path) -> RuleSet:
             hit = (signature, exc)
         _cache[str(root)] = hit
     if isinstance(hit[1], RuleError):
-        raise hit[1]
+        raise hit[1].with_traceback(None)  # a fresh traceback each time, not a growing one
     return hit[1]
