@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -113,9 +114,14 @@ def test_closing_the_terminal_stops_everything_in_order_without_tracebacks(tmp_p
 
         wait_until(serving, timeout=60, interval=0.2)
         tree = set(descendants(process.pid))
-        # The worker is up too (its reconciler logs its first pass) before the hangup.
-        wait_until(lambda: len([p for p in descendants(process.pid) if alive(p)]) >= 3,
-                   timeout=60)
+        def worker_up():  # the worker process is running before the hangup
+            lines = []
+            for pid in descendants(process.pid):
+                with contextlib.suppress(OSError):  # it may end while we look
+                    lines.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+            return any(b"formrules.process.worker" in line for line in lines)
+
+        wait_until(worker_up, timeout=60)
     finally:
         os.killpg(process.pid, signal.SIGHUP)
         output, _ = process.communicate(timeout=120)
