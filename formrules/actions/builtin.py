@@ -56,20 +56,32 @@ def log(ctx: Context, message: str, level: str = "info") -> None:
 
 
 @action("send_email", {"to": "text!", "subject": "text!", "body": "text!", "cc": "text",
-                       "reply_to": "text", "html": "text"})
+                       "reply_to": "text", "html": Param("text", html=True)})
 def send_email(ctx: Context, to: str, subject: str, body: str, cc: str = "",
                reply_to: str = "", html: str = "") -> None:
     """Send an e-mail (SMTP, or an .eml file in the outbox when SMTP is not set up)."""
     if not to.strip():
         raise PermanentError("send_email: empty recipient", "No e-mail address was given.")
+    # A YAML block (`subject: >`) ends in a newline: that one is layout, not content.
+    headers = {"To": to.strip(), "Cc": cc.strip(), "Reply-To": reply_to.strip(),
+               "Subject": subject.strip()}
+    for name, value in headers.items():
+        # A line break in a header is never passing: the same values fail every attempt
+        # (and a header injection attempt must not be retried for days either).
+        if "\r" in value or "\n" in value:
+            raise PermanentError(f"send_email: the {name} header contains a line break: "
+                                 f"{value[:200]!r}",
+                                 f"The e-mail's {name.lower()} contains a line break, which "
+                                 "an e-mail header cannot hold.")
     message = EmailMessage()
-    message["From"] = ctx.settings.mail_from
-    message["To"] = to
-    if cc:
-        message["Cc"] = cc
-    if reply_to:
-        message["Reply-To"] = reply_to
-    message["Subject"] = subject
+    try:
+        message["From"] = ctx.settings.mail_from
+        for name, value in headers.items():
+            if value:
+                message[name] = value
+    except (ValueError, TypeError) as exc:  # the email package's verdict on a bad value
+        raise PermanentError(f"send_email: {exc}",
+                             "The e-mail could not be written with these values.") from exc
     message["Date"] = formatdate(localtime=False)
     # A stable Message-ID per step lets receivers (and our outbox) drop a repeated send.
     digest = hashlib.sha256(ctx.idempotency_key.encode()).hexdigest()[:32]
