@@ -30,6 +30,14 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = ROOT / "test-artifacts"
+
+
+def chromium_args() -> list[str]:
+    """Flags for headless Chromium in a container; screenshots land in ARTIFACTS."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARGS
+
+
 DONE = '.status-body[data-state="done"]'
 AXE_VERSION = "4.10.3"
 AXE_DIR = Path(os.environ.get("FORMRULES_AXE_DIR", ROOT / ".cache" / "axe-core"))
@@ -127,30 +135,6 @@ class WebProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-@pytest.fixture
-def web(rt, subprocess_env):
-    """The web app served by a real `formrules web` process on a free port."""
-    server = WebProcess(subprocess_env).start()
-    yield server
-    server.stop()
-    server.log.close()
-
-
-@pytest.fixture
-def browser():
-    """Headless Chromium from the system: never downloaded, never skipped."""
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package "
-                    "(apt-get install chromium); the browser tests must not be skipped")
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield chromium
-        chromium.close()
 
 
 @dataclass

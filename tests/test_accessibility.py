@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import WorkerProcess, wait_until
 from tests.journey import (
     DONE,
     EXAMPLES,
     answers,
     axe_problems,
     axe_source,
-    browser,  # noqa: F401 (fixture)
-    shot,
     short_rules,
-    web,  # noqa: F401 (fixture)
+    shot,
 )
-from tests.web_helpers import workers_alive
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -36,14 +32,6 @@ def database_url(tmp_path):
 def rules_dir(tmp_path):
     """The shipped examples, with waits of days cut to a minute."""
     return short_rules(tmp_path / "rules")
-
-
-@pytest.fixture
-def worker(rt, subprocess_env):
-    """A real worker process, ready to take jobs."""
-    with WorkerProcess(subprocess_env) as process:
-        wait_until(lambda: workers_alive(rt.settings.redis_url) >= 1, timeout=60)
-        yield process
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +60,7 @@ def type_into_focused(page, value: str) -> None:
 
 
 @pytest.mark.parametrize("form_id", EXAMPLES)
-def test_every_form_state_is_accessible_and_works_by_keyboard(form_id, browser, web,  # noqa: F811
+def test_every_form_state_is_accessible_and_works_by_keyboard(form_id, browser, web,
                                                               worker, axe):
     context = browser.new_context(**DESKTOP)
     page = context.new_page()
@@ -136,7 +124,7 @@ def test_every_form_state_is_accessible_and_works_by_keyboard(form_id, browser, 
 
 @pytest.mark.xfail(strict=True, reason="issue 8.12: /favicon.ico is 404 on every page; "
                    "fixed on branch web-defects")
-def test_no_page_asks_for_a_missing_file(browser, web):  # noqa: F811
+def test_no_page_asks_for_a_missing_file(browser, web):
     context = browser.new_context(**DESKTOP)
     page = context.new_page()
     missing = []  # Chromium fetches the icon itself: only its console tells of a 404

@@ -15,19 +15,17 @@ import time
 
 import pytest
 
-from tests.helpers import WorkerProcess, record_of, runs_of, wait_until
+from tests.helpers import record_of, runs_of, wait_until
 from tests.journey import (
     DONE,
     EXAMPLES,
     Watch,
     answers,
-    browser,  # noqa: F401 (fixture)
     fill,
-    shot,
     short_rules,
-    web,  # noqa: F401 (fixture)
+    shot,
 )
-from tests.web_helpers import PASSWORD, make_user, workers_alive
+from tests.web_helpers import PASSWORD, make_user
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -55,14 +53,6 @@ def settings(settings):
     """Production timings for what a person can notice (heartbeat, progress writes)."""
     return dataclasses.replace(settings, heartbeat_seconds=5.0, stale_seconds=30.0,
                                reconcile_seconds=2.0, progress_write_seconds=0.5)
-
-
-@pytest.fixture
-def worker(rt, subprocess_env):
-    """A real worker process, ready to take jobs."""
-    with WorkerProcess(subprocess_env) as process:
-        wait_until(lambda: workers_alive(rt.settings.redis_url) >= 1, timeout=60)
-        yield process
 
 
 @dataclasses.dataclass
@@ -172,7 +162,7 @@ LIFE = [pytest.param(f, marks=DISPLAY_500) if f in ("room_booking", "newsletter"
 
 
 @pytest.mark.parametrize("form_id", LIFE)
-def test_life_of_a_job(form_id, browser, web, worker, rt):  # noqa: F811
+def test_life_of_a_job(form_id, browser, web, worker, rt):
     make_user(rt, "olga", operator=True)
     watch = Watch()
     people = []
@@ -202,7 +192,7 @@ def reserving(rt, token: str):
 
 
 @CANCEL_IGNORED
-def test_a_cancel_near_the_end_stops_the_run(browser, web, worker, rt):  # noqa: F811
+def test_a_cancel_near_the_end_stops_the_run(browser, web, worker, rt):
     watch = Watch()
     person = submit_as(browser, watch, web.url, "room_booking", "Cid Moss", javascript=True)
     # The last seconds of its work (most of simulate_work's steps are done): the person
@@ -225,7 +215,7 @@ def test_a_cancel_near_the_end_stops_the_run(browser, web, worker, rt):  # noqa:
 
 
 @OLD_UNDEFINED
-def test_an_operator_edits_a_record_while_its_work_runs(browser, web, worker, rt):  # noqa: F811
+def test_an_operator_edits_a_record_while_its_work_runs(browser, web, worker, rt):
     make_user(rt, "olga", operator=True)
     watch = Watch()
     person = submit_as(browser, watch, web.url, "room_booking", "Dee Park", javascript=True)
