@@ -104,6 +104,9 @@ def test_every_form_state_is_accessible_and_works_by_keyboard(form_id, browser, 
             assert bars.count() >= 1
             assert bars.first.evaluate("e => e.labels.length || e.getAttribute"
                                        "('aria-labelledby') || e.getAttribute('aria-label')")
+            # <progress value> is what assistive technology reads as aria-valuenow.
+            assert bars.first.evaluate("e => e.getAttribute('aria-valuenow') "
+                                       "|| e.getAttribute('value')") is not None
             assert page.locator("[aria-live]").count() >= 1
             found += axe_problems(page, axe)  # waiting
         page.wait_for_selector(DONE, timeout=90000)
