@@ -14,7 +14,9 @@ import dataclasses
 import time
 
 import pytest
+from sqlalchemy import select
 
+from formrules.store.models import ResultFile
 from tests.helpers import record_of, runs_of, wait_until
 from tests.journey import (
     DONE,
@@ -112,6 +114,14 @@ def operator_paths(rt, tokens: list[str]) -> list[str]:
     return paths
 
 
+def downloads(rt, token: str) -> list[str]:
+    """The result files of this record's Runs, as their owner downloads them."""
+    ids = [run.id for run in runs_of(rt, token)]
+    with rt.store.session() as s:
+        return [f"/files/{file_id}" for file_id in
+                s.scalars(select(ResultFile.id).where(ResultFile.run_id.in_(ids)))]
+
+
 def ended(rt, tokens: list[str]) -> bool:
     """True once every Run of these records is over."""
     runs = [run for token in tokens for run in runs_of(rt, token)]
@@ -121,7 +131,7 @@ def ended(rt, tokens: list[str]) -> bool:
 def look_around(rt, watch: Watch, base_url: str, people: list[Person], operator, tick: int):
     """One second of a person's (and the operator's) attention: every page, once."""
     for person in people:
-        for path in person.paths():
+        for path in person.paths() + downloads(rt, person.token):
             watch.get(person.context, path, base_url)
         # A real page load too, so page scripts run (and their console errors count).
         tabs = ["/tasks", "/notifications", f"/r/{person.token}"]
