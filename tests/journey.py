@@ -154,11 +154,8 @@ class Watch:
         page.on("pageerror", lambda exc: self.console_errors.append(f"{page.url}: {exc}"))
 
     def _console(self, page, msg) -> None:
-        source = msg.location.get("url") or ""
-        # Issue 8.12 (the missing favicon) has a test of its own, strict-xfailed in
-        # test_accessibility.py; when it is fixed, delete this exception with that mark.
-        if msg.type == "error" and not source.endswith("/favicon.ico"):
-            self.console_errors.append(f"{page.url}: {msg.text} ({source})")
+        if msg.type == "error":
+            self.console_errors.append(f"{page.url}: {msg.text} ({msg.location.get('url')})")
 
     def _response(self, response) -> None:
         if response.status >= 500:

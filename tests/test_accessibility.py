@@ -125,8 +125,6 @@ def test_every_form_state_is_accessible_and_works_by_keyboard(form_id, browser, 
         context.close()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8.12: /favicon.ico is 404 on every page; "
-                   "fixed on branch web-defects")
 def test_no_page_asks_for_a_missing_file(browser, web):
     context = browser.new_context(**DESKTOP)
     page = context.new_page()

@@ -13,11 +13,16 @@ from datetime import date, timedelta
 import pytest
 from sqlalchemy import update
 
-from formrules.actions import registry as actions
 from formrules.language.tree import DeferNode
 from formrules.store.models import PENDING, Run, utcnow
 from tests.helpers import record_of, runs_of, submit, token_of, tokens, work
-from tests.test_docs import BLOCKS, YAML_BLOCKS, as_form, doc_actions, parse_form  # noqa: F401
+from tests.test_docs import (  # noqa: F401 (doc_actions is a fixture)
+    YAML_BLOCKS,
+    as_form,
+    doc_actions,
+    docs_actions_registered,
+    parse_form,
+)
 from tests.web_helpers import make_user
 
 pytestmark = pytest.mark.slow
@@ -28,10 +33,9 @@ TYPED = {"string": "Atlas", "text": "Some notes", "email": "ann@example.com",
          "integer": "4", "decimal": "900.00", "date": (date.today() + timedelta(days=3))
          .isoformat(), "datetime": (date.today() + timedelta(days=3)).isoformat() + "T10:00",
          "boolean": "y"}
-KNOWN = {  # examples that show a defect another branch is fixing
-    "rules.md:905": pytest.mark.xfail(strict=True, reason="issue 8.4: `old`/`changed` are "
-                                      "undefined in update Runs; fixed on branch lifecycle"),
-}
+# Examples that show a defect another branch is fixing (found by their marker comments).
+UPDATE_RUNS = pytest.mark.xfail(strict=True, reason="issue 8.4: `old`/`changed` are undefined "
+                                "in update Runs; fixed on branch lifecycle")
 
 
 def deferred(form) -> bool:
@@ -49,14 +53,8 @@ def deferred(form) -> bool:
 
 def examples() -> list:
     """The valid yaml examples whose form has a deferred node (custom actions known)."""
-    saved = dict(actions.registry())
-    try:
-        for block in (b for b in BLOCKS if b.lang == "python"):
-            exec(compile(block.text, f"rules.md:{block.line}", "exec"), {})
+    with docs_actions_registered():
         return _examples()
-    finally:
-        actions._REGISTRY.clear()
-        actions._REGISTRY.update(saved)
 
 
 def _examples() -> list:
@@ -66,7 +64,8 @@ def _examples() -> list:
             continue
         form, problems = parse_form(as_form(block), "docs.yaml")
         if form is not None and not problems and deferred(form) and form.events:
-            found.append(pytest.param(block, id=block.id, marks=KNOWN.get(block.id, ())))
+            marks = UPDATE_RUNS if block.marker("event") == "update" else ()
+            found.append(pytest.param(block, id=block.id, marks=marks))
     return found
 
 
@@ -126,7 +125,7 @@ def rules_dir(tmp_path, request):
 
 def test_the_docs_have_runnable_examples():
     assert len(EXAMPLES) >= 15
-    assert any(p.id == "rules.md:905" for p in EXAMPLES)  # the update-event example
+    assert any(p.values[0].marker("event") == "update" for p in EXAMPLES)
 
 
 @pytest.mark.parametrize("block", EXAMPLES)

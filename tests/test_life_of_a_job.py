@@ -33,15 +33,12 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 DESKTOP = {"viewport": {"width": 1280, "height": 900}}
 ENDS_WITHIN = 240  # seconds: the longest example waits a minute, then a few seconds' work
-DISPLAY_500 = pytest.mark.xfail(
-    strict=True, reason="issue 8.1: pages answer 500 while a time shown is 45-56 s away "
-    "(web/display.py relative()); fixed on branch web-defects")
 OLD_UNDEFINED = pytest.mark.xfail(
-    strict=True, reason="issue 8.4: `old`/`changed` undefined in update Runs, and 8.1 "
-    "(500s while a time is 45-56 s away); fixed on branches language / web-defects")
+    strict=True, reason="issue 8.4: `old`/`changed` undefined in update Runs; fixed on "
+    "branch lifecycle")
 CANCEL_IGNORED = pytest.mark.xfail(
     strict=True, reason="issue 8.3: a cancel in the last seconds of a Run is ignored; "
-    "fixed on branch worker")
+    "fixed on branch lifecycle")
 
 
 @pytest.fixture
@@ -167,11 +164,7 @@ def problems(watch: Watch, web) -> str:
     return text
 
 
-LIFE = [pytest.param(f, marks=DISPLAY_500) if f in ("room_booking", "newsletter") else f
-        for f in EXAMPLES]
-
-
-@pytest.mark.parametrize("form_id", LIFE)
+@pytest.mark.parametrize("form_id", EXAMPLES)
 def test_life_of_a_job(form_id, browser, web, worker, rt):
     make_user(rt, "olga", operator=True)
     watch = Watch()
