@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import update
 
 from formrules.language.tree import DeferNode
+from formrules.runs.reconciler import reconcile_once
 from formrules.store.models import PENDING, Run, utcnow
 from tests.helpers import record_of, runs_of, submit, token_of, tokens, work
 from tests.test_docs import (  # noqa: F401 (doc_actions is a fixture)
@@ -100,6 +101,7 @@ def hurry(rt) -> None:
         if job is not None:
             queue._enqueue_job(job)
         registry.remove(job_id)
+    reconcile_once(rt)  # and what has no job (a retry the worker left to it) is dispatched
 
 
 def run_to_the_end(rt, token: str) -> list[Run]:
