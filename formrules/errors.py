@@ -5,6 +5,7 @@
     ├── ConfigError           settings or environment are unusable
     ├── ActionError           an action failed; `safe_message` is what end users may see
     │   ├── PermanentError    do not retry (bad input, 4xx answer, …)
+    │   │   └── TemplateLimit a template crossed a sandbox bound (language/sandbox.py)
     │   ├── RetryableError    retry with backoff (timeouts, 5xx, connection refused, …)
     │   │   └── TimedOut      the Run went past its node's `timeout:`
     │   └── Cancelled         the run was cancelled; stop at this step
@@ -12,7 +13,7 @@
     ├── NotAllowed            a Run is in no state for this (cancel a done one, say)
     ├── BatchError            a batch cannot be started or cancelled as asked
     ├── LeaseLost             another execution owns the Run now; stop quietly
-    └── RunFailed             raised out of an RQ job so RQ records (and retries) it
+    └── RunFailed             raised out of an RQ job so RQ records it (the database retries)
 
 Anything else raised while running a step is treated as retryable and shown to users as a
 generic message: external errors and tracebacks are for operators only.
@@ -20,7 +21,7 @@ generic message: external errors and tracebacks are for operators only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GENERIC_FAILURE = "Something went wrong while processing this. The team has been told."
 TIMED_OUT = "This took longer than allowed and was stopped."
@@ -35,10 +36,12 @@ class Problem:
     col: int
     path: str
     message: str
+    excerpt: str = field(default="", compare=False)  # the source line and a caret, if useful
 
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path else ""
-        return f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
+        text = f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
+        return f"{text}\n{self.excerpt}" if self.excerpt else text
 
 
 class FormrulesError(Exception):

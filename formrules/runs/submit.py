@@ -38,13 +38,15 @@ class Submitted:
 
 
 def accept(s: Session, form: Form, values: dict[str, Any], *, owner: str, settings,
-           submit_key: str | None = None) -> Submitted:
+           submit_key: str | None = None, fingerprint: str | None = None) -> Submitted:
     """Store a submission and run its submit tree, committing `s`; see the module doc."""
     if submit_key and (existing := _by_key(s, submit_key)):
         return Submitted(existing, duplicate=True)
     try:
         record, runs = engine.submit(s, form, values, owner=owner, settings=settings,
                                      submit_key=submit_key)
+        if submit_key and fingerprint:  # what a repeat of this key must match (the API)
+            record.submit_fingerprint = fingerprint
         s.commit()
     except IntegrityError:
         s.rollback()  # the same submit key won a race in another request

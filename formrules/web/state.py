@@ -6,12 +6,15 @@ cookie; users who log in are `user:<id>` and see their tasks on any browser.
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 from flask import current_app, g, session
 
 from formrules.language.tree import RuleSet
 from formrules.process.runtime import Runtime
+
+log = logging.getLogger("formrules.web")
 
 
 def rt() -> Runtime:
@@ -48,8 +51,12 @@ def db():
     return g.db
 
 
-def close_db(_exc: BaseException | None = None) -> None:
-    """Close the request's database session (registered by the app factory)."""
+def discard_db() -> None:
+    """Close the request's session, whatever state a failure left it in: rolling back
+    on a connection the database has cut fails, and there is nothing left to undo."""
     session = g.pop("db", None)
     if session is not None:
-        session.close()
+        try:
+            session.close()
+        except Exception as exc:
+            log.warning("closing the request's database session failed: %s", exc)
