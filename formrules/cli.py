@@ -384,6 +384,8 @@ def users_passwd(name: str, password: str | None, password_stdin: bool) -> None:
         if user is None:  # removed while we asked
             raise FormrulesError(f"no user named {name!r}")
         user.password_hash = generate_password_hash(password)
+        # A new password ends every session of the account (see web/sessions.py).
+        user.session_generation = (user.session_generation or 0) + 1
     click.echo(f"password of {name} changed")
 
 

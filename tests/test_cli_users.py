@@ -58,9 +58,11 @@ def test_list_passwd_and_remove(rt, subprocess_env):
     assert [line.split()[:2] for line in listed.output.splitlines()] == [
         ["dan", "user"], ["olga", "operator"]]
 
+    generation = user(rt, "dan").session_generation
     changed = invoke(subprocess_env, "users", "passwd", "dan", input="new-secret\nnew-secret\n")
     assert changed.exit_code == 0, changed.output
     assert check_password_hash(user(rt, "dan").password_hash, "new-secret")
+    assert user(rt, "dan").session_generation == generation + 1  # old sessions end
     assert isinstance(invoke(subprocess_env, "users", "passwd", "nobody",
                              "--password-stdin", input="new-secret\n").exception,
                       FormrulesError)
