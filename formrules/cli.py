@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from formrules.config import from_env
-from formrules.errors import FormrulesError, RuleError
+from formrules.errors import FormrulesError
 from formrules.language.loader import check_rules
 
 
@@ -110,7 +110,7 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
     if rules_dir:
         os.environ["FORMRULES_RULES"] = rules_dir
     settings = from_env()
-    _require_valid_rules(settings.rules_dir, settings.actions_modules)
+    _warn_about_rules(settings.rules_dir, settings.actions_modules)
     redis_server = None
     children: list[subprocess.Popen] = []
 
@@ -159,13 +159,17 @@ def _stop_worker(child: subprocess.Popen) -> None:
             continue
 
 
-def _require_valid_rules(directory: str, modules: str) -> None:
+def _warn_about_rules(directory: str, modules: str) -> None:
+    """Say which rule files are broken; they stay out until fixed, the rest is served."""
     from formrules.actions import registry as actions
 
     actions.load_modules(modules)
     _, problems = check_rules(directory)
+    for problem in problems:
+        click.echo(f"warning: {problem}", err=True)
     if problems:
-        raise RuleError(problems)
+        click.echo("warning: forms with problems are not served until their files are "
+                   "fixed (edits are picked up while running)", err=True)
 
 
 @cli.command()
@@ -376,9 +380,9 @@ def tasks() -> None:
 @tasks.command("list")
 def tasks_list() -> None:
     """List the tasks every form defines."""
-    from formrules.language.loader import cached_rules
+    from formrules.language.registry import current_rules
     rt = _runtime()
-    for form in sorted(cached_rules(rt.settings.rules_dir).forms.values(), key=lambda f: f.id):
+    for form in sorted(current_rules(rt.settings.rules_dir).forms.values(), key=lambda f: f.id):
         for task in form.tasks.values():
             click.echo(f"{form.id} {task.name}  {task.label}  (concurrency {task.concurrency}"
                        f"{', stop_on_error' if task.stop_on_error else ''})")
@@ -394,13 +398,16 @@ def tasks_run(form_id: str, task: str, where: str | None, wait: bool) -> None:
     """Start TASK of FORM over the form's records; print the batch id."""
     import time
 
-    from formrules.language.loader import cached_rules
+    from formrules.language.registry import current_rules
     from formrules.runs import batch
     from formrules.store.models import Batch
     rt = _runtime()
-    form = cached_rules(rt.settings.rules_dir).form(form_id)
+    form = current_rules(rt.settings.rules_dir).form(form_id)
     if form is None:
-        raise FormrulesError(f"no form {form_id!r}")
+        from formrules.language.registry import rules_status
+        status = rules_status(rt.settings.rules_dir)
+        raise FormrulesError(f"no form {form_id!r}" + ("" if status.ok else
+                                                       f" ({status.summary()})"))
     with rt.store.session() as s:
         started = batch.start(s, form, task, owner="cli", settings=rt.settings, where=where)
     batch.advance(rt, started.id)

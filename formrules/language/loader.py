@@ -321,22 +321,3 @@ def rebuild_defer(raw: dict, path: str, fields: dict[str, str]) -> DeferNode:
         raise RuleError(checker.problems or [Problem(checker.file, 1, 1, path,
                                                      "snapshot is not a deferred node")])
     return node
-
-
-_cache: dict[str, tuple[tuple, RuleSet]] = {}
-
-
-def cached_rules(directory: str | Path) -> RuleSet:
-    """`load_rules`, reloaded only when a file's name or modification time changed.
-
-    For processes without an app (the reconciler's scheduler, the CLI): they see rule
-    edits without a restart and pay one directory listing per call otherwise.
-    """
-    root = Path(directory)
-    files = sorted([*root.glob("*.yaml"), *root.glob("*.yml")])
-    signature = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
-    hit = _cache.get(str(root))
-    if hit is None or hit[0] != signature:
-        hit = (signature, load_rules(root))
-        _cache[str(root)] = hit
-    return hit[1]

@@ -18,7 +18,7 @@ from rq import SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 
 from formrules.config import Settings, from_env
-from formrules.language.loader import load_rules
+from formrules.language.registry import current_rules
 from formrules.process.children import die_with_parent
 from formrules.process.runtime import Runtime, install
 from formrules.runs import reconciler
@@ -52,7 +52,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
                with_reconciler: bool = True) -> bool:
     """Run an RQ worker on the app's queue until stopped (or drained, with `burst`)."""
     rt = install(Runtime(settings))
-    load_rules(settings.rules_dir)  # refuse to work with rules that would not load
+    current_rules(settings.rules_dir)  # load now: problems are logged once, at start
     rt.store.create_all()
     child = start_reconciler(settings) if with_reconciler else None
     worker_class = SimpleWorker if simple else Worker
