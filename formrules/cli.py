@@ -1,4 +1,4 @@
-"""The `formrules` command: check, run, web, worker, runs, users, tokens, tasks.
+"""The `formrules` command: check, schema, preview, run, web, worker, runs, users, tokens, tasks.
 
 Expected failures (`FormrulesError`) print a clean message and exit 1; anything else is a
 bug and keeps its traceback. The web layer is imported only by the commands that serve it.
@@ -57,6 +57,19 @@ def check(directory: str | None) -> None:
         sys.exit(1)
     click.echo(f"{len(ruleset.forms)} form(s) OK in {directory}: "
                + ", ".join(sorted(ruleset.forms)))
+
+
+@cli.command()
+@click.option("--builtin", is_flag=True,
+              help="only formrules' own actions (what docs/formrules.schema.json holds)")
+def schema(builtin: bool) -> None:
+    """Print the JSON Schema of rule files (with FORMRULES_ACTIONS' custom actions)."""
+    from formrules.actions import registry as actions
+    from formrules.language.schema import builtin_actions, schema_text
+
+    if not builtin:
+        actions.load_modules(from_env().actions_modules)
+    click.echo(schema_text(builtin_actions() if builtin else None), nl=False)
 
 
 @cli.command()

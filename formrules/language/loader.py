@@ -38,6 +38,7 @@ RESERVED_FIELD_NAMES = frozenset(n for n in dir(dict) if not n.startswith("_"))
 RUN_KEYS = ("title", "do", "retry", "timeout", "on_error")
 TASK_KEYS = (*RUN_KEYS, "concurrency", "stop_on_error")
 SCHEDULE_KEYS = (*RUN_KEYS, "name", "cron", "timezone", "for_each", "catch_up")
+CATCH_UP_VALUES = ("latest", "none")
 
 
 def load_rules(directory: str | Path) -> RuleSet:
@@ -271,7 +272,7 @@ def _schedules(c: Checker, value: Any, pos) -> tuple[ScheduleDef, ...]:
             c.error(vp("timezone"), path, f"unknown time zone {tz!r}")
             tz = "UTC"
         catch_up = body.get("catch_up", "latest")
-        if catch_up not in ("latest", "none"):
+        if catch_up not in CATCH_UP_VALUES:
             c.error(vp("catch_up"), path, "'catch_up' must be latest or none")
         if "do" not in body:
             c.error(body.pos, path, "a schedule needs a 'do:' list of nodes")
