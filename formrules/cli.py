@@ -1,4 +1,5 @@
-"""The `formrules` command: check, schema, preview, run, web, worker, runs, users, tokens, tasks.
+"""The `formrules` command: check, schema, show, preview, run, web, worker, runs, users,
+tokens, tasks.
 
 Expected failures (`FormrulesError`) print a clean message and exit 1; anything else is a
 bug and keeps its traceback. The web layer is imported only by the commands that serve it.
@@ -70,6 +71,23 @@ def schema(builtin: bool) -> None:
     if not builtin:
         actions.load_modules(from_env().actions_modules)
     click.echo(schema_text(builtin_actions() if builtin else None), nl=False)
+
+
+@cli.command()
+@click.argument("form_id")
+@click.option("--rules", "rules_dir", help="rules directory (default: rules/)")
+def show(form_id: str, rules_dir: str | None) -> None:
+    """Print FORM_ID's trees, tasks and schedules with every node's path."""
+    from formrules.actions import registry as actions
+    from formrules.language.loader import load_rules
+    from formrules.language.outline import outline
+
+    settings = from_env()
+    actions.load_modules(settings.actions_modules)
+    form = load_rules(rules_dir or settings.rules_dir).form(form_id)
+    if form is None:
+        raise FormrulesError(f"no form {form_id!r} in {rules_dir or settings.rules_dir}")
+    click.echo("\n".join(outline(form)))
 
 
 @cli.command()

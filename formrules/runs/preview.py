@@ -16,6 +16,7 @@ from formrules.actions.context import Context
 from formrules.config import Settings
 from formrules.language import sandbox
 from formrules.language.duration import format_duration
+from formrules.language.outline import retry_text
 from formrules.language.tree import (
     ActionNode,
     DeferNode,
@@ -23,7 +24,6 @@ from formrules.language.tree import (
     IfNode,
     Node,
     ProgressNode,
-    RetryPolicy,
 )
 from formrules.language.values import typed_record
 from formrules.runs import engine
@@ -102,7 +102,7 @@ def _node(node: Node, ctx: Context, lines: list[Line], depth: int, now: datetime
                   "optional": "awaited (can continue in background)"}[node.awaited]]
         if node.flag:
             parts.append(f"sets {node.flag} when done")
-        parts.append(_retry(node.retry))
+        parts.append(retry_text(node.retry))
         if node.timeout:
             parts.append(f"timeout {format_duration(node.timeout)}")
         for key in ("when", "cancel_if"):
@@ -117,18 +117,6 @@ def _node(node: Node, ctx: Context, lines: list[Line], depth: int, now: datetime
             lines.append(Line(f"{node.path}/on_error",
                               f"on_error: {len(node.on_error)} node(s) after the last attempt",
                               depth + 1))
-
-
-def _retry(policy: RetryPolicy) -> str:
-    if policy.attempts <= 1:
-        return "no retries"
-    if policy.exponential_base is not None:
-        return (f"{policy.attempts} attempts, exponential from "
-                f"{format_duration(_td(policy.exponential_base))} up to "
-                f"{format_duration(_td(policy.exponential_max or 0))}")
-    waits = [policy.backoff[min(i, len(policy.backoff) - 1)] for i in range(policy.attempts - 1)]
-    return f"{policy.attempts} attempts, waiting " + ", ".join(
-        format_duration(_td(w)) for w in waits)
 
 
 def _roughly(delta: timedelta) -> str:
