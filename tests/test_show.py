@@ -41,11 +41,14 @@ events:
         do:
           - log: reminder
   update:
-    - delay: {title: Recheck, for: 1h30m, retry: {attempts: 4, backoff: exponential, base: 1m, max: 1h}, do: [{log: again}]}
+    - delay:
+        {title: Recheck, for: 1h30m, do: [{log: again}],
+         retry: {attempts: 4, backoff: exponential, base: 1m, max: 1h}}
 tasks:
   relabel: {title: Relabel, concurrency: 3, stop_on_error: true, do: [{log: relabel}]}
 schedules:
-  - {name: nightly, cron: '0 2 * * *', timezone: Europe/Paris, for_each: "not record.sent", do: [{log: late}]}
+  - {name: nightly, cron: '0 2 * * *', timezone: Europe/Paris, for_each: "not record.sent",
+     do: [{log: late}]}
 """
 
 
