@@ -96,3 +96,12 @@ def test_show_says_when_there_is_no_such_form(tmp_path):
     result = CliRunner().invoke(cli, ["show", "nope", "--rules", str(tmp_path)],
                                 standalone_mode=False)
     assert "no form 'nope'" in str(result.exception)
+
+
+def test_the_documented_show_output_is_exact(monkeypatch):
+    from tests.test_docs import BLOCKS, ROOT
+    monkeypatch.chdir(ROOT)
+    block = next(b for b in BLOCKS if b.text.startswith("$ formrules show newsletter"))
+    result = CliRunner().invoke(cli, ["show", "newsletter", "--rules", "rules"])
+    assert result.exit_code == 0, result.output
+    assert block.text.splitlines()[1:] == result.output.splitlines()
