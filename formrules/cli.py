@@ -97,12 +97,17 @@ def show(form_id: str, rules_dir: str | None) -> None:
 @click.option("--event", default="submit", show_default=True,
               type=click.Choice(["submit", "update"]))
 @click.option("--rules", "rules_dir", help="rules directory (default: rules/)")
+@click.option("--until", "until", metavar="DURATION",
+              help="also lay out on a simulated clock what happens over this long (30d)")
+@click.option("--at", "at", metavar="TIME",
+              help="as if submitted then (ISO 8601; without an offset: FORMRULES_TIMEZONE)")
 def preview(form_id: str, assignments: tuple[str, ...], event: str,
-            rules_dir: str | None) -> None:
+            rules_dir: str | None, until: str | None, at: str | None) -> None:
     """Show what FORM_ID's tree would do with some values, without doing any of it.
 
     With `--event update`, the record before the edit has the fields' defaults and the
-    `--set` values are the edit.
+    `--set` values are the edit. `--until 30d` adds a timeline: when each Background and
+    Delay runs, each retry if a step keeps failing, and which schedule slots fire.
     """
     from formrules.actions import registry as actions
     from formrules.language.loader import load_rules
@@ -126,8 +131,39 @@ def preview(form_id: str, assignments: tuple[str, ...], event: str,
             values[field.name] = to_storage(raw, field.type)
         except ValueError as exc:
             raise FormrulesError(f"--set {assignment!r}: {exc}") from exc
-    for line in preview_tree(form, values, settings, event=event, old=defaults):
+    start = _simulated_start(at, settings.timezone) or _utcnow()
+    for line in preview_tree(form, values, settings, event=event, old=defaults, now=start):
         click.echo(str(line))
+    if until is not None:
+        from formrules.language.duration import parse_duration
+        from formrules.runs.timeline import timeline
+        try:
+            window = parse_duration(until)
+        except ValueError as exc:
+            raise FormrulesError(f"--until: {exc}") from exc
+        click.echo("")
+        for line in timeline(form, values, settings, start=start, until=window,
+                             event=event, old=defaults):
+            click.echo(line)
+
+
+def _utcnow():
+    from datetime import UTC, datetime
+    return datetime.now(UTC)
+
+
+def _simulated_start(at: str | None, timezone: str):
+    """`--at` as an aware datetime (None without it)."""
+    if at is None:
+        return None
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+    try:
+        when = datetime.fromisoformat(at)
+    except ValueError as exc:
+        raise FormrulesError(f"--at {at!r}: expected a time like 2030-01-31T09:00 "
+                             "or 2030-01-31T09:00+01:00") from exc
+    return when if when.tzinfo else when.replace(tzinfo=ZoneInfo(timezone))
 
 
 @cli.command()
