@@ -1,5 +1,5 @@
-"""The `formrules` command: check, schema, show, preview, run, web, worker, runs, users,
-tokens, tasks.
+"""The `formrules` command: check, schema, show, preview, lsp, run, web, worker, runs,
+users, tokens, tasks.
 
 Expected failures (`FormrulesError`) print a clean message and exit 1; anything else is a
 bug and keeps its traceback. The web layer is imported only by the commands that serve it.
@@ -71,6 +71,16 @@ def schema(builtin: bool) -> None:
     if not builtin:
         actions.load_modules(from_env().actions_modules)
     click.echo(schema_text(builtin_actions() if builtin else None), nl=False)
+
+
+@cli.command()
+def lsp() -> None:
+    """Serve the Language Server Protocol on stdin/stdout (point your editor at it)."""
+    try:
+        from formrules.language.lsp import serve
+    except ImportError as exc:
+        raise FormrulesError("formrules lsp needs pygls: pip install 'formrules[lsp]'") from exc
+    serve(from_env().actions_modules)
 
 
 @cli.command()
