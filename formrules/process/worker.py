@@ -52,7 +52,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
                with_reconciler: bool = True) -> bool:
     """Run an RQ worker on the app's queue until stopped (or drained, with `burst`)."""
     rt = install(Runtime(settings))
-    current_rules(settings.rules_dir)  # load now: problems are logged once, at start
+    current_rules(settings.rules_dir, max_age=0)  # load now: problems are logged at start
     rt.store.create_all()
     child = start_reconciler(settings) if with_reconciler else None
     worker_class = SimpleWorker if simple else Worker

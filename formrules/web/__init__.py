@@ -45,6 +45,7 @@ def create_app(test_config: dict[str, Any] | None = None,
     rt.store.create_all()
     app.extensions["formrules"] = rt
     app.extensions["formrules.rules"] = registry(settings.rules_dir)  # loads, logs problems
+    app.extensions["formrules.rules"].refresh()  # a new app reads the directory now
     csrf.init_app(app)
     display.init_app(app, settings.timezone, settings.locale)
 
