@@ -23,6 +23,7 @@ from rq.serializers import JSONSerializer
 
 from formrules.config import Settings, from_env
 from formrules.language.registry import current_rules
+from formrules.logs import configure_logging, level_name
 from formrules.process.leader import QUIET, Leader
 from formrules.process.outage import Outage, QuietOutage
 from formrules.process.runtime import Runtime, install
@@ -57,6 +58,7 @@ class InProcessWorker(_Stoppable, SimpleWorker):
 def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
                with_reconciler: bool = True) -> bool:
     """Run an RQ worker on the app's queue until stopped (or drained, with `burst`)."""
+    configure_logging()  # here, not in one caller: `formrules worker` and worker.py alike
     rt = install(Runtime(settings))
     current_rules(settings.rules_dir, max_age=0)  # load now: problems are logged at start
     rt.store.create_all()
@@ -78,7 +80,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
             worker = worker_class([queue], connection=rt.redis, serializer=JSONSerializer)
             worker.stopping = stopping
             try:
-                worked = worker.work(burst=burst, logging_level="INFO") or worked
+                worked = worker.work(burst=burst, logging_level=level_name()) or worked
                 if burst or stopping.is_set():
                     return worked
                 # RQ's loop gave up (a Redis timeout or error it logged): start again.
@@ -139,7 +141,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-reconciler", action="store_true",
                         help="never become the leader (leave reconciling to other workers)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run_worker(from_env(), simple=args.simple, burst=args.burst,
                with_reconciler=not args.no_reconciler)
 
