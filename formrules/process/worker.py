@@ -22,7 +22,7 @@ from rq import Queue, SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 
 from formrules.config import Settings, from_env
-from formrules.language.loader import load_rules
+from formrules.language.registry import current_rules
 from formrules.logs import configure_logging, level_name
 from formrules.process.leader import QUIET, Leader
 from formrules.process.outage import Outage, QuietOutage
@@ -60,7 +60,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
     """Run an RQ worker on the app's queue until stopped (or drained, with `burst`)."""
     configure_logging()  # here, not in one caller: `formrules worker` and worker.py alike
     rt = install(Runtime(settings))
-    load_rules(settings.rules_dir)  # refuse to work with rules that would not load
+    current_rules(settings.rules_dir, max_age=0)  # load now: problems are logged at start
     rt.store.create_all()
     stopping = threading.Event()
     leader = Leader(settings) if with_reconciler and not burst else None

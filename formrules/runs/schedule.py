@@ -24,7 +24,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from formrules.language import sandbox
-from formrules.language.loader import cached_rules, rebuild_defer
+from formrules.language.loader import rebuild_defer
+from formrules.language.registry import current_rules
 from formrules.language.tree import Form, ScheduleDef
 from formrules.language.variables import form_variables
 from formrules.process.runtime import Runtime
@@ -54,7 +55,7 @@ def fire_due(rt: Runtime, now: datetime | None = None) -> int:
     """Start a Run for every schedule slot that is due and not yet claimed; count Runs."""
     now = now or utcnow()
     started = 0
-    for form in cached_rules(rt.settings.rules_dir).forms.values():
+    for form in current_rules(rt.settings.rules_dir).forms.values():
         for index, schedule in enumerate(form.schedules):
             try:
                 started += fire_one(rt, form, index, schedule, now)

@@ -1,4 +1,4 @@
-"""The Flask app factory. Rules are validated at start: invalid rules stop the app."""
+"""The Flask app factory. Rules come from `formrules.language.registry` (reloaded live)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy.exc import DBAPIError
 
 from formrules.config import Settings, from_env
-from formrules.language.loader import load_rules
+from formrules.language.registry import registry
 from formrules.process import runtime as runtime_mod
 from formrules.web import display
 from formrules.web.state import discard_db
@@ -44,7 +44,11 @@ class FormrulesFlask(Flask):
 
 def create_app(test_config: dict[str, Any] | None = None,
                settings: Settings | None = None) -> Flask:
-    """Build the app: settings from the environment unless given, rules loaded and checked."""
+    """Build the app: settings from the environment unless given, rules loaded and checked.
+
+    A broken rule file does not stop the app: its form is left out (or keeps its last good
+    version) and the problem shows on operator pages until the file is fixed.
+    """
     settings = settings or from_env()
     app = FormrulesFlask(__name__, template_folder=str(TEMPLATES), instance_path=str(
         Path(settings.instance_dir).resolve()))
@@ -63,7 +67,8 @@ def create_app(test_config: dict[str, Any] | None = None,
     rt = runtime_mod.install(runtime_mod.Runtime(settings))
     rt.store.create_all()
     app.extensions["formrules"] = rt
-    app.extensions["formrules.rules"] = load_rules(settings.rules_dir)
+    app.extensions["formrules.rules"] = registry(settings.rules_dir)  # loads, logs problems
+    app.extensions["formrules.rules"].refresh()  # a new app reads the directory now
     csrf.init_app(app)
     display.init_app(app, settings.timezone, settings.locale)
 
@@ -84,6 +89,8 @@ def create_app(test_config: dict[str, Any] | None = None,
     for module in (forms, records, tasks, auth, admin, updates, batches, api):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
+    from formrules.web.state import rules_health
+    app.jinja_env.globals["rules_health"] = rules_health
     sessions.install(app)
     headers.install(app)
     limits.install(app, settings)
