@@ -111,6 +111,7 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
         os.environ["FORMRULES_RULES"] = rules_dir
     settings = from_env()
     _require_valid_rules(settings.rules_dir, settings.actions_modules)
+    _prepare_schema(settings)
     redis_server = None
     children: list[subprocess.Popen] = []
 
@@ -159,6 +160,27 @@ def _stop_worker(child: subprocess.Popen) -> None:
             continue
 
 
+def _prepare_schema(settings) -> None:
+    """Upgrade the embedded SQLite database by itself; any other must be current already.
+
+    The embedded database (no DATABASE_URL) belongs to this machine's formrules alone, so
+    upgrading it is safe; a shared database is upgraded once, on purpose, by an operator.
+    """
+    from formrules.store import migrate
+    from formrules.store.db import Store
+
+    store = Store(settings.sqlalchemy_url)
+    try:
+        if settings.database_url:
+            store.check_schema()
+            return
+        before, after = migrate.upgrade(store.url)
+        if before != after:
+            click.echo(f"Database upgraded: {before or 'empty'} -> {after}", err=True)
+    finally:
+        store.dispose()
+
+
 def _require_valid_rules(directory: str, modules: str) -> None:
     from formrules.actions import registry as actions
 
@@ -191,11 +213,51 @@ def worker(simple: bool, burst: bool) -> None:
 @cli.command()
 def reconcile() -> None:
     """Run one reconciler pass now and print what it did."""
-    from formrules.process.runtime import Runtime, install
     from formrules.runs.reconciler import reconcile_once
-    rt = install(Runtime(from_env()))
-    rt.store.create_all()
+    rt = _runtime()
     click.echo(str(reconcile_once(rt)))
+
+
+@cli.group()
+def db() -> None:
+    """The database schema: upgrade it, see where it stands."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True,
+              help="upgrade only up to this revision")
+def db_upgrade(revision: str) -> None:
+    """Migrate the database (DATABASE_URL, or the embedded SQLite) to this version's schema.
+
+    Safe to run again; a database made before migrations existed is recognised.
+    """
+    from formrules.store import migrate
+    settings = from_env()
+    before, after = migrate.upgrade(settings.sqlalchemy_url, revision)
+    if before == after:
+        click.echo(f"Database already at {after}.")
+    else:
+        click.echo(f"Database upgraded: {before or 'empty'} -> {after}")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the database's revision and this code's; exit 1 when they differ."""
+    from formrules.store import migrate
+    found = migrate.current(from_env().sqlalchemy_url)
+    click.echo(f"database: {found.current or ('none (made before migrations)' if found.has_tables else 'empty')}")
+    click.echo(f"code:     {found.head}")
+    if not found.up_to_date:
+        click.echo(f"behind: {migrate.UPGRADE_HINT}", err=True)
+        sys.exit(1)
+
+
+@db.command("history")
+def db_history() -> None:
+    """List the schema revisions this version ships, newest first."""
+    from formrules.store import migrate
+    for line in migrate.history():
+        click.echo(line)
 
 
 @cli.group()
@@ -205,9 +267,9 @@ def runs() -> None:
 
 def _runtime():
     from formrules.process.runtime import Runtime, install
-    rt = install(Runtime(from_env()))
-    rt.store.create_all()
-    return rt
+    settings = from_env()
+    _prepare_schema(settings)
+    return install(Runtime(settings))
 
 
 @runs.command("list")

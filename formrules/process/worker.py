@@ -53,7 +53,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
     """Run an RQ worker on the app's queue until stopped (or drained, with `burst`)."""
     rt = install(Runtime(settings))
     load_rules(settings.rules_dir)  # refuse to work with rules that would not load
-    rt.store.create_all()
+    rt.store.check_schema()  # a worker never changes the schema: `formrules db upgrade` does
     child = start_reconciler(settings) if with_reconciler else None
     worker_class = SimpleWorker if simple else Worker
     worker = worker_class([rt.dispatcher.queue], connection=rt.redis,

@@ -37,7 +37,7 @@ def create_app(test_config: dict[str, Any] | None = None,
     if test_config:
         app.config.update(test_config)
     rt = runtime_mod.install(runtime_mod.Runtime(settings))
-    rt.store.create_all()
+    rt.store.check_schema()  # behind: refuse, saying which command upgrades it
     app.extensions["formrules"] = rt
     app.extensions["formrules.rules"] = load_rules(settings.rules_dir)
     csrf.init_app(app)
