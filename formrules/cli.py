@@ -175,8 +175,8 @@ def _prepare_schema(settings) -> None:
             store.check_schema()
             return
         before, after = migrate.upgrade(store.url)
-        if before != after:
-            click.echo(f"Database upgraded: {before or 'empty'} -> {after}", err=True)
+        if before.current != after:
+            click.echo(f"Database upgraded: {before.label} -> {after}", err=True)
     finally:
         store.dispose()
 
@@ -234,10 +234,10 @@ def db_upgrade(revision: str) -> None:
     from formrules.store import migrate
     settings = from_env()
     before, after = migrate.upgrade(settings.sqlalchemy_url, revision)
-    if before == after:
+    if before.current == after:
         click.echo(f"Database already at {after}.")
     else:
-        click.echo(f"Database upgraded: {before or 'empty'} -> {after}")
+        click.echo(f"Database upgraded: {before.label} -> {after}")
 
 
 @db.command("current")
@@ -245,7 +245,7 @@ def db_current() -> None:
     """Print the database's revision and this code's; exit 1 when they differ."""
     from formrules.store import migrate
     found = migrate.current(from_env().sqlalchemy_url)
-    click.echo(f"database: {found.current or ('none (made before migrations)' if found.has_tables else 'empty')}")
+    click.echo(f"database: {found.label}")
     click.echo(f"code:     {found.head}")
     if not found.up_to_date:
         click.echo(f"behind: {migrate.UPGRADE_HINT}", err=True)

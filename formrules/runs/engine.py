@@ -20,6 +20,7 @@ from formrules.actions.context import Context
 from formrules.errors import PermanentError
 from formrules.language import sandbox
 from formrules.language.tree import ActionNode, DeferNode, Form, IfNode, Node, ProgressNode
+from formrules.runs import snapshot as snapshots
 from formrules.store.models import Record, Run, RunStatus, utcnow
 
 
@@ -95,14 +96,9 @@ def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner
         title = sandbox.render(node.title, variables)
     except Exception:  # a title must never stop work from being recorded
         title = node.title
-    snapshot = {
-        "raw": node.raw, "fields": field_types,
-        "intervals": node.retry.intervals(),
-        "timeout": node.timeout.total_seconds() if node.timeout else None,
-    }
     return Run(
         record_id=record_id, form_id=form_id, owner=owner, kind=kind or node.kind,
-        node_path=node.path, title=title[:300], snapshot=snapshot,
+        node_path=node.path, title=title[:300], snapshot=snapshots.make(node, field_types),
         status=(RunStatus.SCHEDULED if due > now + timedelta(seconds=1)
                 else RunStatus.QUEUED).value,
         awaited=node.awaited, flag=node.flag, due_at=due, max_attempts=node.retry.attempts,

@@ -41,10 +41,10 @@ from formrules.errors import (
     RetryableError,
     RuleError,
 )
-from formrules.language.loader import rebuild_defer
 from formrules.language.sandbox import evaluate, render
 from formrules.language.tree import ActionNode, DeferNode, ProgressNode
 from formrules.process import runtime as runtime_mod
+from formrules.runs import snapshot as snapshots
 from formrules.runs.engine import call_action, new_run, walk
 from formrules.store.db import lock_record
 from formrules.store.models import (
@@ -177,7 +177,7 @@ class Execution:
         node: DeferNode | None = None
         started = time.monotonic()
         try:
-            node = rebuild_defer(run.snapshot["raw"], run.node_path, run.snapshot["fields"])
+            node = snapshots.node(run.snapshot, run.node_path)
             self.timeout = run.snapshot.get("timeout") or self.settings.default_timeout_seconds
             self.deadline = started + self.timeout
             if run.recoveries >= self.settings.max_recoveries:

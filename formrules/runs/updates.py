@@ -24,10 +24,10 @@ from sqlalchemy.orm import Session
 
 from formrules.errors import FormrulesError, PermanentError, RuleError
 from formrules.language import sandbox
-from formrules.language.loader import rebuild_defer
 from formrules.language.tree import DeferNode, Form
 from formrules.language.values import to_storage, typed, typed_record
 from formrules.runs import engine
+from formrules.runs import snapshot as snapshots
 from formrules.runs.queue import Dispatcher
 from formrules.store.db import lock_record
 from formrules.store.models import Record, Run, RunEvent, RunStatus, utcnow
@@ -131,7 +131,7 @@ def apply_policies(s: Session, record: Record, old: dict[str, Any], edit: Edit, 
     names = ", ".join(edit.edited)
     for run in delays:
         try:
-            node = rebuild_defer(run.snapshot["raw"], run.node_path, run.snapshot["fields"])
+            node = snapshots.node(run.snapshot, run.node_path)
         except RuleError as exc:  # a snapshot from an incompatible version: leave it be
             log.warning("run %s: cannot rebuild its node: %s", run.id, exc)
             continue

@@ -42,6 +42,13 @@ class SchemaState:
         """True when the code and the database agree."""
         return self.current == self.head
 
+    @property
+    def label(self) -> str:
+        """The revision for people: a revision id, or what an unversioned database is."""
+        if self.current:
+            return self.current
+        return "unversioned (made before migrations)" if self.has_tables else "empty"
+
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """An Alembic config for the shipped migrations (no alembic.ini needed)."""
@@ -116,8 +123,8 @@ def check(engine: Engine) -> SchemaState:
                       f"formrules needs {found.head}: {UPGRADE_HINT}")
 
 
-def upgrade(url: str, revision: str = "head") -> tuple[str | None, str]:
-    """Migrate the database at `url` to `revision`; return (before, after).
+def upgrade(url: str, revision: str = "head") -> tuple[SchemaState, str]:
+    """Migrate the database at `url` to `revision`; return where it stood, and its revision.
 
     A database from before migrations is checked against revision 0001 and stamped with
     it first (nothing is rewritten); one that does not match is refused, untouched.
@@ -132,7 +139,7 @@ def upgrade(url: str, revision: str = "head") -> tuple[str | None, str]:
         after = state(engine).current
     finally:
         engine.dispose()
-    return before.current, after or ""
+    return before, after or ""
 
 
 def current(url: str) -> SchemaState:
@@ -172,11 +179,10 @@ def _adopt(engine: Engine) -> None:
 @cache
 def _baseline_columns() -> dict[str, frozenset[str]]:
     """Tables and columns of revision 0001, read from 0001 applied to a scratch database."""
-    engine = migration_engine("sqlite://")
+    engine = migration_engine("sqlite://")  # in memory: one connection, one database
     try:
         with engine.begin() as conn:
             command.upgrade(alembic_config(conn), BASELINE)
-        with engine.connect() as conn:
             inspector = inspect(conn)
             return {t: frozenset(c["name"] for c in inspector.get_columns(t))
                     for t in inspector.get_table_names() if t != "alembic_version"}

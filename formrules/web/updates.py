@@ -18,8 +18,8 @@ from flask import (
 from sqlalchemy import select
 
 from formrules.errors import ActionError, RuleError
-from formrules.language.loader import rebuild_defer
 from formrules.language.values import typed_record
+from formrules.runs import snapshot as snapshots
 from formrules.runs import updates
 from formrules.store.models import PENDING, Record, Run
 from formrules.web.auth import operator_required
@@ -37,7 +37,7 @@ def _delays(record: Record) -> list[dict]:
             Run.record_id == record.id, Run.kind == "delay",
             Run.status.in_([p.value for p in PENDING])).order_by(Run.due_at)):
         try:
-            node = rebuild_defer(run.snapshot["raw"], run.node_path, run.snapshot["fields"])
+            node = snapshots.node(run.snapshot, run.node_path)
         except RuleError:
             node = None
         policy = "keeps its time"
