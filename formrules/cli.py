@@ -112,6 +112,7 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
     settings = from_env()
     _require_valid_rules(settings.rules_dir, settings.actions_modules)
     _prepare_schema(settings)
+    _observed()  # one metrics directory for the web and the worker it starts
     redis_server = None
     children: list[subprocess.Popen] = []
 
@@ -190,24 +191,57 @@ def _require_valid_rules(directory: str, modules: str) -> None:
         raise RuleError(problems)
 
 
+def _observed() -> None:
+    """Logs as FORMRULES_LOG_FORMAT says; metrics shared by this process and its children.
+
+    Called before anything imports prometheus_client (see `process.metrics`).
+    """
+    from formrules.process import logs, metrics
+    logs.configure()
+    metrics.use_multiprocess_dir()
+
+
 @cli.command()
 @click.option("--port", default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-def web(port: int, host: str) -> None:
-    """Run the web app alone (development server; use gunicorn in production)."""
+@click.option("--workers", default=0, show_default=True,
+              help="gunicorn worker processes (production); 0: the development server")
+@click.option("--threads", default=8, show_default=True, help="threads per gunicorn worker")
+def web(port: int, host: str, workers: int, threads: int) -> None:
+    """Run the web app alone: gunicorn with --workers N, else the development server."""
+    from formrules.store.db import Store
+    _observed()
+    settings = from_env()
+    _require_valid_rules(settings.rules_dir, settings.actions_modules)
+    store = Store(settings.sqlalchemy_url)
+    try:
+        store.check_schema()  # refuse here, before gunicorn forks workers that would all fail
+    finally:
+        store.dispose()
+    if workers > 0:
+        from formrules.web.server import serve
+        serve(host, port, workers, threads)
+        return
     from werkzeug.serving import run_simple
 
     from formrules.web import create_app
-    run_simple(host, port, create_app(), threaded=True, use_reloader=False)
+    run_simple(host, port, create_app(settings=settings), threaded=True, use_reloader=False)
 
 
 @cli.command()
 @click.option("--simple", is_flag=True, help="run jobs in-process (no fork per job)")
 @click.option("--burst", is_flag=True, help="stop when the queue is empty")
-def worker(simple: bool, burst: bool) -> None:
+@click.option("--no-reconciler", is_flag=True, help="leave reconciling to other workers")
+@click.option("--health-port", type=int, help="serve /healthz and /metrics on this port")
+@click.option("--health-host", default="127.0.0.1", show_default=True,
+              help="address for --health-port")
+def worker(simple: bool, burst: bool, no_reconciler: bool, health_port: int | None,
+           health_host: str) -> None:
     """Run a worker: RQ worker + scheduler + reconciler."""
+    _observed()
     from formrules.process.worker import run_worker
-    run_worker(from_env(), simple=simple, burst=burst)
+    run_worker(from_env(), simple=simple, burst=burst, with_reconciler=not no_reconciler,
+               health=(health_host, health_port) if health_port else None)
 
 
 @cli.command()

@@ -37,6 +37,7 @@ class Settings:
     max_recoveries: int = 5  # a Run that kills its worker this often goes dead
     timezone: str = "UTC"
     secure_cookies: bool = False  # set behind HTTPS: cookies are then never sent in clear
+    metrics_token: str = ""  # /metrics wants it as a bearer token; empty: local clients only
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -68,7 +69,7 @@ _ENV = {
     "default_timeout_seconds": "FORMRULES_DEFAULT_TIMEOUT",
     "progress_write_seconds": "FORMRULES_PROGRESS_INTERVAL",
     "max_recoveries": "FORMRULES_MAX_RECOVERIES", "timezone": "FORMRULES_TIMEZONE",
-    "secure_cookies": "FORMRULES_SECURE_COOKIES",
+    "secure_cookies": "FORMRULES_SECURE_COOKIES", "metrics_token": "FORMRULES_METRICS_TOKEN",
 }
 
 

@@ -44,6 +44,7 @@ from formrules.errors import (
 from formrules.language.sandbox import evaluate, render
 from formrules.language.tree import ActionNode, DeferNode, ProgressNode
 from formrules.process import runtime as runtime_mod
+from formrules.runs import observe
 from formrules.runs import snapshot as snapshots
 from formrules.runs.engine import call_action, new_run, walk
 from formrules.store.db import lock_record
@@ -78,7 +79,10 @@ class TimedOut(RetryableError):
 
 def execute_run(run_id: str) -> str:
     """RQ job function: run one Run; returns the outcome as text."""
-    return Execution(runtime_mod.current(), run_id).execute()
+    rt = runtime_mod.current()
+    with observe.attempt(rt, run_id) as attempt:  # log context and metrics
+        attempt.outcome = Execution(rt, run_id).execute()
+        return attempt.outcome
 
 
 class Execution:

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 from redis.exceptions import RedisError
 from sqlalchemy import select, update
 
+from formrules.process import metrics
 from formrules.process.runtime import Runtime
 from formrules.runs.job import EARLY_WAIT_LIMIT, LOST_WORKER, notify
 from formrules.runs.queue import JobState
@@ -167,10 +169,12 @@ def _dispatch(rt: Runtime, run_id: str, result: Pass, replace_started: bool = Fa
 def run_forever(rt: Runtime, stop: threading.Event) -> None:
     """Reconcile every `reconcile_seconds` until `stop` is set."""
     while not stop.is_set():
+        started, done = time.monotonic(), None
         try:
             done = reconcile_once(rt)
             if done.recovered or done.dispatched or done.dead or done.schedules:
                 log.info("reconciled: %s", done)
         except Exception:  # database or Redis away: try again next interval
             log.exception("reconcile pass failed")
+        metrics.reconciled(done, time.monotonic() - started)
         stop.wait(rt.settings.reconcile_seconds)

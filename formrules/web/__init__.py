@@ -14,7 +14,19 @@ from formrules.config import Settings, from_env
 from formrules.language.loader import load_rules
 from formrules.process import runtime as runtime_mod
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+
+def template_folder() -> Path:
+    """The templates: inside the installed package (a wheel), else the checkout's templates/.
+
+    The top-level templates/ folder is the source; building a wheel copies it into the
+    package as formrules/templates (see setup.py).
+    """
+    packaged = Path(__file__).resolve().parents[1] / "templates"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "templates"
+
+
 csrf = CSRFProtect()
 log = logging.getLogger("formrules.web")
 
@@ -23,7 +35,7 @@ def create_app(test_config: dict[str, Any] | None = None,
                settings: Settings | None = None) -> Flask:
     """Build the app: settings from the environment unless given, rules loaded and checked."""
     settings = settings or from_env()
-    app = Flask(__name__, template_folder=str(TEMPLATES), instance_path=str(
+    app = Flask(__name__, template_folder=str(template_folder()), instance_path=str(
         Path(settings.instance_dir).resolve()))
     app.config.from_mapping(
         SECRET_KEY=settings.secret_key,
@@ -42,8 +54,8 @@ def create_app(test_config: dict[str, Any] | None = None,
     app.extensions["formrules.rules"] = load_rules(settings.rules_dir)
     csrf.init_app(app)
 
-    from formrules.web import admin, api, auth, batches, forms, records, tasks, updates
-    for module in (forms, records, tasks, auth, admin, updates, batches, api):
+    from formrules.web import admin, api, auth, batches, forms, ops, records, tasks, updates
+    for module in (forms, records, tasks, auth, admin, updates, batches, api, ops):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
 
