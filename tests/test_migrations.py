@@ -237,6 +237,9 @@ def test_web_and_worker_refuse_an_empty_database_and_say_what_to_run(empty_url, 
     assert worker.returncode == 1
     assert "has no formrules tables yet: run `formrules db upgrade`" in worker.stderr
     assert "Traceback" not in worker.stderr
+    web = _cli(empty_url, tmp_path, "web", "--workers", "2", "--port", "1")
+    assert web.returncode == 1
+    assert "run `formrules db upgrade`" in web.stderr
     assert _cli(empty_url, tmp_path, "db", "upgrade").returncode == 0
     create_app(settings=settings)
 

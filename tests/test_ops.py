@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -12,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from formrules.process.redis_server import free_port
 from formrules.web import create_app
 from tests.helpers import WorkerProcess, runs_of, submit, token_of, wait_until, work
+from tests.web_helpers import Browser
 
 OBSERVED = """\
 form: observed
@@ -154,3 +159,31 @@ def _get(url: str) -> tuple[int, bytes] | None:
         return exc.code, exc.read()
     except OSError:
         return None
+
+
+@pytest.mark.slow
+def test_gunicorn_serves_and_sums_metrics_over_its_processes(rt, subprocess_env, tmp_path):
+    """`formrules web --workers 2`: pages, readiness, and one submit seen by every scrape
+    whichever gunicorn process answers it (multiprocess metrics)."""
+    port = free_port()
+    env = dict(subprocess_env, FORMRULES_LOG_FORMAT="json")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with (tmp_path / "web.log").open("w") as log:
+        web = subprocess.Popen([sys.executable, "-m", "formrules.cli", "web", "--workers", "2",
+                                "--port", str(port)], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    browser = Browser(f"http://127.0.0.1:{port}")
+    try:
+        wait_until(lambda: _get(f"{browser.base}/healthz"), timeout=60)
+        assert browser.request("/readyz")[0] == 200
+        browser.post_form("/forms/demo", {"name": "Gun", "email": "g@example.com"})
+        scrapes = [browser.get("/metrics") for _ in range(6)]
+        assert {sample(text, "formrules_submits_total", form="demo", channel="web",
+                       outcome="accepted") for text in scrapes} == {1}
+    finally:
+        os.killpg(web.pid, signal.SIGTERM)
+        web.wait(30)
+    lines = [json.loads(line) for line in (tmp_path / "web.log").read_text().splitlines()
+             if line.startswith("{")]
+    assert any(line["logger"] == "gunicorn.error" for line in lines)
+    assert not any(line["level"] == "ERROR" for line in lines), lines

@@ -3,75 +3,34 @@ every page: templates, static files and migrations all come from the package."""
 
 from __future__ import annotations
 
-import http.cookiejar
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
 
 from formrules.process.redis_server import free_port
-from tests.helpers import ROOT, tokens, wait_until
+from tests.helpers import ROOT, wait_until
+from tests.web_helpers import Browser
 
 pytestmark = pytest.mark.slow
-
-
-class NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Show redirects (303 after a submit or a login) instead of following them."""
-
-    def redirect_request(self, *args, **kwargs):
-        return None
-
-
-class Browser:
-    """A cookie-keeping HTTP client that records every status it sees."""
-
-    def __init__(self, base: str):
-        self.base = base
-        self.opener = urllib.request.build_opener(
-            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), NoRedirect())
-        self.seen: dict[str, int] = {}
-
-    def request(self, path: str, data: dict | None = None) -> tuple[int, str, str]:
-        """(status, body, Location) for a GET, or a POST of `data`."""
-        body = urllib.parse.urlencode(data).encode() if data is not None else None
-        try:
-            with self.opener.open(self.base + path, data=body, timeout=30) as response:
-                status, text, location = response.status, response.read().decode(), ""
-        except urllib.error.HTTPError as exc:
-            status, text = exc.code, exc.read().decode(errors="replace")
-            location = exc.headers.get("Location", "")
-        self.seen[f"{'POST' if data is not None else 'GET'} {path}"] = status
-        return status, text, location
-
-    def get(self, path: str) -> str:
-        """GET a page that must answer 200."""
-        status, text, _ = self.request(path)
-        assert status == 200, f"GET {path}: {status}\n{text[:2000]}"
-        return text
-
-    def post_form(self, path: str, data: dict) -> str:
-        """Fill the form at `path` (CSRF and submit key from the page), expect 303."""
-        status, text, location = self.request(path, {**tokens(self.get(path).encode()),
-                                                     **data})
-        assert status == 303, f"POST {path}: {status}\n{text[:2000]}"
-        return urllib.parse.urlparse(location).path
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """A fresh venv with only the built wheel (and its dependencies) installed."""
     base = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: pip builds in the source folder, whose build/ could hold leftovers.
+    source = base / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "instance", "*.egg-info", "__pycache__", "test-artifacts"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                    str(base / "dist"), str(ROOT)], check=True, timeout=600, cwd=base)
+                    str(base / "dist"), str(source)], check=True, timeout=600, cwd=base)
     wheel, = (base / "dist").glob("formrules-*.whl")
     subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True,
                    timeout=300)
