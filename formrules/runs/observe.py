@@ -33,10 +33,14 @@ class Attempt:
 @contextmanager
 def attempt(rt: Runtime, run_id: str) -> Iterator[Attempt]:
     """Wrap one execution of `run_id` (see `formrules.runs.job.execute_run`)."""
-    with rt.store.session() as s:
-        row = s.execute(select(Run.form_id, Run.node_path, Record.token)
-                        .outerjoin(Record, Record.id == Run.record_id)
-                        .where(Run.id == run_id)).first()
+    try:
+        with rt.store.session() as s:
+            row = s.execute(select(Run.form_id, Run.node_path, Record.token)
+                            .outerjoin(Record, Record.id == Run.record_id)
+                            .where(Run.id == run_id)).first()
+    except SQLAlchemyError as exc:  # the execution meets the same trouble and handles it
+        log.warning("run %s: no labels for logs and metrics: %s", run_id, exc)
+        row = None
     started = time.monotonic()
     result = Attempt()
     with logs.bound(run_id, row.token if row else None):
