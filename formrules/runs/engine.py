@@ -96,9 +96,11 @@ def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner
         title = sandbox.render(node.title, variables)
     except Exception:  # a title must never stop work from being recorded
         title = node.title
+    # Templates inside the Run name the form as it was when the work was started.
+    snapshot = snapshots.make(node, field_types, (variables.get("form") or {}).get("title"))
     return Run(
         record_id=record_id, form_id=form_id, owner=owner, kind=kind or node.kind,
-        node_path=node.path, title=title[:300], snapshot=snapshots.make(node, field_types),
+        node_path=node.path, title=title[:300], snapshot=snapshot,
         status=(RunStatus.SCHEDULED if due > now + timedelta(seconds=1)
                 else RunStatus.QUEUED).value,
         awaited=node.awaited, flag=node.flag, due_at=due, max_attempts=node.retry.attempts,
@@ -125,7 +127,8 @@ def run_inline(session: Session, form: Form, record: Record, nodes: tuple[Node, 
                settings, extra: dict[str, Any] | None = None) -> list[Run]:
     """Run `nodes` inline against `record` (in the caller's transaction)."""
     ctx = Context(settings=settings, form_id=form.id, field_types=form.field_types,
-                  data=dict(record.data), record_token=record.token, extra=dict(extra or {}))
+                  data=dict(record.data), record_token=record.token, extra=dict(extra or {}),
+                  form_title=form.title)
     runs: list[Run] = []
     now = utcnow()
 

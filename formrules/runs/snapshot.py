@@ -5,7 +5,9 @@ goes through `read` (or `node`), which turns any older snapshot into the current
 
 Versions:
 - 1 (formrules 0.1.0; no "version" key): raw, fields, intervals, timeout.
-- 2: the same keys plus "version". Version 1 reads as version 2 unchanged.
+- 2: the same keys plus "version" and "form_title" (the form's title when the Run was
+  made, for templates inside it). Version 1 reads as version 2 with no form title (the
+  form id stands in for it).
 
 A snapshot newer than this code (written by a newer formrules sharing the database) is
 refused with a RuleError, which sends the Run dead at once, for an operator to retry on a
@@ -23,12 +25,14 @@ from formrules.language.tree import DeferNode
 VERSION = 2
 
 
-def make(node: DeferNode, field_types: dict[str, str]) -> dict[str, Any]:
+def make(node: DeferNode, field_types: dict[str, str],
+         form_title: str | None = None) -> dict[str, Any]:
     """The snapshot a new Run of `node` stores."""
     return {
         "version": VERSION, "raw": node.raw, "fields": field_types,
         "intervals": node.retry.intervals(),
         "timeout": node.timeout.total_seconds() if node.timeout else None,
+        "form_title": form_title,
     }
 
 
@@ -40,7 +44,9 @@ def read(snapshot: dict[str, Any], path: str = "") -> dict[str, Any]:
                                  f"snapshot version {version!r} is newer than this formrules "
                                  f"reads (up to {VERSION}); run it on an upgraded worker")])
     current = dict(snapshot)
-    current["version"] = VERSION  # version 1 had the same keys
+    if version < 2:
+        current.setdefault("form_title", None)
+    current["version"] = VERSION
     return current
 
 
