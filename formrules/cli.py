@@ -114,7 +114,7 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
     _prepare_schema(settings)
     _observed()  # one metrics directory for the web and the worker it starts
     redis_server = None
-    children: list[subprocess.Popen] = []
+    supervisor = None
 
     def shutdown(*_args) -> None:
         raise KeyboardInterrupt
@@ -126,9 +126,15 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
             os.environ["REDIS_URL"] = redis_server.url
             click.echo(f"Started a private Redis at {redis_server.url} "
                        f"(data in {redis_server.data_dir})")
-        from formrules.process.children import die_with_parent
-        children.append(subprocess.Popen([sys.executable, "-m", "formrules.process.worker"],
-                                         env=os.environ.copy(), preexec_fn=die_with_parent))
+        from formrules.process.children import Supervisor, die_with_parent
+
+        def start_worker() -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, "-m", "formrules.process.worker"],
+                                    env=os.environ.copy(), preexec_fn=die_with_parent)
+
+        # Restarts the worker (and the private Redis) whenever one exits on its own.
+        supervisor = Supervisor(start_worker, redis_server)
+        supervisor.start()
         from werkzeug.serving import run_simple
 
         from formrules.web import create_app
@@ -138,8 +144,8 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        for child in children:
-            _stop_worker(child)
+        if supervisor is not None:
+            _stop_worker(supervisor.stop())
         if redis_server is not None:
             redis_server.stop()
         click.echo("Stopped.")
@@ -247,9 +253,15 @@ def worker(simple: bool, burst: bool, no_reconciler: bool, health_port: int | No
 @cli.command()
 def reconcile() -> None:
     """Run one reconciler pass now and print what it did."""
-    from formrules.runs.reconciler import reconcile_once
-    rt = _runtime()
-    click.echo(str(reconcile_once(rt)))
+    from formrules.process.runtime import Runtime, install
+    from formrules.runs.reconciler import dispatch_due, reconcile_once
+    settings = from_env()
+    _prepare_schema(settings)
+    rt = install(Runtime(settings, bounded=False))  # as the leader runs it
+    moved = dispatch_due(rt)  # the due Delays and retries, as the leader's tick does
+    result = reconcile_once(rt)
+    result.dispatched += moved
+    click.echo(str(result))
 
 
 @cli.group()

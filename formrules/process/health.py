@@ -4,9 +4,10 @@
 for the reason the reconciler does: RQ forks a work-horse per job, and forking a process
 with a busy server thread can copy held locks. It dies with the worker (PR_SET_PDEATHSIG),
 so a dead worker's port stops answering. /healthz is 200 while the worker process lives
-and RQ still lists it in Redis (its registration expires when its heartbeat stops);
-/metrics sums the worker's processes (work-horses, reconciler) from its
-PROMETHEUS_MULTIPROC_DIR.
+and RQ lists a worker of that process in Redis (a registration expires when its heartbeat
+stops; the worker re-registers after riding out a Redis outage); /metrics sums the
+worker's processes (the process itself with its leader thread, and its work-horses) from
+its PROMETHEUS_MULTIPROC_DIR.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import multiprocessing
 import os
+import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from redis.exceptions import RedisError
@@ -28,19 +30,21 @@ from formrules.runs.queue import connect
 log = logging.getLogger("formrules.process.health")
 
 
-def worker_health(redis, name: str, parent_pid: int) -> tuple[bool, dict[str, str]]:
-    """Is the worker `name` (process `parent_pid`) alive and registered with RQ?"""
+def worker_health(redis, parent_pid: int) -> tuple[bool, dict[str, str]]:
+    """Is the worker process `parent_pid` alive, and registered with RQ?"""
     checks = {"process": "ok" if os.getppid() == parent_pid else "gone"}
+    host = socket.gethostname()
     try:
-        found = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name,
-                                   connection=redis)
-        checks["rq"] = f"ok ({found.get_state()})" if found else "not registered"
+        found = next((w for w in Worker.all(connection=redis)
+                      if w.pid == parent_pid and w.hostname == host), None)
+        checks["rq"] = f"ok ({found.name}, {found.get_state()})" if found \
+            else "not registered"
     except (RedisError, OSError) as exc:
         checks["rq"] = f"redis unreachable ({type(exc).__name__})"
     return all(v.startswith("ok") for v in checks.values()), checks
 
 
-def serve(settings: Settings, name: str, parent_pid: int, host: str, port: int) -> None:
+def serve(settings: Settings, parent_pid: int, host: str, port: int) -> None:
     """Entry point of the health process: answer until the worker goes."""
     die_with_parent()
     if os.getppid() != parent_pid:  # the worker died while we were starting up
@@ -51,8 +55,8 @@ def serve(settings: Settings, name: str, parent_pid: int, host: str, port: int) 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             if self.path == "/healthz":
-                ok, checks = worker_health(redis, name, parent_pid)
-                body = json.dumps({"status": "ok" if ok else "failing", "worker": name,
+                ok, checks = worker_health(redis, parent_pid)
+                body = json.dumps({"status": "ok" if ok else "failing",
                                    "checks": checks}).encode()
                 self.answer(200 if ok else 503, body, "application/json")
             elif self.path == "/metrics":
@@ -75,10 +79,10 @@ def serve(settings: Settings, name: str, parent_pid: int, host: str, port: int) 
         server.serve_forever()
 
 
-def start(settings: Settings, name: str, host: str, port: int) -> multiprocessing.Process:
-    """Start the health process for worker `name` (this process)."""
+def start(settings: Settings, host: str, port: int) -> multiprocessing.Process:
+    """Start the health process for the worker in this process."""
     process = multiprocessing.get_context("spawn").Process(
-        target=serve, args=(settings, name, os.getpid(), host, port),
+        target=serve, args=(settings, os.getpid(), host, port),
         name="formrules-health", daemon=True)
     process.start()
     return process
