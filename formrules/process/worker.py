@@ -23,6 +23,7 @@ from rq.serializers import JSONSerializer
 
 from formrules.config import Settings, from_env
 from formrules.language.loader import load_rules
+from formrules.logs import configure_logging, level_name
 from formrules.process import health as health_mod
 from formrules.process import logs
 from formrules.process.leader import QUIET, Leader
@@ -62,6 +63,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
 
     `health` (host, port): serve /healthz and /metrics there (see `process.health`).
     """
+    configure_logging()  # here, not in one caller: `formrules worker` and worker.py alike
     rt = install(Runtime(settings))
     load_rules(settings.rules_dir)  # refuse to work with rules that would not load
     rt.store.check_schema()  # a worker never changes the schema: `formrules db upgrade` does
@@ -84,7 +86,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
             worker = worker_class([queue], connection=rt.redis, serializer=JSONSerializer)
             worker.stopping = stopping
             try:
-                worked = worker.work(burst=burst, logging_level="INFO") or worked
+                worked = worker.work(burst=burst, logging_level=level_name()) or worked
                 if burst or stopping.is_set():
                     return worked
                 # RQ's loop gave up (a Redis timeout or error it logged): start again.
