@@ -190,6 +190,8 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
         os.environ["FORMRULES_RULES"] = rules_dir
     settings = from_env()
     _warn_about_rules(settings.rules_dir, settings.actions_modules)
+    _prepare_schema(settings)
+    _observed()  # one metrics directory for the web and the worker it starts
     redis_server = None
     supervisor = None
 
@@ -246,6 +248,27 @@ def _stop_worker(child: subprocess.Popen) -> None:
             continue
 
 
+def _prepare_schema(settings) -> None:
+    """Upgrade the embedded SQLite database by itself; any other must be current already.
+
+    The embedded database (no DATABASE_URL) belongs to this machine's formrules alone, so
+    upgrading it is safe; a shared database is upgraded once, on purpose, by an operator.
+    """
+    from formrules.store import migrate
+    from formrules.store.db import Store
+
+    store = Store(settings.sqlalchemy_url)
+    try:
+        if settings.database_url:
+            store.check_schema()
+            return
+        before, after = migrate.upgrade(store.url)
+        if before.current != after:
+            click.echo(f"Database upgraded: {before.label} -> {after}", err=True)
+    finally:
+        store.dispose()
+
+
 def _warn_about_rules(directory: str, modules: str) -> None:
     """Say which rule files are broken; they stay out until fixed, the rest is served."""
     from formrules.actions import registry as actions
@@ -259,24 +282,57 @@ def _warn_about_rules(directory: str, modules: str) -> None:
                    "fixed (edits are picked up while running)", err=True)
 
 
+def _observed() -> None:
+    """Logs as FORMRULES_LOG_FORMAT says; metrics shared by this process and its children.
+
+    Called before anything imports prometheus_client (see `process.metrics`).
+    """
+    from formrules.process import logs, metrics
+    logs.configure()
+    metrics.use_multiprocess_dir()
+
+
 @cli.command()
 @click.option("--port", default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-def web(port: int, host: str) -> None:
-    """Run the web app alone (development server; use gunicorn in production)."""
+@click.option("--workers", default=0, show_default=True,
+              help="gunicorn worker processes (production); 0: the development server")
+@click.option("--threads", default=8, show_default=True, help="threads per gunicorn worker")
+def web(port: int, host: str, workers: int, threads: int) -> None:
+    """Run the web app alone: gunicorn with --workers N, else the development server."""
+    from formrules.store.db import Store
+    _observed()
+    settings = from_env()
+    _warn_about_rules(settings.rules_dir, settings.actions_modules)
+    store = Store(settings.sqlalchemy_url)
+    try:
+        store.check_schema()  # refuse here, before gunicorn forks workers that would all fail
+    finally:
+        store.dispose()
+    if workers > 0:
+        from formrules.web.server import serve
+        serve(host, port, workers, threads)
+        return
     from werkzeug.serving import run_simple
 
     from formrules.web import create_app
-    run_simple(host, port, create_app(), threaded=True, use_reloader=False)
+    run_simple(host, port, create_app(settings=settings), threaded=True, use_reloader=False)
 
 
 @cli.command()
 @click.option("--simple", is_flag=True, help="run jobs in-process (no fork per job)")
 @click.option("--burst", is_flag=True, help="stop when the queue is empty")
-def worker(simple: bool, burst: bool) -> None:
+@click.option("--no-reconciler", is_flag=True, help="leave reconciling to other workers")
+@click.option("--health-port", type=int, help="serve /healthz and /metrics on this port")
+@click.option("--health-host", default="127.0.0.1", show_default=True,
+              help="address for --health-port")
+def worker(simple: bool, burst: bool, no_reconciler: bool, health_port: int | None,
+           health_host: str) -> None:
     """Run a worker: RQ worker + scheduler + reconciler."""
+    _observed()
     from formrules.process.worker import run_worker
-    run_worker(from_env(), simple=simple, burst=burst)
+    run_worker(from_env(), simple=simple, burst=burst, with_reconciler=not no_reconciler,
+               health=(health_host, health_port) if health_port else None)
 
 
 @cli.command()
@@ -284,12 +340,55 @@ def reconcile() -> None:
     """Run one reconciler pass now and print what it did."""
     from formrules.process.runtime import Runtime, install
     from formrules.runs.reconciler import dispatch_due, reconcile_once
-    rt = install(Runtime(from_env(), bounded=False))  # as the leader runs it
-    rt.store.create_all()
+    settings = from_env()
+    _prepare_schema(settings)
+    rt = install(Runtime(settings, bounded=False))  # as the leader runs it
     moved = dispatch_due(rt)  # the due Delays and retries, as the leader's tick does
     result = reconcile_once(rt)
     result.dispatched += moved
     click.echo(str(result))
+
+
+@cli.group()
+def db() -> None:
+    """The database schema: upgrade it, see where it stands."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True,
+              help="upgrade only up to this revision")
+def db_upgrade(revision: str) -> None:
+    """Migrate the database (DATABASE_URL, or the embedded SQLite) to this version's schema.
+
+    Safe to run again; a database made before migrations existed is recognised.
+    """
+    from formrules.store import migrate
+    settings = from_env()
+    before, after = migrate.upgrade(settings.sqlalchemy_url, revision)
+    if before.current == after:
+        click.echo(f"Database already at {after}.")
+    else:
+        click.echo(f"Database upgraded: {before.label} -> {after}")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the database's revision and this code's; exit 1 when they differ."""
+    from formrules.store import migrate
+    found = migrate.current(from_env().sqlalchemy_url)
+    click.echo(f"database: {found.label}")
+    click.echo(f"code:     {found.head}")
+    if not found.up_to_date:
+        click.echo(f"behind: {migrate.UPGRADE_HINT}", err=True)
+        sys.exit(1)
+
+
+@db.command("history")
+def db_history() -> None:
+    """List the schema revisions this version ships, newest first."""
+    from formrules.store import migrate
+    for line in migrate.history():
+        click.echo(line)
 
 
 @cli.group()
@@ -299,9 +398,9 @@ def runs() -> None:
 
 def _runtime():
     from formrules.process.runtime import Runtime, install
-    rt = install(Runtime(from_env()))
-    rt.store.create_all()
-    return rt
+    settings = from_env()
+    _prepare_schema(settings)
+    return install(Runtime(settings))
 
 
 @runs.command("list")

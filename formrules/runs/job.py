@@ -48,7 +48,7 @@ from formrules.language.sandbox import evaluate, render
 from formrules.language.tree import ActionNode, DeferNode, ProgressNode
 from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
-from formrules.runs import lifecycle
+from formrules.runs import lifecycle, observe
 from formrules.runs.engine import call_action, new_run, walk
 from formrules.runs.snapshot import Snapshot
 from formrules.store.db import lock_record
@@ -70,7 +70,10 @@ LOST_WORKER = "This task stopped unexpectedly several times."
 
 def execute_run(run_id: str) -> str:
     """RQ job function: run one Run; returns the outcome as text."""
-    return Execution(runtime_mod.current(), run_id).execute()
+    rt = runtime_mod.current()
+    with observe.attempt(rt, run_id) as attempt:  # log context and metrics
+        attempt.outcome = Execution(rt, run_id).execute()
+        return attempt.outcome
 
 
 class Execution:

@@ -17,7 +17,19 @@ from formrules.process import runtime as runtime_mod
 from formrules.web import display
 from formrules.web.state import discard_db
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+
+def template_folder() -> Path:
+    """The templates: inside the installed package (a wheel), else the checkout's templates/.
+
+    The top-level templates/ folder is the source; building a wheel copies it into the
+    package as formrules/templates (see setup.py).
+    """
+    packaged = Path(__file__).resolve().parents[1] / "templates"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "templates"
+
+
 csrf = CSRFProtect()
 log = logging.getLogger("formrules.web")
 FALLBACK_500 = ("<!doctype html><meta charset='utf-8'><title>Something went wrong</title>"
@@ -50,7 +62,7 @@ def create_app(test_config: dict[str, Any] | None = None,
     version) and the problem shows on operator pages until the file is fixed.
     """
     settings = settings or from_env()
-    app = FormrulesFlask(__name__, template_folder=str(TEMPLATES), instance_path=str(
+    app = FormrulesFlask(__name__, template_folder=str(template_folder()), instance_path=str(
         Path(settings.instance_dir).resolve()))
     app.config.from_mapping(
         SECRET_KEY=settings.secret_key,
@@ -65,7 +77,7 @@ def create_app(test_config: dict[str, Any] | None = None,
     if test_config:
         app.config.update(test_config)
     rt = runtime_mod.install(runtime_mod.Runtime(settings))
-    rt.store.create_all()
+    rt.store.check_schema()  # behind: refuse, saying which command upgrades it
     app.extensions["formrules"] = rt
     app.extensions["formrules.rules"] = registry(settings.rules_dir)  # loads, logs problems
     app.extensions["formrules.rules"].refresh()  # a new app reads the directory now
@@ -81,12 +93,13 @@ def create_app(test_config: dict[str, Any] | None = None,
         forms,
         headers,
         limits,
+        ops,
         records,
         sessions,
         tasks,
         updates,
     )
-    for module in (forms, records, tasks, auth, admin, updates, batches, api):
+    for module in (forms, records, tasks, auth, admin, updates, batches, api, ops):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
     from formrules.web.state import rules_health
