@@ -82,20 +82,24 @@ class RetryPolicy:
     exponential_max: float | None = None
     jitter: float = 0.1
 
+    def nominal_waits(self) -> list[float]:
+        """Seconds to wait before attempt 2, 3, …, without jitter."""
+        waits = []
+        for i in range(self.attempts - 1):
+            if self.exponential_base is not None:
+                wait = self.exponential_base * (2 ** i)
+                if self.exponential_max is not None:
+                    wait = min(wait, self.exponential_max)
+            else:
+                wait = self.backoff[min(i, len(self.backoff) - 1)] if self.backoff else 0
+            waits.append(wait)
+        return waits
+
     def intervals(self, rng: random.Random | None = None) -> list[int]:
         """Seconds to wait before attempt 2, 3, …, with jitter applied (whole seconds)."""
         rng = rng or random.Random()
-        out = []
-        for i in range(self.attempts - 1):
-            if self.exponential_base is not None:
-                base = self.exponential_base * (2 ** i)
-                if self.exponential_max is not None:
-                    base = min(base, self.exponential_max)
-            else:
-                base = self.backoff[min(i, len(self.backoff) - 1)] if self.backoff else 0
-            spread = base * self.jitter
-            out.append(max(0, round(base + rng.uniform(-spread, spread))))
-        return out
+        return [max(0, round(base + rng.uniform(-base * self.jitter, base * self.jitter)))
+                for base in self.nominal_waits()]
 
 
 DAY = 86400.0

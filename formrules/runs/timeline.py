@@ -22,7 +22,7 @@ from croniter import croniter
 
 from formrules.config import Settings
 from formrules.language.duration import format_duration
-from formrules.language.tree import Form, RetryPolicy
+from formrules.language.tree import Form
 from formrules.runs.preview import Deferred, preview
 
 SLOTS_SHOWN = 10  # per schedule: a minutely schedule over a month is 43,200 lines
@@ -36,20 +36,6 @@ class Moment:
     at: datetime
     path: str
     text: str
-
-
-def nominal_waits(policy: RetryPolicy) -> list[float]:
-    """Seconds before attempt 2, 3, … without jitter (what `intervals` centres on)."""
-    waits = []
-    for i in range(policy.attempts - 1):
-        if policy.exponential_base is not None:
-            wait = policy.exponential_base * (2 ** i)
-            if policy.exponential_max is not None:
-                wait = min(wait, policy.exponential_max)
-        else:
-            wait = policy.backoff[min(i, len(policy.backoff) - 1)] if policy.backoff else 0
-        waits.append(wait)
-    return waits
 
 
 def timeline(form: Form, values: dict[str, Any], settings: Settings, *, start: datetime,
@@ -89,7 +75,7 @@ def _runs(item: Deferred) -> list[Moment]:
     out = [Moment(item.due, node.path, first)]
     at = item.due
     jitter = f" (±{round(policy.jitter * 100)}%)" if policy.jitter else ""
-    for attempt, wait in enumerate(nominal_waits(policy), start=2):
+    for attempt, wait in enumerate(policy.nominal_waits(), start=2):
         at = at + timedelta(seconds=wait)
         gap = format_duration(timedelta(seconds=wait))
         out.append(Moment(at, node.path, f"if it keeps failing: attempt {attempt} of "
