@@ -43,8 +43,10 @@ SCRIPT = textwrap.dedent("""
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
     from formrules.language.loader import check_rules
     _, problems = check_rules(sys.argv[1])
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     print(json.dumps({"problems": [str(p) for p in problems],
-                      "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak": int(hwm.split()[1]) * 1024}))
 """)
 
 

@@ -80,7 +80,9 @@ SCRIPT = textwrap.dedent("""
             outcomes.append(f"rendered {len(render(source, {}))} characters")
         except Exception as exc:
             outcomes.append(f"{type(exc).__name__}: {exc}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    peak = int(hwm.split()[1]) * 1024
     print(json.dumps({"outcomes": outcomes, "peak": peak}))
 """)
 
