@@ -145,7 +145,11 @@ def test_two_webs_three_workers_one_leader_each_run_once_leader_killed(
     assert len(steps) == 18 and all(r.status == RunStatus.DONE for r in steps)
     # Each Run finished once and each of its steps was checkpointed once.
     finishes = Counter(run_id for run_id, _, event in events if event == "finish")
-    assert set(finishes.values()) == {1} and len(finishes) == len(runs)
+    # A schedule slot may fire in the moment between the last check and the stop: that
+    # newest tick is the only Run allowed not to have run yet.
+    late = [r for r in runs if r.status != RunStatus.DONE]
+    assert len(late) <= 1 and all(r.form_id == "minutely" for r in late), late
+    assert set(finishes.values()) == {1} and len(finishes) == len(runs) - len(late)
     checkpoints = Counter((run_id, path) for run_id, path, event in events if event == "checkpoint")
     assert set(checkpoints.values()) == {1}
     calls = Counter(line.split()[0] for line in read_calls(rt.settings.instance_dir))
@@ -156,4 +160,4 @@ def test_two_webs_three_workers_one_leader_each_run_once_leader_killed(
     # Each schedule slot fired once, whichever worker led at the time.
     ticks = [r for r in runs if r.form_id == "minutely"]
     assert slots and len({slot.slot_at for slot in slots}) == len(slots) == len(ticks)
-    assert calls["tick"] == len(ticks)
+    assert calls["tick"] == len(ticks) - len(late)
