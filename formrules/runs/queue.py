@@ -79,6 +79,9 @@ class JobState:
         return False
 
 
+NEW_JOB = JobState(exists=False)  # a Run created just now: Redis cannot hold its job yet
+
+
 class Dispatcher:
     """Enqueues Runs as RQ jobs and looks jobs up without side effects."""
 
@@ -160,12 +163,16 @@ class Dispatcher:
         timeout = run.snapshot.get("timeout") or self.default_timeout
         return int(timeout + GRACE_SECONDS)
 
-    def dispatch_all(self, runs: list[Run]) -> int:
-        """Dispatch after commit; Redis being down is logged, the reconciler retries."""
+    def dispatch_all(self, runs: list[Run], *, new: bool = False) -> int:
+        """Dispatch after commit; Redis being down is logged, the reconciler retries.
+
+        `new`: the Runs were created by the caller's transaction just now, so no job can
+        exist for them yet and RQ's state is not read first.
+        """
         sent = 0
         for i, run in enumerate(runs):
             try:
-                sent += self.dispatch(run)
+                sent += self.dispatch(run, state=NEW_JOB if new else None)
             except RedisConnectionError as exc:
                 # Redis is away: do not make the user wait once per Run for the same answer.
                 log.warning("%d run(s) not enqueued (%s); the reconciler will",

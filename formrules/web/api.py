@@ -149,15 +149,13 @@ def create(form_id: str):
     if errors:
         return _invalid(errors)
     key, s = _idempotency_key(), db()
-    if key and (existing := s.scalar(select(Record).where(Record.submit_key == key))):
-        return jsonify(_body(existing, form)), 200  # the same request again: same record
     try:
         record, runs = submit_record(s, form, record_values(form, wtf),
                                      owner=f"api:{g.api_token.name}", settings=rt().settings,
                                      submit_key=key)
         s.commit()
     except IntegrityError:
-        s.rollback()  # the same key won a race in another request
+        s.rollback()  # the same request again (the unique key refused it): same record
         existing = s.scalar(select(Record).where(Record.submit_key == key)) if key else None
         if existing is None:
             raise
@@ -166,7 +164,7 @@ def create(form_id: str):
         s.rollback()
         log.warning("api: form %s: submit failed: %s", form.id, exc)
         return error(500, "action_failed", exc.safe_message)
-    rt().dispatcher.dispatch_all(runs)
+    rt().dispatcher.dispatch_all(runs, new=True)
     body = _body(record, form)
     return jsonify(body), 201, {"Location": body["status_url"]}
 

@@ -41,14 +41,12 @@ def show(form_id: str):
         return render_template("forms/form.html", form=form, wtf=wtf), 422
     key = wtf.submit_key.data or None
     s = db()
-    if key and (existing := s.scalar(select(Record).where(Record.submit_key == key))):
-        return redirect(url_for("records.wait", token=existing.token), 303)  # double submit
     try:
         record, runs = submit_record(s, form, record_values(form, wtf), owner=owner(),
                                      settings=rt().settings, submit_key=key)
         s.commit()
     except IntegrityError:
-        s.rollback()  # the same submit_key won a race in another request
+        s.rollback()  # a double submit: the unique submit_key refused the second INSERT
         existing = s.scalar(select(Record).where(Record.submit_key == key))
         if existing is None:
             raise
@@ -58,7 +56,7 @@ def show(form_id: str):
         log.warning("form %s: submit failed: %s", form.id, exc)
         return render_template("forms/form.html", form=form, wtf=wtf,
                                error=exc.safe_message), 500
-    rt().dispatcher.dispatch_all(runs)
+    rt().dispatcher.dispatch_all(runs, new=True)
     _wait_inline(form, runs)
     return redirect(url_for("records.wait", token=record.token), 303)
 
@@ -69,8 +67,9 @@ def _wait_inline(form: Form, runs: list[Run]) -> None:
     Only awaited Runs are waited for, and never longer than the largest `inline_for` of
     the nodes that started them; slower work simply continues in the background.
     """
-    limits = {n.path: n.inline_for.total_seconds() for n in walk(form.events.get("submit", ()))
-              if isinstance(n, DeferNode) and n.inline_for}
+    limits = inline_limits(form)
+    if not limits:
+        return
     waited = [r for r in runs if r.node_path in limits and r.awaited != "false"]
     if not waited:
         return
@@ -83,6 +82,19 @@ def _wait_inline(form: Form, runs: list[Run]) -> None:
             if all(st in FINAL_STATUSES for st in statuses) or time.monotonic() >= deadline:
                 return
             time.sleep(0.1)
+
+
+def inline_limits(form: Form) -> dict[str, float]:
+    """`inline_for:` seconds by node path (computed once per form definition)."""
+    cached = _limits.get(id(form))
+    if cached is None or cached[0] is not form:
+        cached = _limits[id(form)] = (form, {
+            n.path: n.inline_for.total_seconds() for n in walk(form.events.get("submit", ()))
+            if isinstance(n, DeferNode) and n.inline_for})
+    return cached[1]
+
+
+_limits: dict[int, tuple[Form, dict[str, float]]] = {}
 
 
 @bp.teardown_app_request
