@@ -21,6 +21,7 @@ from formrules.config import Settings, from_env
 from formrules.language.loader import load_rules
 from formrules.process.children import die_with_parent
 from formrules.process.runtime import Runtime, install
+from formrules.process.warmup import warm
 from formrules.runs import reconciler
 
 log = logging.getLogger("formrules.process.worker")
@@ -55,6 +56,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
     load_rules(settings.rules_dir)  # refuse to work with rules that would not load
     rt.store.create_all()
     child = start_reconciler(settings) if with_reconciler else None
+    warm(rt)  # before the first fork: every work-horse inherits a warm process
     worker_class = SimpleWorker if simple else Worker
     worker = worker_class([rt.dispatcher.queue], connection=rt.redis,
                           serializer=JSONSerializer)
