@@ -134,3 +134,10 @@ def test_admin_list_counts_up_to_a_limit(operator, rt, monkeypatch):
     filtered = operator.get("/admin?form=other")
     assert b"60+ results" in filtered.data
     assert b'value="other"' in filtered.data  # the form filter offers forms with Runs
+
+
+def test_status_polls_do_not_reissue_the_session_cookie(client):
+    token = token_of(submit(client, "demo", GOOD))
+    assert "Set-Cookie" in client.get(f"/r/{token}").headers  # the page refreshes it
+    poll = client.get(f"/r/{token}/status")
+    assert poll.status_code == 200 and "Set-Cookie" not in poll.headers

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import bindparam, exists, func, select
 from sqlalchemy.orm import Session, defer
 
 from formrules.language import sandbox
@@ -81,6 +81,15 @@ def _message(record: Record, form: Form | None) -> str:
         return "Done."
 
 
+POLL_TAG = (
+    select(Record.id, Record.owner, Record.form_id, Record.version, Record.updated_at,
+           func.count(Run.id), func.max(Run.updated_at))
+    .outerjoin(Run, (Run.record_id == Record.id) & Run.hidden.is_(False)
+               & (Run.owner == Record.owner))
+    .where(Record.token == bindparam("token"))
+    .group_by(Record.id, Record.owner, Record.form_id, Record.version, Record.updated_at))
+
+
 def poll_tag(s: Session, token: str) -> tuple[int, str, str, str] | None:
     """(record id, owner, form id, change tag) for a record token, in one statement.
 
@@ -89,14 +98,8 @@ def poll_tag(s: Session, token: str) -> tuple[int, str, str, str] | None:
     added in a step that writes its Run too). An unchanged poll is answered from this
     alone; the tag is read before the view, so a view is never older than its tag.
     """
-    row = s.execute(
-        select(Record.id, Record.owner, Record.form_id, Record.version, Record.updated_at,
-               func.count(Run.id), func.max(Run.updated_at))
-        .outerjoin(Run, (Run.record_id == Record.id) & Run.hidden.is_(False)
-                   & (Run.owner == Record.owner))
-        .where(Record.token == token)
-        .group_by(Record.id, Record.owner, Record.form_id, Record.version, Record.updated_at)
-    ).first()
+    # Built once, run on the connection: no statement building or ORM work per poll.
+    row = s.connection().execute(POLL_TAG, {"token": token}).first()
     if row is None:
         return None
     record_id, owner, form_id, version, updated, runs, last = row

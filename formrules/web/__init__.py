@@ -7,7 +7,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, render_template
+from flask import Flask, render_template, request
+from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
 from formrules.config import Settings, from_env
@@ -17,6 +18,22 @@ from formrules.process import runtime as runtime_mod
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 csrf = CSRFProtect()
 log = logging.getLogger("formrules.web")
+
+
+class PollQuietSessions(SecureCookieSessionInterface):
+    """Status polls leave the session cookie alone unless they changed it.
+
+    The long-lived anonymous cookie is re-signed and re-sent on every request to keep it
+    fresh; a waiting page polls every second or two, and the page load itself already
+    refreshed it, so polls skip that work (and a 304 stays a bare 304).
+    """
+
+    quiet = frozenset({"records.status_json"})
+
+    def should_set_cookie(self, app: Flask, session) -> bool:
+        if request.endpoint in self.quiet and not session.modified:
+            return False
+        return super().should_set_cookie(app, session)
 
 
 def create_app(test_config: dict[str, Any] | None = None,
@@ -36,6 +53,7 @@ def create_app(test_config: dict[str, Any] | None = None,
     )
     if test_config:
         app.config.update(test_config)
+    app.session_interface = PollQuietSessions()
     rt = runtime_mod.install(runtime_mod.Runtime(settings))
     rt.store.create_all()
     app.extensions["formrules"] = rt
