@@ -90,6 +90,14 @@ POLL_TAG = (
     .group_by(Record.id, Record.owner, Record.form_id, Record.version, Record.updated_at))
 
 
+# A record's own visible Runs in tree order, each with whether it has result files.
+STATUS_RUNS = (
+    select(Run, exists().where(ResultFile.run_id == Run.id))
+    .where(Run.record_id == bindparam("record_id"), Run.hidden.is_(False),
+           Run.owner == bindparam("owner"))
+    .order_by(Run.created_at, Run.node_path, Run.id))
+
+
 def poll_tag(s: Session, token: str) -> tuple[int, str, str, str] | None:
     """(record id, owner, form id, change tag) for a record token, in one statement.
 
@@ -127,10 +135,7 @@ def record_status(s: Session, record: Record | int, form: Form | None,
     # Runs of one submit share a creation time: the tree's order (node path) breaks the tie.
     # Only the owner's own work: an operator's batch or a schedule touching this record is
     # not something the person who submitted it is waiting for.
-    rows = s.execute(select(Run, exists().where(ResultFile.run_id == Run.id))
-                     .where(Run.record_id == record_id, Run.hidden.is_(False),
-                            Run.owner == owner)
-                     .order_by(Run.created_at, Run.node_path, Run.id)).all()
+    rows = s.execute(STATUS_RUNS, {"record_id": record_id, "owner": owner}).all()
     runs = [run for run, _ in rows]
     # Read the record after its Runs: a Run's "done" commits together with its flag, so
     # the record read now is at least as new as the Runs; a copy loaded before them
