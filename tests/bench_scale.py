@@ -8,10 +8,12 @@ Not a test (pytest does not collect it). Run it from the repository root:
 For each size N it builds a fresh database (SQLite file, or a schema of its own in
 $FORMRULES_TEST_POSTGRES), bulk-loads N records and N Runs (10% future Delays, 10% dead,
 the rest mostly done; one user with min(10k, N/2) tasks; one trace line per Run), then
-times each page through Flask's test client in a process of its own (median of
---repeat, after one warm-up request) and one reconciler pass over the pending Delays
-(the first pass enqueues them all into an empty Redis, the second finds nothing to do).
-`--base` measures another checkout too, on its own copy of the data (its own schema).
+times each page through Flask's test client: every (checkout, size) is loaded into a
+process of its own first, then each page is requested from each in turn, --repeat
+rounds with the order rotating (medians, after one warm-up request), so machine noise
+falls on all sizes alike. Last, reconciler passes over the pending Delays: the first
+enqueues them all into an empty Redis, the later ones find nothing to do. `--base`
+measures another checkout too, on its own copy of the data (its own schema).
 Loading 1M records and Runs takes about N min on SQLite (see README); the default sizes
 finish in a few minutes.
 """
@@ -148,8 +150,8 @@ def load(store, n: int) -> dict:
     return {"record": n // 2 + 1, "token": None}
 
 
-def measure(n: int, repeat: int) -> dict:
-    """Load, then time every page; runs inside the tree under test."""
+def serve(n: int) -> None:
+    """Load, then answer timing requests on stdin (one page label per line)."""
     from formrules.config import from_env
     from formrules.process.runtime import Runtime, install
     from formrules.runs import reconciler
@@ -159,7 +161,7 @@ def measure(n: int, repeat: int) -> dict:
     rt.store.create_all()
     began = time.perf_counter()
     ids = load(rt.store, n)
-    out = {"load_s": time.perf_counter() - began}
+    load_s = time.perf_counter() - began
     app = create_app({"TESTING": True, "WTF_CSRF_ENABLED": True}, settings=settings)
     clients = {}
     token_re = re.compile(rb'name="(csrf_token|submit_key)" type="hidden" value="([^"]*)"')
@@ -176,64 +178,107 @@ def measure(n: int, repeat: int) -> dict:
     data = {k.decode(): v.decode() for k, v in token_re.findall(page)}
     location = anon.post("/forms/quick", data={**data, "name": "mine"}).headers["Location"]
     ids["token"] = location.rsplit("/", 1)[-1]
+    etag = anon.get(f"/r/{ids['token']}/status").headers["ETag"]
 
-    def timed(fn) -> float:
-        fn()  # warm: templates compiled, caches filled
-        samples = []
-        for _ in range(repeat):
-            began = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - began)
-        return statistics.median(samples) * 1000
-
-    def get(client, path, expect=200, headers=None):
-        def call():
-            response = client.get(path, headers=headers or {})
-            assert response.status_code == expect, (path, response.status_code)
-            return response
-        return call
-
-    def post_submit():
+    def submit_post() -> float:
         page = anon.get("/forms/quick").data
         data = {k.decode(): v.decode() for k, v in token_re.findall(page)}
         began = time.perf_counter()
         assert anon.post("/forms/quick", data={**data, "name": "s"}).status_code == 303
         return time.perf_counter() - began
 
-    for label, path in PAGES:
-        if label == "submit (POST)":
-            post_submit()
-            out[label] = statistics.median(post_submit() for _ in range(repeat)) * 1000
-            continue
+    def page_time(label: str) -> float:
+        path = dict(PAGES)[label]
+        if path is None:
+            return submit_post()
         path = path.format(**ids)
         client = clients["heavy"] if "10k" in label else clients["light"] \
             if "light" in label else anon if path.startswith("/r/") else clients["olga"]
-        if label.endswith("304"):
-            tag = anon.get(path).headers["ETag"]
-            out[label] = timed(get(client, path, 304, {"If-None-Match": tag}))
+        headers, expect = ({"If-None-Match": etag}, 304) if label.endswith("304") \
+            else ({}, 200)
+        began = time.perf_counter()
+        response = client.get(path, headers=headers)
+        took = time.perf_counter() - began
+        assert response.status_code == expect, (path, response.status_code)
+        return took
+
+    print(json.dumps({"ready": True, "load_s": load_s}), flush=True)
+    for line in sys.stdin:
+        label = line.strip()
+        if label == "reconcile first":
+            began = time.perf_counter()
+            result = reconciler.reconcile_once(rt)
+            out = {"ms": (time.perf_counter() - began) * 1000, "dispatched": result.dispatched}
+        elif label == "reconcile idle":
+            began = time.perf_counter()
+            reconciler.reconcile_once(rt)
+            out = {"ms": (time.perf_counter() - began) * 1000}
         else:
-            out[label] = timed(get(client, path))
-    began = time.perf_counter()
-    first = reconciler.reconcile_once(rt)
-    out["reconciler pass, Redis empty"] = (time.perf_counter() - began) * 1000
-    out["dispatched"] = first.dispatched
-    out["reconciler pass, idle"] = timed(lambda: reconciler.reconcile_once(rt))
-    return out
+            out = {"ms": page_time(label) * 1000}
+        print(json.dumps(out), flush=True)
 
 
 # -- the orchestrator ---------------------------------------------------------------------
+class Server:
+    """One (checkout, size) pair: its own database, loaded, answering timing requests."""
+
+    def __init__(self, tmp: Path, db: str, pg: str, port: int, tree: Path, n: int):
+        self.key = uuid.uuid4().hex[:8]
+        self.tmp, self.schema, self.admin = tmp, None, None
+        if db == "sqlite":
+            url = f"sqlite:///{tmp}/scale-{self.key}.db"
+        else:
+            from sqlalchemy import create_engine
+            self.admin = create_engine(pg, isolation_level="AUTOCOMMIT")
+            self.schema = f"bench_scale_{self.key}"
+            with self.admin.connect() as conn:
+                conn.exec_driver_sql(f'CREATE SCHEMA "{self.schema}"')
+            url = f"{pg}{'&' if '?' in pg else '?'}options=-csearch_path%3D{self.schema}"
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("FORMRULES", "DATABASE"))}
+        env.update({"DATABASE_URL": url, "SECRET_KEY": "bench",
+                    "REDIS_URL": f"redis://127.0.0.1:{port}/{len(list(tmp.glob('instance-*')))}",
+                    "FORMRULES_RULES": str(tmp / "rules"),
+                    "FORMRULES_INSTANCE": str(tmp / f"instance-{self.key}"),
+                    "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(tree), str(ROOT)]))})
+        (tmp / f"instance-{self.key}").mkdir()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "bench_scale.py"), "--serve", str(tree),
+             str(n)], env=env, cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"loading {n} into {tree} failed (see stderr above)")
+        self.load_s = json.loads(line)["load_s"]
+
+    def ask(self, label: str) -> dict:
+        self.proc.stdin.write(label + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.proc.stdin.close()
+            self.proc.wait(30)
+        if self.admin is not None:
+            with self.admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP SCHEMA "{self.schema}" CASCADE')
+            self.admin.dispose()
+        for path in self.tmp.glob(f"scale-{self.key}.db*"):
+            path.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--db", default="sqlite,postgres")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--base", help="another formrules checkout to measure too")
-    parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)  # TREE SIZE REPEAT
+    parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)  # TREE SIZE
     args = parser.parse_args()
-    if args.measure:
-        tree, size, repeat = args.measure
-        sys.path.insert(0, tree)
-        print("RESULT " + json.dumps(measure(int(size), int(repeat))), flush=True)
+    if args.serve:
+        sys.path.insert(0, args.serve[0])
+        serve(int(args.serve[1]))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     trees = [("formrules", ROOT)] + ([("base", Path(args.base).resolve())] if args.base else [])
@@ -242,69 +287,64 @@ def main() -> None:
     (tmp / "rules" / "quick.yaml").write_text(RULE)
     port = free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                              "--save", "", "--appendonly", "no", "--dir", str(tmp)],
-                             stdout=subprocess.DEVNULL)
+                              "--save", "", "--appendonly", "no", "--dir", str(tmp),
+                              "--databases", "64"], stdout=subprocess.DEVNULL)
     pg = os.environ.get("FORMRULES_TEST_POSTGRES") or PG_DEFAULT
     print(f"bench_scale: python {sys.version.split()[0]}, sizes {sizes}, "
           f"repeat {args.repeat}", flush=True)
     try:
+        wait_redis(port)
         for db in args.db.split(","):
-            results: dict[tuple[str, int], dict] = {}
-            for n in sizes:
-                for name, tree in trees:
-                    results[(name, n)] = run_one(tmp, db, pg, port, tree, n, args.repeat)
-                    print(f"  {db} {name} {n}: loaded in "
-                          f"{results[(name, n)]['load_s']:.1f} s", flush=True)
-            print_table(db, results, sizes, [t for t, _ in trees])
+            servers: dict[tuple[str, int], Server] = {}
+            try:
+                for n in sizes:
+                    for name, tree in trees:
+                        servers[(name, n)] = Server(tmp, db, pg, port, tree, n)
+                        print(f"  {db} {name} {n:,}: loaded in "
+                              f"{servers[(name, n)].load_s:.1f} s", flush=True)
+                results = measure_all(servers, args.repeat)
+                print_table(db, results, sizes, [t for t, _ in trees])
+            finally:
+                for server in servers.values():
+                    server.close()
     finally:
         redis.terminate()
         redis.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_one(tmp: Path, db: str, pg: str, port: int, tree: Path, n: int, repeat: int) -> dict:
-    schema = None
-    admin = None
-    key = uuid.uuid4().hex[:8]
-    if db == "sqlite":
-        url = f"sqlite:///{tmp}/scale-{key}.db"
-    else:
-        from sqlalchemy import create_engine
-        admin = create_engine(pg, isolation_level="AUTOCOMMIT")
-        schema = f"bench_scale_{key}"
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        url = f"{pg}{'&' if '?' in pg else '?'}options=-csearch_path%3D{schema}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FORMRULES", "DATABASE"))}
-    env.update({"DATABASE_URL": url, "REDIS_URL": f"redis://127.0.0.1:{port}/0",
-                "FORMRULES_RULES": str(tmp / "rules"), "SECRET_KEY": "bench",
-                "FORMRULES_INSTANCE": str(tmp / f"instance-{key}"),
-                "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(tree), str(ROOT)]))})
-    try:
-        flush_redis(port)
-        out = subprocess.run([sys.executable, str(ROOT / "tests" / "bench_scale.py"),
-                              "--measure", str(tree), str(n), str(repeat)],
-                             env=env, cwd=tree, capture_output=True, text=True)
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            raise RuntimeError(f"measuring {tree} at {n} failed:\n{out.stderr[-3000:]}")
-        return json.loads(line[7:])
-    finally:
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-            admin.dispose()
-        with suppress(OSError):
-            for path in tmp.glob(f"scale-{key}.db*"):
-                path.unlink()
+def measure_all(servers: dict, repeat: int) -> dict:
+    """Each page on every server in turn (order rotating), `repeat` times; medians."""
+    keys = list(servers)
+    samples: dict[tuple, list[float]] = {}
+    for label, _ in PAGES:
+        for key in keys:
+            servers[key].ask(label)  # warm: templates compiled, caches filled
+    for r in range(repeat):
+        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        for label, _ in PAGES:
+            for key in order:
+                samples.setdefault((key, label), []).append(servers[key].ask(label)["ms"])
+    results: dict[tuple, dict] = {key: {"load_s": servers[key].load_s} for key in keys}
+    for key in keys:
+        first = servers[key].ask("reconcile first")
+        results[key]["reconciler pass, Redis empty"] = first["ms"]
+        results[key]["dispatched"] = first["dispatched"]
+    for _ in range(max(3, repeat // 2)):
+        for key in keys:
+            samples.setdefault((key, "reconciler pass, idle"), []).append(
+                servers[key].ask("reconcile idle")["ms"])
+    for (key, label), values in samples.items():
+        results[key][label] = statistics.median(values)
+    return results
 
 
-def flush_redis(port: int) -> None:
+def wait_redis(port: int) -> None:
     from redis import Redis
     deadline = time.monotonic() + 10
     while True:
         try:
-            Redis(port=port).flushall()
+            Redis(port=port).ping()
             return
         except Exception:
             if time.monotonic() > deadline:
