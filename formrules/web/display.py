@@ -24,6 +24,7 @@ def relative(delta: timedelta) -> str:
     ahead, seconds = seconds > 0, abs(seconds)
     if seconds < 45:
         return "in a moment" if ahead else "just now"
+    amount = "1 min"  # 45–57 s: below every threshold of the loop
     for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
         if seconds >= size * 0.95:  # 59 min 50 s reads as "1 h"
             amount = f"{round(seconds / size)} {unit}"
