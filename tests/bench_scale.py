@@ -214,7 +214,11 @@ def serve(n: int) -> None:
             reconciler.reconcile_once(rt)
             out = {"ms": (time.perf_counter() - began) * 1000}
         else:
-            out = {"ms": page_time(label) * 1000}
+            try:
+                out = {"ms": page_time(label) * 1000}
+            except Exception as exc:  # a page that fails is a finding: report, go on
+                print(f"{label}: {exc!r}", file=sys.stderr, flush=True)
+                out = {"ms": float("nan")}
         print(json.dumps(out), flush=True)
 
 
@@ -335,7 +339,8 @@ def measure_all(servers: dict, repeat: int) -> dict:
             samples.setdefault((key, "reconciler pass, idle"), []).append(
                 servers[key].ask("reconcile idle")["ms"])
     for (key, label), values in samples.items():
-        results[key][label] = statistics.median(values)
+        ok = [v for v in values if v == v]  # NaN: the page failed (its error is on stderr)
+        results[key][label] = statistics.median(ok) if len(ok) == len(values) else float("nan")
     return results
 
 
