@@ -237,6 +237,7 @@ def runs_show(run_id: str) -> None:
     """Show a Run with its trace and full error."""
     from sqlalchemy import select
 
+    from formrules.runs.trace import attempt_numbers
     from formrules.store.models import Run, RunEvent
     rt = _runtime()
     with rt.store.session() as s:
@@ -247,10 +248,10 @@ def runs_show(run_id: str) -> None:
                     "due_at", "started_at", "finished_at", "recoveries", "safe_error"):
             click.echo(f"{key:>12}: {getattr(run, key)}")
         click.echo("       trace:")
-        for ev in s.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
-                            .order_by(RunEvent.id)):
+        for ev, attempt in attempt_numbers(s.scalars(
+                select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id))):
             first = (ev.detail or "").strip().splitlines()[-1:] or [""]
-            click.echo(f"  {ev.at:%Y-%m-%d %H:%M:%S} #{ev.attempt} {ev.event:<8} "
+            click.echo(f"  {ev.at:%Y-%m-%d %H:%M:%S} #{attempt or '-'} {ev.event:<8} "
                        f"{ev.path or '-'}  {first[0][:120]}")
         if run.last_error:
             click.echo("  last error:\n" + run.last_error)
@@ -379,7 +380,7 @@ def tasks_list() -> None:
     rt = _runtime()
     for form in sorted(cached_rules(rt.settings.rules_dir).forms.values(), key=lambda f: f.id):
         for task in form.tasks.values():
-            click.echo(f"{form.id} {task.name}  {task.title}  (concurrency {task.concurrency}"
+            click.echo(f"{form.id} {task.name}  {task.label}  (concurrency {task.concurrency}"
                        f"{', stop_on_error' if task.stop_on_error else ''})")
 
 

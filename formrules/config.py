@@ -36,6 +36,7 @@ class Settings:
     progress_write_seconds: float = 0.5  # progress is written at most this often
     max_recoveries: int = 5  # a Run that kills its worker this often goes dead
     timezone: str = "UTC"
+    locale: str = "en"  # pages' language and date formats when the browser asks for none
     secure_cookies: bool = False  # set behind HTTPS: cookies are then never sent in clear
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -68,6 +69,7 @@ _ENV = {
     "default_timeout_seconds": "FORMRULES_DEFAULT_TIMEOUT",
     "progress_write_seconds": "FORMRULES_PROGRESS_INTERVAL",
     "max_recoveries": "FORMRULES_MAX_RECOVERIES", "timezone": "FORMRULES_TIMEZONE",
+    "locale": "FORMRULES_LOCALE",
     "secure_cookies": "FORMRULES_SECURE_COOKIES",
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import json
+import socket
 import threading
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,7 +44,8 @@ class Recorder(BaseHTTPRequestHandler):
             self.send_header("Location", "http://elsewhere.invalid/steal")
             self.end_headers()
         else:
-            self.send_response(500 if self.path == "/fail500" else 404)
+            code = {"/fail500": 500, "/busy429": 429}.get(self.path, 404)
+            self.send_response(code)
             self.end_headers()
 
     def log_message(self, *args):
@@ -81,13 +83,27 @@ def test_http_request_sends_idempotency_key_and_saves_the_response(ctx, http_ser
     assert ctx.updates == {"ref": "BK-42"}
 
 
-@pytest.mark.parametrize(("path", "error"), [("/fail500", RetryableError),
-                                             ("/missing404", PermanentError)])
-def test_http_errors_are_classified(ctx, http_server, path, error):
+@pytest.mark.parametrize(("path", "error", "says"), [
+    ("/fail500", RetryableError, "had a problem on its side"),
+    ("/busy429", RetryableError, "is busy at the moment"),
+    ("/missing404", PermanentError, "did not accept the request")])
+def test_http_errors_are_classified_and_said_in_the_users_terms(ctx, http_server, path, error,
+                                                                 says):
     with pytest.raises(error) as caught:
         run("http_request", {"url": f"{http_server}{path}"}, ctx)
-    assert "127.0.0.1" in caught.value.safe_message
-    assert "HTTP" not in caught.value.safe_message  # status codes are for operators
+    assert caught.value.safe_message == f"A service needed for this {says}."
+    assert "could not be reached" not in caught.value.safe_message  # it answered
+    assert "127.0.0.1" in str(caught.value)  # the host and code are for operators
+    assert "HTTP" in str(caught.value)
+
+
+def test_an_unreachable_service_names_no_host(ctx):
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(RetryableError) as caught:
+        run("http_request", {"url": f"http://127.0.0.1:{port}/x"}, ctx)
+    assert caught.value.safe_message == "A service needed for this could not be reached."
 
 
 def test_http_request_refuses_hosts_and_redirects_off_the_allowlist(ctx, http_server):

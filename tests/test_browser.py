@@ -137,6 +137,59 @@ def test_progress_updates_live_and_done_renders_in_place(browser, base_url, work
         context.close()
 
 
+def test_a_failed_part_fetch_is_retried_and_the_page_still_reaches_done(
+        browser, base_url, worker):
+    """Issue 8: one failed fetch of the part froze the page on "running" until a reload."""
+    context = browser.new_context(**DESKTOP)
+    page = context.new_page()
+    failed = []
+
+    def fail_once(route):
+        # The fetch that would bring in the result fails: the status says done from then
+        # on, so the old script got only 304s and never fetched the part again.
+        response = route.fetch()
+        if not failed and 'data-state="done"' in response.text():
+            failed.append(route.request.url)
+            route.fulfill(status=500, body="boom")
+        else:
+            route.fulfill(response=response)
+
+    try:
+        page.route("**/r/*/part", fail_once)
+        fill_and_submit(page, base_url, "Eve")
+        navigations = []
+        page.on("framenavigated", lambda frame: navigations.append(frame.url))
+        page.wait_for_selector(DONE, timeout=90000)
+        assert failed  # the part did fail once
+        assert navigations == []  # and a retry, not a reload, brought the result in place
+        assert page.locator("#summary").get_by_text("Your report is ready, Eve.").is_visible()
+    except Exception:
+        shot(page, "failure-part-retry")
+        raise
+    finally:
+        context.close()
+
+
+def test_fetches_that_keep_failing_end_in_a_full_reload(browser, base_url, worker):
+    """When the script's fetches keep failing, the page reloads whole (the server renders
+    the current state) instead of showing "running" for ever."""
+    context = browser.new_context(**DESKTOP)
+    page = context.new_page()
+    try:
+        fill_and_submit(page, base_url, "Fay")
+        page.route("**/r/*/part", lambda route: route.fulfill(status=502, body=""))
+        page.route("**/r/*/status", lambda route: route.fulfill(status=502, body=""))
+        with page.expect_navigation(timeout=60000):
+            pass  # the script gives up on its fetches and reloads the page
+        page.wait_for_selector(DONE, timeout=90000)  # reloads until the server says done
+        assert page.locator("#summary").get_by_text("Your report is ready, Fay.").is_visible()
+    except Exception:
+        shot(page, "failure-reload")
+        raise
+    finally:
+        context.close()
+
+
 def test_my_tasks_follows_a_running_task_in_place(browser, base_url, worker):
     context = browser.new_context(**DESKTOP)
     page = context.new_page()

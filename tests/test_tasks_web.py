@@ -95,7 +95,7 @@ def test_cancel_scheduled_run_removes_it_from_the_schedule(client, rt, subproces
     scheduled = rt.dispatcher.queue.scheduled_job_registry
     assert run.status == RunStatus.SCHEDULED and run.id in scheduled.get_job_ids()
     page = client.get("/tasks").get_data(as_text=True)
-    assert "Scheduled" in page and "Reminder for Bo" in page and "Starts" in page
+    assert "Scheduled" in page and "Reminder for Bo" in page and "scheduled for" in page
 
     assert post(client, f"/tasks/{run.id}/cancel").status_code == 303
 
@@ -154,11 +154,37 @@ def test_delete_finished_run_hides_it_and_its_files(client, rt):
     assert client.get(f"/files/{file_id}").status_code == 404
 
 
-def test_running_or_pending_run_cannot_be_deleted(client, rt):
+def test_deleting_a_pending_run_cancels_it_then_deletes_it(client, rt):
     run = run_of(rt, token_of(submit(client, "later", {"name": "Ed"})))
+    page = client.get("/tasks").get_data(as_text=True)
+    assert 'aria-label="Cancel and delete Reminder for Ed"' in page
     response = post(client, f"/tasks/{run.id}/delete", follow_redirects=True)
-    assert "Only finished tasks can be deleted" in response.get_data(as_text=True)
-    assert status_of(rt, run.id) == RunStatus.SCHEDULED
+    assert "“Reminder for Ed” was cancelled and deleted." in response.get_data(as_text=True)
+    assert status_of(rt, run.id) == RunStatus.CANCELLED
+    assert f'data-run="{run.id}"' not in client.get("/tasks").get_data(as_text=True)
+    assert rt.dispatcher.job_status(run.id) in (None, JobStatus.CANCELED)
+
+
+def test_deleting_a_running_run_stops_it_and_nothing_more_is_said(client, rt, subprocess_env):
+    with WorkerProcess(subprocess_env, "--no-reconciler"):
+        run = run_of(rt, token_of(submit(client, "crunch", {"name": "Cy"})))
+
+        def running_with_progress():
+            with rt.store.session() as s:
+                row = s.get(Run, run.id)
+                return row.status == RunStatus.RUNNING and row.progress_done > 0
+
+        wait_until(running_with_progress, timeout=60)
+        response = post(client, f"/tasks/{run.id}/delete", follow_redirects=True)
+        assert "is stopping and was deleted from your list" in response.get_data(as_text=True)
+        assert f'data-run="{run.id}"' not in response.get_data(as_text=True)
+        wait_until(lambda: status_of(rt, run.id) == RunStatus.CANCELLED, timeout=30)
+    calls = [line.split()[0] for line in read_calls(rt.settings.instance_dir)]
+    assert calls == ["before"]  # stopped midway
+    with rt.store.session() as s:
+        assert s.get(Run, run.id).hidden
+        assert not s.scalars(select(Notification).where(Notification.run_id == run.id)).all()
+    assert "Crunching for Cy" not in client.get("/tasks").get_data(as_text=True)
 
 
 def test_other_users_runs_and_files_are_404(app, client, rt):
@@ -325,17 +351,22 @@ def test_scheduled_time_is_shown(client, rt):
     assert run.due_at - utcnow() > timedelta(minutes=59)
     page = client.get("/tasks").get_data(as_text=True)
     assert f'datetime="{run.due_at.isoformat(timespec="seconds")}"' in page
-    assert "(in 1 h)" in page
+    assert "(in 1 hour)" in page
+    # Not started yet: the list says when it will, never "started".
+    assert "· scheduled for" in page and "· started" not in page
 
 
 
-def test_banner_shows_the_newest_notices_and_counts_the_rest(client, rt):
+def test_banner_is_one_line_with_the_newest_notice_and_a_count(client, rt):
     for name in ("Ann", "Bob", "Cat", "Dan", "Eve"):
         token_of(submit(client, "report", {"name": name}))
     work(rt)
     home = client.get("/").get_data(as_text=True)
-    assert home.count('class="notice notice-success"') == 3
-    assert "2 more in Notifications" in home and 'aria-label="5 unread"' in home
+    assert home.count('class="notice notice-success"') == 1
+    assert "and 4 more" in home and 'aria-label="5 unread"' in home
+    # The Notifications page lists them all, without the banner repeating one.
+    listing = client.get("/notifications").get_data(as_text=True)
+    assert 'class="notice notice' not in listing and listing.count('class="note note-') == 5
 
 
 def test_task_list_part_is_the_pages_list_with_etag(client, rt):

@@ -107,7 +107,7 @@ def test_delayed_work_is_listed_with_its_time(client, rt):
     token = token_of(submit(client, "later", {"name": "Ivy"}))
     html = client.get(f"/r/{token}").get_data(as_text=True)
     assert "We will remind you, Ivy." in html  # nothing awaited: the answer is immediate
-    assert "Reminder for Ivy" in html and "Starts" in html and "(in 1 h)" in html
+    assert "Reminder for Ivy" in html and "Starts" in html and "(in 1 hour)" in html
 
 
 def test_inline_for_answers_once_quick_work_is_done(client, rt, subprocess_env):

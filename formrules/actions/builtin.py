@@ -84,6 +84,17 @@ def send_email(ctx: Context, to: str, subject: str, body: str, cc: str = "",
     ctx.log.info("%s: e-mail to %s via %s", ctx.path, to, where)
 
 
+# What the person waiting reads when a called service fails: what happened, in their
+# terms. Host names, URLs and status codes are internal: they go to the trace and the log.
+SERVICE_SAYS = {
+    "unreachable": "A service needed for this could not be reached.",
+    "late": "A service needed for this did not answer in time.",
+    "busy": "A service needed for this is busy at the moment.",
+    "failed": "A service needed for this had a problem on its side.",
+    "refused": "A service needed for this did not accept the request.",
+}
+
+
 @action("http_request", {"url": "text!", "method": "text", "headers": "mapping",
                          "json": "any", "body": "text", "timeout": "duration",
                          "save": Param("mapping", render=False)})
@@ -106,18 +117,22 @@ def http_request(ctx: Context, url: str, method: str = "POST", headers: dict | N
                                      headers=sent_headers)
     opener = urllib.request.build_opener(_AllowlistRedirects(ctx.settings.http_allow))
     seconds = parse_duration(timeout).total_seconds()
-    safe = f"The service at {host} could not be reached."
     try:
         with opener.open(request, timeout=seconds) as response:
             payload = response.read(10_000_000)
             status = response.status
     except urllib.error.HTTPError as exc:
-        if exc.code in (408, 425, 429) or exc.code >= 500:
-            raise RetryableError(f"http_request {url}: HTTP {exc.code}", safe) from exc
-        raise PermanentError(f"http_request {url}: HTTP {exc.code}",
-                             f"The service at {host} refused the request.") from exc
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        raise RetryableError(f"http_request {url}: {exc}", safe) from exc
+        detail = f"http_request {url}: HTTP {exc.code}"
+        if exc.code in (408, 425, 429, 503):
+            raise RetryableError(detail, SERVICE_SAYS["busy"]) from exc
+        if exc.code >= 500:
+            raise RetryableError(detail, SERVICE_SAYS["failed"]) from exc
+        raise PermanentError(detail, SERVICE_SAYS["refused"]) from exc
+    except (TimeoutError, urllib.error.URLError, OSError) as exc:
+        late = isinstance(exc, TimeoutError) or isinstance(
+            getattr(exc, "reason", None), TimeoutError)
+        raise RetryableError(f"http_request {url}: {exc}",
+                             SERVICE_SAYS["late" if late else "unreachable"]) from exc
     ctx.log.info("%s: %s %s -> %s", ctx.path, method.upper(), url, status)
     if save:
         text = payload.decode("utf-8", errors="replace")

@@ -14,6 +14,7 @@ from typing import Any
 from formrules.config import Settings
 from formrules.errors import Cancelled, PermanentError
 from formrules.language.values import to_storage, typed_record
+from formrules.language.variables import template_variables
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Context:
     record_token: str | None = None
     attempt: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # error, old, changed, run, …
+    form_title: str | None = None
     on_progress: Callable[[float, float | None, str | None], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
     all_records: Callable[[], list[dict[str, Any]]] | None = None  # the form's records
@@ -58,7 +60,8 @@ class Context:
 
     def variables(self) -> dict[str, Any]:
         """What templates and expressions can name."""
-        return {"record": self.record, "form": {"id": self.form_id}, **self.extra}
+        return template_variables(form_id=self.form_id, form_title=self.form_title,
+                                  field_types=self.field_types, data=self.data, **self.extra)
 
     def set(self, name: str, value: Any) -> None:
         """Write a field; it is committed with this step's checkpoint."""

@@ -29,6 +29,7 @@ from formrules.language.tree import (
     ProgressNode,
     RetryPolicy,
 )
+from formrules.language.variables import FORM_NAMES, RUN_NAMES
 
 DEFER_KEYS = {
     "background": ("title", "flag", "await", "timeout", "retry", "do", "on_error",
@@ -118,6 +119,10 @@ class Checker:
                     attr not in self.fields:
                 self.error(pos, path, f"unknown field '{attr}' in {what}"
                                       f"{did_you_mean(attr, self.fields)}")
+            elif (names := {"form": FORM_NAMES, "run": RUN_NAMES}.get(variable)) and \
+                    attr not in names:
+                self.error(pos, path, f"'{variable}' has no '{attr}' in {what} (it has "
+                                      f"{', '.join(names)}){did_you_mean(attr, names)}")
         env = sandbox.environment()
         ast = env.parse("{{ (" + source + ") }}" if expression else source)
         for name in meta.find_undeclared_variables(ast):
@@ -408,6 +413,11 @@ def _only_in(name: str, path: str) -> str | None:
         return "in update events"
     if name == "error" and "/on_error" not in path:
         return "in on_error branches"
+    if name == "run" and "/do/" not in path and "/on_error" not in path:
+        return "inside a Run (the `do:` of background, delay, tasks and schedules)"
+    if name == "response" and not path.startswith("events/") and \
+            not path.startswith(("tasks/", "schedules/")):
+        return "in http_request's save"
     return None
 
 

@@ -8,12 +8,14 @@ logs, job metadata, idempotency keys and the UI.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from formrules.language.source import Pos
 
+_TEMPLATE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.S)  # a Jinja part of a title
 FIELD_TYPES = ("string", "text", "email", "integer", "decimal", "boolean", "date",
                "datetime", "choice")
 
@@ -134,6 +136,14 @@ class TaskDef:
     stop_on_error: bool = False
     retry: RetryPolicy = NO_RETRY
     raw: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def label(self) -> str:
+        """Its name where no one record is meant (lists, headings, the batch): the title
+        without its templates ("Export booking {{ record.requester }}" reads "Export
+        booking"), or the task's name when nothing is left."""
+        text = " ".join(_TEMPLATE.sub(" ", self.title).split()).strip(" :,;-–—")
+        return text or self.name.replace("_", " ").capitalize()
 
 
 @dataclass(frozen=True)

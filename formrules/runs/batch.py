@@ -28,7 +28,7 @@ from formrules.language import sandbox
 from formrules.language.checker import did_you_mean
 from formrules.language.loader import rebuild_defer
 from formrules.language.tree import Form
-from formrules.language.values import typed_record
+from formrules.language.variables import form_variables
 from formrules.process.runtime import Runtime
 from formrules.runs.engine import new_run
 from formrules.store.models import (
@@ -74,7 +74,7 @@ def matching_records(s: Session, form: Form, *, record_ids: list[int] | None = N
     out = []
     for record in records:
         try:
-            if sandbox.evaluate(where, {"record": typed_record(record.data, form.field_types)}):
+            if sandbox.evaluate(where, form_variables(form, record.data)):
                 out.append(record)
         except Exception as exc:  # None > 3, say: name the record so it can be fixed
             raise BatchError(f"the filter failed on record {record.id}: {exc}") from exc
@@ -93,16 +93,14 @@ def start(s: Session, form: Form, task_name: str, *, owner: str, settings,
         raise BatchError("no records match: nothing to run")
     node = rebuild_defer(task.raw, f"tasks/{task.name}", form.field_types)
     # A title naming the record ("Export {{ record.name }}") is for the children.
-    title = task.title if "{" not in task.title else task.name.replace("_", " ").capitalize()
-    batch = Batch(form_id=form.id, task=task.name, title=title, owner=owner,
+    batch = Batch(form_id=form.id, task=task.name, title=task.label, owner=owner,
                   total=len(records), concurrency=task.concurrency,
                   stop_on_error=task.stop_on_error, status="running")
     s.add(batch)
     s.flush()
     now = utcnow()
     for record in records:
-        variables = {"record": typed_record(record.data, form.field_types),
-                     "form": {"id": form.id, "title": form.title}}
+        variables = form_variables(form, record.data)
         run = new_run(node, form_id=form.id, field_types=form.field_types, owner=owner,
                       variables=variables, record_id=record.id, now=now,
                       tz=settings.timezone, kind="task", batch_id=batch.id)

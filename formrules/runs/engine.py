@@ -99,6 +99,8 @@ def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner
         "raw": node.raw, "fields": field_types,
         "intervals": node.retry.intervals(),
         "timeout": node.timeout.total_seconds() if node.timeout else None,
+        # Templates inside the Run name the form as it was when the work was started.
+        "form_title": (variables.get("form") or {}).get("title"),
     }
     return Run(
         record_id=record_id, form_id=form_id, owner=owner, kind=kind or node.kind,
@@ -154,7 +156,8 @@ def run_inline(session: Session, form: Form, record: Record, nodes: tuple[Node, 
     A record not inserted yet is inserted after the walk, with the walk's writes in it.
     """
     ctx = Context(settings=settings, form_id=form.id, field_types=form.field_types,
-                  data=dict(record.data), record_token=record.token, extra=dict(extra or {}))
+                  data=dict(record.data), record_token=record.token, extra=dict(extra or {}),
+                  form_title=form.title)
     runs: list[Run] = []
     now = utcnow()
 

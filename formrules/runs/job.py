@@ -44,6 +44,7 @@ from formrules.errors import (
 from formrules.language.loader import rebuild_defer
 from formrules.language.sandbox import evaluate, render
 from formrules.language.tree import ActionNode, DeferNode, ProgressNode
+from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
 from formrules.runs.engine import call_action, new_run, walk
 from formrules.store.db import lock_record
@@ -214,8 +215,7 @@ class Execution:
 
     def check_when(self, s: Session, run: Run, node: DeferNode, record: Record) -> bool:
         """A Delay's `when:` is re-checked at fire time; false means skipped."""
-        variables = {"record": self.context(run, record.data, "").record}
-        if evaluate(node.when, variables):
+        if evaluate(node.when, self.context(run, record.data, "").variables()):
             return True
         run = self.owned(s)
         run.status, run.finished_at, run.lease = RunStatus.SKIPPED.value, utcnow(), None
@@ -227,8 +227,7 @@ class Execution:
         return Context(
             settings=self.settings, form_id=run.form_id, field_types=run.snapshot["fields"],
             data=dict(data), path=path, run_id=run.id, attempt=run.attempt,
-            extra={"run": {"id": run.id, "title": run.title, "attempt": run.attempt},
-                   **extra},
+            extra={"run": run_info(run), **extra}, form_title=form_title_of(run),
             all_records=lambda: self.form_records(run.form_id),
             on_progress=lambda d, t, m: self.progress(run, d, t, m),
             is_cancelled=self.cancelled,
@@ -418,6 +417,8 @@ def notify(s: Session, run: Run, level: str, message: str) -> None:
     """Leave a notice for the Run's owner (shown on their next page)."""
     if run.batch_id is not None:
         return  # the batch tells its owner once, when it ends, not once per record
+    if run.hidden:
+        return  # its owner deleted it (cancel-and-delete): news of it would only confuse
     if run.awaited == "false" and level == "success" and run.kind == "delay":
         return  # a reminder firing on schedule is not news to the person who submitted
     token = None

@@ -55,7 +55,7 @@ def preview(form: Form, values: dict[str, Any], settings: Settings, *, event: st
                  "changed": {k: v for k, v in typed_record(values, form.field_types).items()
                              if old.get(k) != values.get(k)}}
     ctx = Context(settings=settings, form_id=form.id, field_types=form.field_types,
-                  data=dict(values), record_token="preview", extra=extra)
+                  data=dict(values), record_token="preview", extra=extra, form_title=form.title)
     lines: list[Line] = []
     _nodes(form.events.get(event, ()), ctx, lines, 0, now or utcnow(), settings)
     return lines
@@ -109,7 +109,10 @@ def _node(node: Node, ctx: Context, lines: list[Line], depth: int, now: datetime
             if getattr(node, key):
                 parts.append(f"{key}: {getattr(node, key)}")
         lines.append(Line(node.path, "; ".join(parts), depth))
+        outer = ctx.extra  # inside the Run its `run.` names are set, as on a worker
+        ctx.extra = {**outer, "run": {"id": "preview", "title": title, "attempt": 1}}
         _nodes(node.do, ctx, lines, depth + 1, now, settings)
+        ctx.extra = outer
         if node.on_error:
             lines.append(Line(f"{node.path}/on_error",
                               f"on_error: {len(node.on_error)} node(s) after the last attempt",

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from formrules.language import sandbox
 from formrules.language.loader import cached_rules, rebuild_defer
 from formrules.language.tree import Form, ScheduleDef
-from formrules.language.values import typed_record
+from formrules.language.variables import form_variables
 from formrules.process.runtime import Runtime
 from formrules.runs.engine import new_run
 from formrules.store.models import Record, Run, RunEvent, ScheduleSlot, utcnow
@@ -104,20 +104,17 @@ def _runs(s, form: Form, index: int, schedule: ScheduleDef, slot: datetime, now:
     """The slot's Runs: one, or one per record matching `for_each` (read inside the claim)."""
     node = rebuild_defer(schedule.raw, f"schedules/{index}", form.field_types)
     types = form.field_types
-    form_vars = {"id": form.id, "title": form.title}
     if schedule.for_each is None:
         targets: list[Record | None] = [None]
     else:
         targets = [r for r in s.scalars(select(Record).where(Record.form_id == form.id)
                                         .order_by(Record.id))
-                   if sandbox.evaluate(schedule.for_each,
-                                       {"record": typed_record(r.data, types),
-                                        "form": form_vars})]
+                   if sandbox.evaluate(schedule.for_each, form_variables(form, r.data))]
     runs = []
     for record in targets:
         data = record.data if record is not None else {}
         run = new_run(node, form_id=form.id, field_types=types, owner=OWNER,
-                      variables={"record": typed_record(data, types), "form": form_vars},
+                      variables=form_variables(form, data),
                       record_id=record.id if record is not None else None, now=now,
                       tz=settings.timezone, kind="schedule")
         s.add(run)

@@ -7,6 +7,7 @@ internal error detail (`last_error`, traces) is for operators only, never here.
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 from sqlalchemy import bindparam, exists, func, select
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session, defer
 
 from formrules.language import sandbox
 from formrules.language.tree import Form
-from formrules.language.values import typed_record
+from formrules.language.variables import form_variables
 from formrules.store.models import Record, ResultFile, Run, RunStatus
 
 # What users read for each status (the status itself stays the CSS class and JSON value).
@@ -23,6 +24,7 @@ LABELS = {
     "retrying": "Retrying", "done": "Done", "dead": "Failed", "cancelled": "Cancelled",
     "skipped": "Skipped",
 }
+log = logging.getLogger("formrules.runs.status")
 CANCELLABLE = ("scheduled", "queued", "waiting", "retrying", "running")
 
 
@@ -45,9 +47,13 @@ def run_view(run: Run, files: list[ResultFile] | None = None) -> dict[str, Any]:
         "message": run.progress_message or "",
         "attempt": run.attempt,
         "max_attempts": run.max_attempts,
-        "awaited": run.awaited,
+        # JSON booleans: whether the page waits for it, and whether the user may leave it
+        # to finish in the background (`await: optional`).
+        "awaited": run.awaited != "false",
+        "can_continue": run.awaited == "optional",
         "due_at": _iso(run.due_at),
         "created_at": _iso(run.created_at),
+        "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
         "files": [{"id": f.id, "filename": f.filename} for f in files or []],
     }
@@ -70,15 +76,20 @@ def files_by_run(s: Session, runs: list[Run]) -> dict[str, list[ResultFile]]:
     return files
 
 
+FAILED_MESSAGE = "Done: everything for your submission has been taken care of."
+
+
 def _message(record: Record, form: Form | None) -> str:
     if form is None or not form.after_submit_message:
         return "Done."
     try:
-        return sandbox.render(form.after_submit_message,
-                              {"record": typed_record(record.data, form.field_types),
-                               "form": {"id": form.id, "title": form.title}})
-    except Exception:  # an author's template bug must not hide the result
-        return "Done."
+        return sandbox.render(form.after_submit_message, form_variables(form, record.data))
+    except Exception as exc:  # an author's template bug must not hide the result
+        # The person sees a plain sentence; operators find what broke in the log.
+        log.error("form %s: after_submit message failed for record %s: %s: %s "
+                  "(%s: after_submit/message)", form.id, record.token,
+                  type(exc).__name__, exc, form.file)
+        return FAILED_MESSAGE
 
 
 POLL_TAG = (

@@ -27,6 +27,7 @@ from formrules.language import sandbox
 from formrules.language.loader import rebuild_defer
 from formrules.language.tree import DeferNode, Form
 from formrules.language.values import to_storage, typed, typed_record
+from formrules.language.variables import form_title_of, template_variables
 from formrules.runs import engine
 from formrules.runs.queue import Dispatcher
 from formrules.store.db import lock_record
@@ -136,11 +137,10 @@ def apply_policies(s: Session, record: Record, old: dict[str, Any], edit: Edit, 
             log.warning("run %s: cannot rebuild its node: %s", run.id, exc)
             continue
         types = run.snapshot["fields"]
-        variables = {"record": typed_record(record.data, types),
-                     "old": typed_record(old, types),
-                     "changed": {k: typed(v, types.get(k, "string"))
-                                 for k, v in edit.changed.items()},
-                     "form": {"id": run.form_id}}
+        variables = template_variables(
+            form_id=run.form_id, form_title=form_title_of(run), field_types=types,
+            data=record.data, old=typed_record(old, types),
+            changed={k: typed(v, types.get(k, "string")) for k, v in edit.changed.items()})
         if node.cancel_if and _matches(s, run, node, variables):
             reason = (f"cancelled: {names} changed at {stamp} ({who}); "
                       f"cancel_if {node.cancel_if!r} is true")

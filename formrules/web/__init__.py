@@ -7,13 +7,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, render_template, request
+from flask import Flask, render_template, request, send_from_directory
 from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
 from formrules.config import Settings, from_env
 from formrules.language.loader import load_rules
 from formrules.process import runtime as runtime_mod
+from formrules.web import display
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 csrf = CSRFProtect()
@@ -59,11 +60,18 @@ def create_app(test_config: dict[str, Any] | None = None,
     app.extensions["formrules"] = rt
     app.extensions["formrules.rules"] = load_rules(settings.rules_dir)
     csrf.init_app(app)
+    display.init_app(app, settings.timezone, settings.locale)
 
     from formrules.web import admin, api, auth, batches, forms, records, tasks, updates
     for module in (forms, records, tasks, auth, admin, updates, batches, api):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
+
+    @app.get("/favicon.ico")
+    def favicon():
+        """The tab icon: browsers ask for it on every page, so it must not 404."""
+        return send_from_directory(app.static_folder, "favicon.ico", max_age=86400,
+                                   mimetype="image/vnd.microsoft.icon")
 
     @app.errorhandler(CSRFError)
     def csrf_error(exc: CSRFError):

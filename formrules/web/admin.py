@@ -25,6 +25,7 @@ from sqlalchemy import delete, func, or_, select, text
 from sqlalchemy.sql import Select
 
 from formrules.runs import control
+from formrules.runs.trace import attempt_numbers
 from formrules.store.models import Record, ResultFile, Run, RunEvent, RunStatus
 from formrules.web.auth import operator_required
 from formrules.web.state import db, rt, rules
@@ -143,8 +144,8 @@ def runs():
 def run(run_id: str):
     """One Run: its state, step-by-step trace, full error, children and actions."""
     item = db().get(Run, run_id) or abort(404)
-    events = list(db().scalars(select(RunEvent).where(RunEvent.run_id == run_id)
-                               .order_by(RunEvent.id)))
+    events = attempt_numbers(db().scalars(select(RunEvent).where(RunEvent.run_id == run_id)
+                                          .order_by(RunEvent.id)))
     children = list(db().scalars(select(Run).where(Run.parent_id == run_id)
                                  .order_by(Run.created_at)))
     files = list(db().scalars(select(ResultFile.filename).where(ResultFile.run_id == run_id)))

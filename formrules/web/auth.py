@@ -25,6 +25,23 @@ class LoginForm(FlaskForm):
     password = PasswordField("Password", validators=[DataRequired(), Length(max=500)])
 
 
+OWNER_WORDS = {"schedule": "a schedule", "cli": "the command line"}
+
+
+@bp.app_template_filter("owner")
+def owner_name(owner: str | None) -> str:
+    """`{{ run.owner|owner }}`: who that is, as people name them (`olga`, not `user:2`)."""
+    kind, _, key = (owner or "").partition(":")
+    if kind == "user" and key.isdigit():
+        user = db().get(User, int(key))  # the session's identity map: one query per user
+        return user.name if user is not None else f"a deleted user (#{key})"
+    if kind == "anon":
+        return f"an anonymous visitor ({key[:6]})"
+    if kind == "api":
+        return f"API client {key}"
+    return OWNER_WORDS.get(owner or "", owner or "nobody")
+
+
 def is_operator() -> bool:
     """True when the logged-in user is an operator now (asked of the database each time,
     so a demoted operator loses access at once, whatever their session says)."""

@@ -15,26 +15,10 @@ from sqlalchemy import select, update
 
 from formrules.runs.status import etag_for, poll_tag, record_status
 from formrules.store.models import Notification, Record, ResultFile, Run, utcnow
-from formrules.web import display
 from formrules.web.auth import is_operator
-from formrules.web.state import current_owner_or_none, db, rt, rules
+from formrules.web.state import current_owner_or_none, db, rules
 
 bp = Blueprint("records", __name__)
-
-
-@bp.app_template_filter("when")
-def when_filter(value, show_relative: bool = True):
-    """`{{ run.due_at|when }}`: a `<time>` in the configured time zone."""
-    return display.when(value, rt().settings.timezone, show_relative)
-
-
-@bp.app_template_filter("clock")
-def clock_filter(value):
-    """`{{ event.at|clock }}`: date and time to the second, for traces."""
-    return display.clock(value, rt().settings.timezone)
-
-
-bp.add_app_template_filter(display.duration, "duration")
 
 
 def _record(token: str) -> Record:

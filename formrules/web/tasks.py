@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from urllib.parse import urlsplit
@@ -62,8 +63,10 @@ GROUPS = (
 def _my_tasks() -> tuple[list[tuple[str, str, list[dict]]], list[dict]]:
     """The current user's Runs as views, and grouped for the page."""
     me = current_owner_or_none()
+    # A batch's Runs are the operator's work on other people's records: they are followed
+    # on the batch's page, not listed one by one among the operator's own tasks.
     runs = [] if me is None else list(db().scalars(
-        select(Run).where(Run.owner == me, Run.hidden.is_(False))
+        select(Run).where(Run.owner == me, Run.hidden.is_(False), Run.batch_id.is_(None))
         .order_by(Run.created_at.desc(), Run.id.desc()).limit(300)))
     files = files_by_run(db(), runs)
     ids = {r.record_id for r in runs if r.record_id}
@@ -119,11 +122,14 @@ def cancel(run_id: str):
 
 @bp.post("/tasks/<run_id>/delete")
 def delete(run_id: str):
-    """Remove a finished Run (and its files) from my list."""
+    """Remove a Run (and its files) from my list; one still going is cancelled first."""
     run = _own_run(run_id)
+    outcome = None
     if not run.is_final:
-        flash("Only finished tasks can be deleted; cancel it first.", "error")
-        return redirect(url_for("tasks.index"), 303)
+        # A running one stops at its next step; hidden now, it is gone from the list. One
+        # that finished meanwhile (NotAllowed) only needs deleting.
+        with contextlib.suppress(control.NotAllowed):
+            outcome = control.cancel(db(), run, "its owner, deleting it")
     run.hidden = True
     db().execute(ResultFile.__table__.delete().where(ResultFile.run_id == run.id))
     # Its notices go too: a banner pointing at a deleted task only confuses.
@@ -131,7 +137,11 @@ def delete(run_id: str):
                                             Notification.read_at.is_(None))
                  .values(read_at=utcnow()))
     db().commit()
-    flash(f"“{run.title}” was deleted.", "info")
+    if outcome is not None:
+        control.after_commit(rt().dispatcher, run)
+    flash({"cancelled": f"“{run.title}” was cancelled and deleted.",
+           "stopping": f"“{run.title}” is stopping and was deleted from your list."}.get(
+        outcome or "", f"“{run.title}” was deleted."), "info")
     return redirect(url_for("tasks.index"), 303)
 
 
@@ -162,18 +172,27 @@ def dismiss(note_id: int):
     return redirect(_back(url_for("tasks.notifications")), 303)
 
 
-BANNER_NOTICES = 3  # more than this on top of every page hides the page itself
+OPERATOR_PAGES = ("admin.", "batches.")
 
 
 def inject_notifications() -> dict:
-    """Unread notices for the banner on every page: the newest few, and how many in all."""
+    """The notice banner: one line (the newest unread notice that belongs on this page,
+    and how many more), and the unread count for the menu's badge.
+
+    A stack of notices above every page hid the page itself. Notices that are not about
+    the person's own submissions (a batch's, which has no Run) show on operator pages only,
+    never above an end user's form; the Notifications page lists everything itself.
+    """
     me = current_owner_or_none()
     if me is None:
-        return {"unread": [], "unread_count": 0}
+        return {"notice": None, "notice_more": 0, "unread_count": 0}
     mine = (Notification.owner == me, Notification.read_at.is_(None))
-    unread = list(db().scalars(select(Notification).where(*mine)
-                               .order_by(Notification.created_at.desc(), Notification.id.desc())
-                               .limit(BANNER_NOTICES)))
-    count = len(unread) if len(unread) < BANNER_NOTICES else db().scalar(
-        select(func.count()).select_from(Notification).where(*mine))
-    return {"unread": unread, "unread_count": count}
+    total = db().scalar(select(func.count()).select_from(Notification).where(*mine))
+    endpoint = request.endpoint or ""
+    if not total or endpoint == "tasks.notifications":
+        return {"notice": None, "notice_more": 0, "unread_count": total}
+    shown = mine if endpoint.startswith(OPERATOR_PAGES) else \
+        (*mine, Notification.run_id.is_not(None))
+    notice = db().scalars(select(Notification).where(*shown).order_by(
+        Notification.created_at.desc(), Notification.id.desc()).limit(1)).first()
+    return {"notice": notice, "notice_more": total - 1 if notice else 0, "unread_count": total}

@@ -45,7 +45,7 @@
 
   function swap() {
     return fetch(partUrl, { credentials: "same-origin", cache: "no-store" }).then(function (r) {
-      if (!r.ok) throw new Error("part " + r.status);
+      if (!r.ok) throw new HttpError("part", r.status);
       return r.text();
     }).then(function (html) {
       root.innerHTML = html;
@@ -58,28 +58,41 @@
     });
   }
 
+  // A failed fetch (either one) is retried with backoff; the status JSON kept from the
+  // last 200 is compared again on every 304, so a part that failed to load is fetched
+  // anew instead of the page freezing on what it showed before. After MAX_FAILURES
+  // answers in a row that were errors, the page reloads whole (the server renders the
+  // same state); while the network is down it keeps backing off instead.
+  var MAX_FAILURES = 4, last = null;
+
   function next() {
     if (!working()) return;  // finished: the page now shows the result, stop polling
     setTimeout(poll, document.hidden ? Math.max(delay, 5000) : delay);
   }
 
+  function HttpError(what, status) { this.message = what + " " + status; }
+
   function poll() {
-    var headers = etag ? { "If-None-Match": etag } : {};
+    var headers = etag && last ? { "If-None-Match": etag } : {};
     fetch(statusUrl, { headers: headers, credentials: "same-origin", cache: "no-cache" })
       .then(function (r) {
-        if (r.status === 304) return null;
-        if (!r.ok) throw new Error("status " + r.status);
+        if (r.status === 304) return last;
+        if (!r.ok) throw new HttpError("status", r.status);
         etag = r.headers.get("ETag");
         return r.json();
       }).then(function (s) {
-        if (s === null) return null;
+        last = s;
         updateBars(s);
         return statusKey(s) !== shownKey() ? swap() : null;
       }).then(function () {
         failures = 0; delay = 1000; next();
-      }).catch(function () {
-        failures += 1;  // back off while the server is unreachable
-        delay = Math.min(1000 * Math.pow(2, failures), 15000);
+      }).catch(function (error) {
+        failures += 1;
+        if (error instanceof HttpError && failures >= MAX_FAILURES) {
+          window.location.reload();
+          return;
+        }
+        delay = Math.min(1000 * Math.pow(2, failures - 1), 15000);
         next();
       });
   }
