@@ -112,7 +112,7 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
     settings = from_env()
     _require_valid_rules(settings.rules_dir, settings.actions_modules)
     redis_server = None
-    children: list[subprocess.Popen] = []
+    supervisor = None
 
     def shutdown(*_args) -> None:
         raise KeyboardInterrupt
@@ -124,9 +124,15 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
             os.environ["REDIS_URL"] = redis_server.url
             click.echo(f"Started a private Redis at {redis_server.url} "
                        f"(data in {redis_server.data_dir})")
-        from formrules.process.children import die_with_parent
-        children.append(subprocess.Popen([sys.executable, "-m", "formrules.process.worker"],
-                                         env=os.environ.copy(), preexec_fn=die_with_parent))
+        from formrules.process.children import Supervisor, die_with_parent
+
+        def start_worker() -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, "-m", "formrules.process.worker"],
+                                    env=os.environ.copy(), preexec_fn=die_with_parent)
+
+        # Restarts the worker (and the private Redis) whenever one exits on its own.
+        supervisor = Supervisor(start_worker, redis_server)
+        supervisor.start()
         from werkzeug.serving import run_simple
 
         from formrules.web import create_app
@@ -136,8 +142,8 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        for child in children:
-            _stop_worker(child)
+        if supervisor is not None:
+            _stop_worker(supervisor.stop())
         if redis_server is not None:
             redis_server.stop()
         click.echo("Stopped.")
@@ -192,10 +198,13 @@ def worker(simple: bool, burst: bool) -> None:
 def reconcile() -> None:
     """Run one reconciler pass now and print what it did."""
     from formrules.process.runtime import Runtime, install
-    from formrules.runs.reconciler import reconcile_once
-    rt = install(Runtime(from_env()))
+    from formrules.runs.reconciler import dispatch_due, reconcile_once
+    rt = install(Runtime(from_env(), bounded=False))  # as the leader runs it
     rt.store.create_all()
-    click.echo(str(reconcile_once(rt)))
+    moved = dispatch_due(rt)  # the due Delays and retries, as the leader's tick does
+    result = reconcile_once(rt)
+    result.dispatched += moved
+    click.echo(str(result))
 
 
 @cli.group()

@@ -35,6 +35,10 @@ class Settings:
     default_timeout_seconds: float = 3600.0
     progress_write_seconds: float = 0.5  # progress is written at most this often
     max_recoveries: int = 5  # a Run that kills its worker this often goes dead
+    # A request (a submit) waits on Redis at most this long; the reconciler delivers the rest.
+    submit_redis_seconds: float = 0.5
+    leader_lease_seconds: float = 5.0  # a killed leader's duties move on within this
+    tick_seconds: float = 0.5  # how often the leader moves due Delays and retries to the queue
     timezone: str = "UTC"
     locale: str = "en"  # pages' language and date formats when the browser asks for none
     secure_cookies: bool = False  # set behind HTTPS: cookies are then never sent in clear
@@ -71,6 +75,8 @@ _ENV = {
     "max_recoveries": "FORMRULES_MAX_RECOVERIES", "timezone": "FORMRULES_TIMEZONE",
     "locale": "FORMRULES_LOCALE",
     "secure_cookies": "FORMRULES_SECURE_COOKIES",
+    "submit_redis_seconds": "FORMRULES_SUBMIT_REDIS_TIMEOUT",
+    "leader_lease_seconds": "FORMRULES_LEADER_LEASE", "tick_seconds": "FORMRULES_TICK",
 }
 
 

@@ -3,6 +3,11 @@
 Not a test (pytest does not collect it). Run it from the repository root:
 
     .venv/bin/python tests/bench_durability.py [--runs 200] [--workers 4] [--kills 6]
+    .venv/bin/python tests/bench_durability.py --idle [--pending 100000]
+
+`--idle` measures what an idle deployment costs instead: the duration of a reconciler
+pass (and of a leader tick) with N pending future Delays in the database, before and
+after Redis loses its data, and the resident memory of an idle worker (every process).
 
 It starts a private Redis and a SQLite database in a temporary folder, submits N Runs of
 three checkpointed steps (the outbox path the web uses), runs W real worker processes,
@@ -67,6 +72,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--limit", type=float, default=100, help="seconds to wait at most")
     parser.add_argument("--verbose", action="store_true", help="print each kill's Run trace")
+    parser.add_argument("--idle", action="store_true",
+                        help="measure an idle reconciler pass and an idle worker's memory")
+    parser.add_argument("--pending", type=int, default=100_000,
+                        help="with --idle: pending future Delays in the database")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     print("command:", " ".join([os.path.relpath(sys.executable, ROOT),
@@ -92,7 +101,7 @@ def main() -> None:
                    "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
             rt = install(Runtime(from_env(env)))
             rt.store.create_all()
-            figures = bench(rt, env, args, rng)
+            figures = idle(rt, env, args) if args.idle else bench(rt, env, args, rng)
     print(figures)
 
 
@@ -134,6 +143,60 @@ def bench(rt: Runtime, env: dict[str, str], args: argparse.Namespace,
                     print(f"  {ev.at.timestamp() - killed_at:+6.2f}s {ev.event:<8} "
                           f"{ev.path or '-'} {ev.detail.splitlines()[0] if ev.detail else ''}")
     return figures(rt, args.runs, kills, elapsed)
+
+
+def idle(rt: Runtime, env: dict[str, str], args: argparse.Namespace) -> str:
+    """Idle costs: a reconciler pass and a tick over N future Delays; a worker's RSS."""
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+
+    from formrules.process.leader import Leader
+    from formrules.runs.reconciler import dispatch_due, reconcile_once
+    from tests.helpers import descendants, wait_until
+
+    later = utcnow() + timedelta(days=1)
+    rows = [dict(id=f"{i:032x}", form_id="bench", owner="bench", kind="delay",
+                 node_path="events/submit/0/delay", title="Later", snapshot={"raw": {}},
+                 status=RunStatus.SCHEDULED.value, due_at=later + timedelta(seconds=i))
+            for i in range(args.pending)]
+    with rt.store.session() as s:
+        for start in range(0, len(rows), 10_000):
+            s.execute(insert(Run), rows[start:start + 10_000])
+    leader_rt = Leader(rt.settings).rt  # unbounded, as the leader runs it
+
+    def timed(fn, n=5) -> str:
+        times = []
+        for _ in range(n):
+            began = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - began)
+        return f"median {statistics.median(times) * 1000:.1f} ms, max {max(times) * 1000:.1f} ms"
+
+    lines = [f"pending future Delays: {args.pending}",
+             f"idle reconciler pass: {timed(lambda: reconcile_once(leader_rt))}",
+             f"idle leader tick:     {timed(lambda: dispatch_due(leader_rt), 20)}"]
+    rt.redis.flushall()  # Redis lost its data: nothing is due, so nothing to re-dispatch yet
+    lines.append(f"pass after FLUSHALL:  {timed(lambda: reconcile_once(leader_rt))}")
+    worker = WorkerProcess(env).start()
+    try:
+        wait_until(lambda: len(rt.redis.smembers("rq:workers")) >= 1, timeout=60)
+        time.sleep(3)  # a few idle ticks and one pass
+        pids = [worker.process.pid, *descendants(worker.process.pid)]
+        rss = {pid: _rss_kib(pid) for pid in pids}
+    finally:
+        worker.stop()
+    lines.append(f"idle worker: {len(pids)} process(es), RSS "
+                 f"{sum(rss.values()) / 1024:.0f} MiB in total")
+    return "\n".join(lines)
+
+
+def _rss_kib(pid: int) -> int:
+    """Resident memory of a process, KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 def unfinished(rt: Runtime) -> int:

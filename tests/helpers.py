@@ -54,15 +54,11 @@ def work(rt, *, max_jobs: int | None = None) -> None:
 
 
 def enqueue_due_scheduled(rt) -> int:
-    """Move due scheduled jobs to the queue (what RQ's scheduler does each second)."""
+    """Move due scheduled jobs to the queue (what the leader does every tick); count them."""
     registry = rt.dispatcher.queue.scheduled_job_registry
-    ids = registry.get_jobs_to_schedule(int(time.time()) + 1)
-    for job_id in ids:
-        job = rt.dispatcher.queue.fetch_job(job_id)
-        if job is not None:
-            rt.dispatcher.queue._enqueue_job(job)
-        registry.remove(job_id)
-    return len(ids)
+    due = len(registry.get_jobs_to_schedule(int(time.time())))
+    rt.dispatcher.enqueue_due_scheduled()
+    return due
 
 
 def runs_of(rt, token: str | None = None) -> list[Run]:
@@ -142,6 +138,7 @@ class WorkerProcess:
         self.log.seek(0)
         output = self.log.read().decode(errors="replace")
         self.log.close()
+        self.output = output  # what it printed, for tests that check its logs
         return output
 
     def __enter__(self) -> WorkerProcess:

@@ -35,12 +35,11 @@ from formrules.process.redis_server import RedisServer
 from formrules.process.runtime import install
 from formrules.runs.job import LOST_WORKER, TIMED_OUT, execute_run
 from formrules.runs.queue import GRACE_SECONDS
-from formrules.runs.reconciler import reconcile_once, run_forever
+from formrules.runs.reconciler import dispatch_due, reconcile_once, run_forever
 from formrules.store.models import Notification, Record, Run, RunStatus, utcnow
 from tests.fixture_actions import read_calls
 from tests.helpers import (
     WorkerProcess,
-    enqueue_due_scheduled,
     events_of,
     processes,
     record_of,
@@ -270,11 +269,11 @@ def job_of(rt, run_id: str) -> Job:
 
 
 def wait_for_due(rt, run_id: str) -> None:
-    """Wait until the Run's retry is due, then move it to the queue as RQ's scheduler does."""
+    """Wait until the Run's retry is due, then enqueue it as the leader's tick does."""
     with rt.store.session() as s:
         due = s.get(Run, run_id).due_at
     wait_until(lambda: utcnow() >= due + timedelta(seconds=0.05), timeout=30)
-    wait_until(lambda: enqueue_due_scheduled(rt), timeout=30)
+    wait_until(lambda: dispatch_due(rt), timeout=30)
 
 
 def assert_user_safe(client, token: str) -> dict:
@@ -445,6 +444,12 @@ def test_reconciler_replaces_vanished_jobs_once_even_when_passes_race(client, rt
     job_of(rt, delayed[0].id).delete()  # a delayed job vanished
     job_of(rt, background[0].id).delete()  # and a queued one
     assert queue.count == 2 and len(queue.scheduled_job_registry) == 2
+    # A pass reads only what is due: the vanished Delay is replaced when it comes due.
+    assert reconcile_once(rt, schedules=False).dispatched == 1
+    assert background[0].id in queue.get_job_ids()
+    job_of(rt, background[0].id).delete()
+    with rt.store.session() as s:
+        s.get(Run, delayed[0].id).due_at = utcnow()
 
     # Four reconcilers (one per worker) run the same pass at the same moment.
     results, barrier = [], threading.Barrier(4)
@@ -459,8 +464,8 @@ def test_reconciler_replaces_vanished_jobs_once_even_when_passes_race(client, rt
     for thread in threads:
         thread.join(60)
     assert sum(r.dispatched for r in results) == 2
-    assert sorted(queue.get_job_ids()) == sorted(r.id for r in background)  # once each
-    for run in delayed:
+    assert sorted(queue.get_job_ids()) == sorted(r.id for r in [*background, delayed[0]])
+    for run in delayed[1:]:  # once each, and the others still wait for their time
         assert scheduled_at(rt, run.id) == pytest.approx(run.due_at.timestamp(), abs=1)
     assert reconcile_once(rt, schedules=False).dispatched == 0
 
@@ -510,8 +515,9 @@ def test_flaky_action_is_done_on_attempt_3_with_backoff_honoured(client, rt):
         # The next attempt is due `backoff` after this one failed (jitter: 0) …
         assert run.due_at - starts[-1] >= timedelta(seconds=backoff)
         assert run.due_at - utcnow() <= timedelta(seconds=backoff)
-        # … and RQ's own Retry is scheduled for that same moment (RQ keeps whole seconds).
-        assert scheduled_at(rt, run.id) == pytest.approx(run.due_at.timestamp(), abs=1)
+        # … and RQ does not retry on its own: the database's due time decides.
+        assert job_of(rt, run.id).get_status() == JobStatus.FAILED
+        assert scheduled_at(rt, run.id) is None and rt.dispatcher.queue.count == 0
         status = client.get(f"/r/{token}/status").json["runs"][0]
         assert status["status"] == "retrying" and status["attempt"] == attempt
         assert status["max_attempts"] == 3
@@ -591,11 +597,11 @@ def test_always_failing_run_goes_dead_runs_on_error_once_user_sees_safe_message(
     assert notes == [f"Doomed work: {GENERIC_FAILURE}"]
     # Operators see the full detail.
     assert SECRET in run.last_error and "Traceback" in run.last_error
-    # Kept for an operator, and not revived: neither by RQ's Retry nor by the reconciler.
+    # Kept for an operator, and not revived: neither by RQ nor by the reconciler.
     job = job_of(rt, run.id)
     assert job.get_status() == JobStatus.FAILED and not job.retries_left
     assert scheduled_at(rt, run.id) is None and rt.dispatcher.queue.count == 0
-    assert reconcile_once(rt).dispatched == 0
+    assert reconcile_once(rt).dispatched == 0 and dispatch_due(rt) == 0
     # once more from the CLI: the dead list, and the detail for operators
     listed = run_cli(rt, subprocess_env, "runs", "list", "--status", "dead")
     assert listed.exit_code == 0 and run.id in listed.output and "dead" in listed.output
@@ -647,21 +653,20 @@ def test_cli_retry_of_dead_run_resumes_after_completed_steps(client, rt, subproc
     assert missing.exit_code == 1 and "no such run" in missing.output
 
 
-def test_cli_cancel_of_retrying_run_stops_rq_retry(client, rt, subprocess_env):
+def test_cli_cancel_of_retrying_run_stops_its_retry(client, rt, subprocess_env):
     token = token_of(submit(client, "retrying", {"name": "Cal"}))
     work(rt)
     run = the_run(rt, token)
-    assert run.status == RunStatus.RETRYING and scheduled_at(rt, run.id) is not None
+    assert run.status == RunStatus.RETRYING
     cancelled = run_cli(rt, subprocess_env, "runs", "cancel", run.id)
     assert cancelled.exit_code == 0 and f"{run.id}: cancelled" in cancelled.output
-    assert scheduled_at(rt, run.id) is None
+    wait_until(lambda: utcnow() >= run.due_at + timedelta(seconds=0.05), timeout=30)
+    assert dispatch_due(rt) == 0 and rt.dispatcher.queue.count == 0  # the retry never comes
     listed = run_cli(rt, subprocess_env, "runs", "list")
     assert run.id in listed.output and "cancelled" in listed.output
 
     # Even a job RQ still held would find nothing to do: the database decides.
     rt.dispatcher.dispatch(run)  # a stale job from before the cancel, say
-    wait_until(lambda: utcnow() >= run.due_at + timedelta(seconds=0.05), timeout=30)
-    enqueue_due_scheduled(rt)
     work(rt)
     assert the_run(rt, token).status == RunStatus.CANCELLED
     assert names(rt) == Counter(before=1)
@@ -694,7 +699,9 @@ def test_http_request_sends_same_idempotency_key_on_every_retry(client, rt):
     try:
         port = server.server_address[1]
         token = token_of(submit(client, "hook", {"port": str(port)}))
-        work(rt)  # attempt 1 gets a 503; the 0 s backoff re-enqueues it in the same burst
+        work(rt)  # attempt 1 gets a 503; with the 0 s backoff it is due at once
+        assert dispatch_due(rt) == 1
+        work(rt)
     finally:
         server.shutdown()
         server.server_close()

@@ -19,9 +19,15 @@ from formrules.store.db import Store
 
 @dataclass
 class Runtime:
-    """Settings plus the store and queue built from them, lazily."""
+    """Settings plus the store and queue built from them, lazily.
+
+    `bounded` (web, CLI, jobs): enqueueing waits on Redis at most `submit_redis_seconds`
+    per request, through a client of its own with that socket timeout; the leader's
+    runtime is unbounded (it is the one that delivers what a bounded enqueue left).
+    """
 
     settings: Settings
+    bounded: bool = True
 
     @cached_property
     def store(self) -> Store:
@@ -36,8 +42,13 @@ class Runtime:
     @cached_property
     def dispatcher(self) -> Dispatcher:
         """Puts Runs on the RQ queue."""
-        return Dispatcher(self.redis, self.settings.queue,
-                          self.settings.default_timeout_seconds)
+        if not self.bounded:
+            return Dispatcher(self.redis, self.settings.queue,
+                              self.settings.default_timeout_seconds)
+        budget = self.settings.submit_redis_seconds
+        return Dispatcher(connect(self.settings.redis_url, timeout=budget),
+                          self.settings.queue, self.settings.default_timeout_seconds,
+                          budget=budget)
 
 
 _current: tuple[int, Runtime] | None = None

@@ -1,52 +1,58 @@
-"""The worker: an RQ worker with its scheduler, plus the reconciler in a child process.
+"""The worker: an RQ worker that rides out Redis outages, plus a leader-election thread.
 
-The reconciler runs in its own (spawned) process rather than a thread, because RQ forks a
-work-horse per job and forking a process with busy threads can copy held locks.
-Nothing here imports the web layer.
+RQ's worker loop ends (or raises) when Redis goes away in the middle of a job; here it is
+started again once Redis answers, with backoff and one log line per outage, after any
+work-horse still running its job has finished (the Run's checkpoints are in the
+database; a job cut short is resumed by the reconciler from its last one). RQ's own
+scheduler is not started: the elected leader (`formrules.process.leader`) moves due jobs
+and reconciles, for the whole deployment. Nothing here imports the web layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 import threading
 
-from rq import SimpleWorker, Worker
+from redis.exceptions import RedisError
+from rq import Queue, SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 
 from formrules.config import Settings, from_env
 from formrules.language.loader import load_rules
-from formrules.process.children import die_with_parent
+from formrules.process.leader import QUIET, Leader
+from formrules.process.outage import Outage, QuietOutage
 from formrules.process.runtime import Runtime, install
 from formrules.process.warmup import warm
-from formrules.runs import reconciler
 
 log = logging.getLogger("formrules.process.worker")
 
 
-def reconciler_main(settings: Settings, parent_pid: int) -> None:
-    """Entry point of the reconciler process."""
-    die_with_parent()
-    if os.getppid() != parent_pid:  # the worker died while we were starting up
-        return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s reconciler %(message)s")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    rt = install(Runtime(settings))
-    reconciler.run_forever(rt, stop)
+class _Stoppable:
+    """Notes a stop request (SIGTERM/SIGINT) so the restart loop does not restart."""
+
+    stopping: threading.Event
+
+    def request_stop(self, signum, frame) -> None:
+        """RQ's warm shutdown, remembered."""
+        self.stopping.set()
+        super().request_stop(signum, frame)  # type: ignore[misc]
 
 
-def start_reconciler(settings: Settings) -> multiprocessing.Process:
-    """Start the reconciler beside this worker."""
-    process = multiprocessing.get_context("spawn").Process(
-        target=reconciler_main, args=(settings, os.getpid()), name="formrules-reconciler",
-        daemon=True)
-    process.start()
-    return process
+class ForkingWorker(_Stoppable, Worker):
+    """RQ's forking worker (a work-horse per job), forking only while the leader rests."""
+
+    def fork_work_horse(self, job, queue) -> None:
+        """Fork with `QUIET` held: no lock of the leader thread is copied mid-use."""
+        with QUIET:
+            super().fork_work_horse(job, queue)
+
+
+class InProcessWorker(_Stoppable, SimpleWorker):
+    """RQ's worker that runs jobs in its own process."""
 
 
 def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
@@ -55,17 +61,75 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
     rt = install(Runtime(settings))
     load_rules(settings.rules_dir)  # refuse to work with rules that would not load
     rt.store.create_all()
-    child = start_reconciler(settings) if with_reconciler else None
-    warm(rt)  # before the first fork: every work-horse inherits a warm process
-    worker_class = SimpleWorker if simple else Worker
-    worker = worker_class([rt.dispatcher.queue], connection=rt.redis,
-                          serializer=JSONSerializer)
+    warm(rt)  # before threads and the first fork: every work-horse inherits it warm
+    stopping = threading.Event()
+    leader = Leader(settings) if with_reconciler and not burst else None
+    if leader is not None:
+        leader.start()
+    queue = Queue(settings.queue, connection=rt.redis, serializer=JSONSerializer)
+    worker_class = InProcessWorker if simple else ForkingWorker
+    outage = Outage("Redis", log)
+    logging.getLogger("rq.worker").addFilter(QuietOutage())
+    worked = False
+    if burst:  # no leader in a burst: move what is due once, as RQ's burst scheduler did
+        from formrules.runs.reconciler import dispatch_due
+        with contextlib.suppress(RedisError):
+            dispatch_due(rt)
     try:
-        return worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+        while not stopping.is_set():
+            worker = worker_class([queue], connection=rt.redis, serializer=JSONSerializer)
+            worker.stopping = stopping
+            try:
+                worked = worker.work(burst=burst, logging_level="INFO") or worked
+                if burst or stopping.is_set():
+                    return worked
+                # RQ's loop gave up (a Redis timeout or error it logged): start again.
+            except RedisError as exc:
+                outage.failed(exc)
+            with contextlib.suppress(Exception):  # its reconnect loop would log every 2 s
+                if worker.pubsub_thread is not None:
+                    worker.pubsub_thread.stop()
+            _await_horse(worker)
+            _await_redis(rt, outage, stopping)
+        return worked
     finally:
-        if child is not None and child.is_alive():
-            child.terminate()
-            child.join(5)
+        if leader is not None:
+            leader.stop.set()
+            leader.join(10)
+
+
+def _await_horse(worker: Worker) -> None:
+    """Wait for a work-horse RQ left running when its loop broke: it finishes its job."""
+    pid = getattr(worker, "horse_pid", 0)
+    if not pid:
+        return
+    log.warning("waiting for work-horse %s to finish its job", pid)
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+
+
+def _await_redis(rt: Runtime, outage: Outage, stopping: threading.Event) -> None:
+    """Back off until Redis answers (or a stop is requested), logging once."""
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stopping.is_set():
+            try:
+                rt.redis.ping()
+                outage.ok()
+                return
+            except RedisError as exc:
+                stopping.wait(outage.failed(exc))
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(TypeError, ValueError):
+                signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="run jobs in this process (no fork per job)")
     parser.add_argument("--burst", action="store_true", help="stop when the queue is empty")
     parser.add_argument("--no-reconciler", action="store_true",
-                        help="leave reconciling to other workers")
+                        help="never become the leader (leave reconciling to other workers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run_worker(from_env(), simple=args.simple, burst=args.burst,

@@ -13,8 +13,8 @@ limit); the reconciler resumes Runs whose heartbeat stops (a killed worker), and
 execution that lost its lease stops at its next write. The node's `timeout:` (default
 `default_timeout_seconds`) is enforced at every progress/cancel check inside a step and
 between steps; RQ's own job timeout, a little longer, is the backstop for actions that
-never check. RQ's Retry is aligned with the database on every failure, so RQ never
-retries a Run the database has given up on, nor at another time than the Run shows.
+never check. RQ does not retry: a retrying Run's next attempt is due at `Run.due_at`, and
+the leader enqueues it then (`formrules.process.leader`).
 Nothing here imports the web layer.
 """
 
@@ -67,7 +67,7 @@ LOST_WORKER = "This task stopped unexpectedly several times."
 
 
 class RunFailed(FormrulesError):
-    """Raised out of the job so RQ records the failure (and retries when attempts remain)."""
+    """Raised out of the job so RQ records the failure (the database schedules any retry)."""
 
 
 class TimedOut(RetryableError):
@@ -387,7 +387,6 @@ class Execution:
                 outcome = "dead"
         if outcome == "dead":
             self.dead(run, node, exc, safe)
-        _align_rq_retry(remaining)
         raise RunFailed(f"run {run.id}: {outcome}: {exc}") from exc
 
     def dead(self, run: Run, node: DeferNode | None, exc: BaseException, safe: str) -> None:
@@ -426,18 +425,3 @@ def notify(s: Session, run: Run, level: str, message: str) -> None:
         token = s.scalar(select(Record.token).where(Record.id == run.record_id))
     s.add(Notification(owner=run.owner, run_id=run.id, record_token=token, level=level,
                        message=message[:500]))
-
-
-def _align_rq_retry(remaining: list[int]) -> None:
-    """Make RQ's Retry of the current job match the Run: next attempt at its `due_at`.
-
-    `remaining` are the waits before each attempt still allowed; empty once the Run is
-    dead, so RQ never retries a Run the database has given up on.
-    """
-    from rq import get_current_job
-
-    job = get_current_job()
-    if job is None:
-        return  # called outside a worker (tests, tools): nothing to align
-    job.retries_left = len(remaining)
-    job.retry_intervals = list(remaining) or None

@@ -4,21 +4,25 @@ A Run's RQ job id is the Run id; the job's only argument is that id (JSON serial
 `rq info`, `rq worker` and rq-dashboard see ordinary jobs. The database decides what
 runs; RQ only carries it, so every call here may fail without losing work.
 
-What RQ does on its own, and how each is kept from doing harm here:
+What RQ does on its own, and how each is kept from doing harm here (through RQ's public
+API only: `Job.delete`, `Queue.enqueue_job`/`schedule_job`, the registries, `RQScheduler`):
 - a job whose worker died stays "started" until someone cleans the started registry
-  (60–90 s later); replacing it (`dispatch(replace_started=True)`) removes the dead
-  worker's registry entries too, so that later cleanup cannot fail or re-run the new job;
+  (60–90 s later); replacing it (`dispatch(replace_started=True)`) deletes the job with
+  `Job.delete`, which also drops the dead worker's executions, so that later cleanup
+  cannot fail or re-run the new job;
 - re-enqueueing an id runs it twice: every enqueue is `unique` (scheduling too: RQ's
   `enqueue_at` ignores `unique`, so jobs are created and then scheduled uniquely), and a
-  leftover job is removed first inside a WATCH transaction, so two dispatchers never
+  leftover job is deleted first inside a WATCH transaction, so two dispatchers never
   both replace it;
-- RQ's own Retry fires whatever the database says: the job aligns it on each failure
-  (`formrules.runs.job`), and a job that fires for a Run that is not due simply does nothing.
+- RQ's Retry is not used: the database owns retry timing (`Run.due_at`), and the leader
+  (`formrules.process.leader`) enqueues a retrying Run when it is due. A failed attempt
+  leaves RQ's job failed; the retry replaces it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,9 +30,11 @@ from datetime import UTC, datetime
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
-from rq import Queue, Retry
-from rq.exceptions import DuplicateJobError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq import Queue
+from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.utils import str_to_date
 
@@ -44,10 +50,10 @@ STARTED_GRACE = 60.0  # a started job whose Run is still pending after this is o
 CHUNK = 500  # ids per pipelined round trip
 
 
-def connect(url: str) -> Redis:
-    """A Redis client for `url` with short timeouts, so a dead Redis fails fast."""
-    return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10,
-                          health_check_interval=30)
+def connect(url: str, timeout: float = 10.0) -> Redis:
+    """A Redis client for `url` with short timeouts, so a dead or frozen Redis fails fast."""
+    return Redis.from_url(url, socket_connect_timeout=min(2.0, timeout),
+                          socket_timeout=timeout, health_check_interval=30)
 
 
 @dataclass(frozen=True)
@@ -85,10 +91,12 @@ NEW_JOB = JobState(exists=False)  # a Run created just now: Redis cannot hold it
 class Dispatcher:
     """Enqueues Runs as RQ jobs and looks jobs up without side effects."""
 
-    def __init__(self, redis: Redis, queue_name: str, default_timeout: float = 3600):
+    def __init__(self, redis: Redis, queue_name: str, default_timeout: float = 3600,
+                 budget: float | None = None):
         self.redis = redis
         self.queue = Queue(queue_name, connection=redis, serializer=JSONSerializer)
         self.default_timeout = default_timeout
+        self.budget = budget  # seconds `dispatch_all` may spend on Redis; None: no bound
 
     def job_states(self, run_ids: Iterable[str]) -> dict[str, JobState]:
         """The RQ state of each Run's job: one pipelined round trip per CHUNK ids."""
@@ -125,23 +133,19 @@ class Dispatcher:
         failed, orphaned, scheduled at the wrong time) is replaced, and the new job goes to
         the front of the queue: that work already waited its turn once (a Run resumed
         after its worker died must not wait behind the whole queue). `replace_started`:
-        the worker holding the job is known dead (its Run stopped heartbeating), so only
-        a queued job is kept: a started one is the dead worker's, and a scheduled one is
-        RQ retrying after the work-horse died, at a time the Run does not know of.
+        the worker holding the job is known dead (its Run stopped heartbeating), so its
+        job is always replaced, even a queued one (RQ puts the job of a killed work-horse
+        at the back of the queue): the resumed Run goes to the front.
         `state` comes from `job_states` when the caller already read it.
         """
         state = state if state is not None else self.job_states([run.id])[run.id]
         if state.exists:
             keep = state.live(run.due_at, started_grace=started_grace)
-            if replace_started and state.status != JobStatus.QUEUED:
-                keep = False
-            if keep:
+            if keep and not replace_started:
                 return False
             if not self._remove(run.id, state.status):
                 return False  # it changed under us: another dispatcher or a worker has it
-        intervals = list(run.snapshot.get("intervals", []))[max(0, run.attempt):]
-        retry = Retry(max=len(intervals), interval=intervals) if intervals else None
-        kwargs = dict(job_id=run.id, timeout=self.job_timeout(run), retry=retry,
+        kwargs = dict(job_id=run.id, timeout=self.job_timeout(run),
                       description=f"{run.form_id} {run.node_path}: {run.title}"[:200],
                       meta={"run": run.id, "path": run.node_path})
         due = run.due_at if run.due_at.tzinfo else run.due_at.replace(tzinfo=UTC)
@@ -164,23 +168,37 @@ class Dispatcher:
         return int(timeout + GRACE_SECONDS)
 
     def dispatch_all(self, runs: list[Run], *, new: bool = False) -> int:
-        """Dispatch after commit; Redis being down is logged, the reconciler retries.
+        """Dispatch after commit; Redis being away is logged, the reconciler delivers.
 
+        Bounded by `budget`: once it is spent, or after the first connection failure or
+        timeout, the rest is left to the reconciler (the Runs are safe in the database),
+        so a dead or frozen Redis costs a request one short wait, not one per Run.
         `new`: the Runs were created by the caller's transaction just now, so no job can
         exist for them yet and RQ's state is not read first.
         """
         sent = 0
+        began = time.monotonic()
         for i, run in enumerate(runs):
+            if self.budget is not None and i and time.monotonic() - began > self.budget:
+                log.warning("%d run(s) not enqueued (Redis is slow); the reconciler will",
+                            len(runs) - i)
+                break
             try:
                 sent += self.dispatch(run, state=NEW_JOB if new else None)
-            except RedisConnectionError as exc:
-                # Redis is away: do not make the user wait once per Run for the same answer.
+            except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("%d run(s) not enqueued (%s); the reconciler will",
                             len(runs) - i, exc)
                 break
             except RedisError as exc:
                 log.warning("run %s not enqueued (%s); the reconciler will", run.id, exc)
         return sent
+
+    def enqueue_due_scheduled(self) -> None:
+        """Move due scheduled jobs to the queue: RQ's scheduler, run by the leader."""
+        scheduler = RQScheduler([self.queue], connection=self.redis,
+                                serializer=JSONSerializer)
+        scheduler.prepare_registries([self.queue.name])
+        scheduler.enqueue_scheduled_jobs()
 
     def cancel(self, run_id: str) -> None:
         """Take a queued or scheduled job off RQ (a running one stops via the database)."""
@@ -195,34 +213,24 @@ class Dispatcher:
             self._remove(run_id, state.status)
 
     def _remove(self, run_id: str, expected: JobStatus | None) -> bool:
-        """Delete the job and every registry/queue entry naming it, if still `expected`.
+        """Delete the job (`Job.delete`: queue, registries, executions) if still `expected`.
 
         WATCH makes this all-or-nothing against a worker or another dispatcher changing
-        the job meanwhile. The started registry holds `<id>:<execution>` entries: a dead
-        worker's entry left there would later make RQ's cleanup fail or retry the job
-        that replaces it, so those go too.
+        the job meanwhile. `Job.delete` also drops a dead worker's started executions,
+        which RQ's later cleanup would otherwise fail, or retry, against the new job.
         """
-        key = Job.key_for(run_id)
-        q = self.queue
-        started_key = q.started_job_registry.key
         with self.redis.pipeline() as pipe:
             try:
-                pipe.watch(key)
-                if _status(pipe.hget(key, "status")) != expected:
+                pipe.watch(Job.key_for(run_id))
+                if _status(pipe.hget(Job.key_for(run_id), "status")) != expected:
                     return False
-                prefix = f"{run_id}:".encode()
-                executions = [m for m in pipe.zrange(started_key, 0, -1)
-                              if m.startswith(prefix)]
+                try:
+                    job = Job.fetch(run_id, connection=self.redis, serializer=JSONSerializer)
+                except NoSuchJobError:  # a partial hash (Redis lost half of it)
+                    job = Job(run_id, connection=self.redis, serializer=JSONSerializer)
+                    job.origin = self.queue.name
                 pipe.multi()
-                pipe.delete(key, Job.dependents_key_for(run_id), f"rq:executions:{run_id}")
-                for registry in (q.scheduled_job_registry, q.finished_job_registry,
-                                 q.failed_job_registry, q.canceled_job_registry,
-                                 q.deferred_job_registry):
-                    pipe.zrem(registry.key, run_id)
-                if executions:
-                    pipe.zrem(started_key, *executions)
-                pipe.lrem(q.key, 0, run_id)
-                pipe.lrem(q.intermediate_queue_key, 0, run_id)
+                job.delete(pipeline=pipe)
                 pipe.execute()
             except WatchError:
                 return False

@@ -1,13 +1,19 @@
 """The reconciler: makes RQ agree with the database, which is the source of truth.
 
-Each pass (every `reconcile_seconds`, in every worker; passes are safe to run at once):
+One worker at a time runs it: the elected leader (`formrules.process.leader`). Each pass
+(every `reconcile_seconds`; passes are still safe to run at once, e.g. while leadership
+changes hands):
 1. resume Runs whose heartbeat stopped (their worker died): back to queued, same attempt,
-   and their dead worker's RQ job replaced;
-2. enqueue every pending Run that has no live RQ job (Redis was down at submit, lost its
-   data, a delayed job vanished, the scheduler died); one pipelined Redis round trip
-   reads every job's state, and `unique` enqueueing means never twice;
+   and their dead worker's RQ job replaced, at the front of the queue;
+2. enqueue every pending Run that is due and has no live RQ job (Redis was down at
+   submit, lost its data, a delayed job vanished, a retry came due); one pipelined Redis
+   round trip per `CHUNK` Runs reads the jobs' states, and `unique` enqueueing means never
+   twice. Only Runs due now are read (the `status, due_at` index): a pass costs what is
+   due, not what is pending, so 100k future Delays cost nothing until they come due;
 3. fire due cron schedules (`formrules.runs.schedule`), one Run per slot;
 4. advance batches (`formrules.runs.batch`): start waiting children in free slots.
+Between passes, `dispatch_due` (every `tick_seconds`) enqueues the Delays and retries
+that just came due, so they start on time.
 
 Recovery bound: a Run whose worker (or work-horse) is SIGKILLed mid-step is enqueued
 again, at the front of the queue, at most `stale_seconds` (FORMRULES_STALE_AFTER, 30 s by
@@ -22,15 +28,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from redis.exceptions import RedisError
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 
 from formrules.process.runtime import Runtime
 from formrules.runs.job import EARLY_WAIT_LIMIT, LOST_WORKER, notify
-from formrules.runs.queue import JobState
+from formrules.runs.queue import CHUNK, JobState
 from formrules.store.models import PENDING, Run, RunEvent, RunStatus, utcnow
 
 log = logging.getLogger("formrules.runs.reconciler")
@@ -46,11 +53,12 @@ class Pass:
     schedules: int = 0
 
 
-def reconcile_once(rt: Runtime, schedules: bool = True) -> Pass:
-    """One pass; returns counts for logs and tests."""
+def reconcile_once(rt: Runtime, schedules: bool = True,
+                   between: Callable[[], None] | None = None) -> Pass:
+    """One pass; returns counts for logs and tests. `between` runs between batches."""
     result = Pass()
     recover_stale(rt, result)
-    dispatch_pending(rt, result)
+    dispatch_pending(rt, result, between)
     if schedules:
         from formrules.runs.schedule import fire_due
         try:
@@ -116,39 +124,83 @@ def recover_stale(rt: Runtime, result: Pass) -> None:
                 log.warning("reconciler: Redis unavailable (%s)", exc)
 
 
-def dispatch_pending(rt: Runtime, result: Pass) -> None:
-    """Enqueue each pending Run whose job RQ would not run on time (or at all)."""
+def dispatch_pending(rt: Runtime, result: Pass,
+                     between: Callable[[], None] | None = None) -> None:
+    """Enqueue each due pending Run whose job RQ would not run on time (or at all)."""
+    now = utcnow()
+    pending = [p.value for p in PENDING]
     with rt.store.session() as s:
         # A cancel requested while a Run was between attempts: nothing will claim it, so
         # it ends here (guarded: a claim in between turns it into a running cancel).
+        # A future Run is left to its due time: it cannot be claimed before then either.
         stuck = s.execute(update(Run).where(
-            Run.status.in_([p.value for p in PENDING]), Run.cancel_requested.is_(True))
-            .values(status=RunStatus.CANCELLED.value, finished_at=utcnow())
+            Run.status.in_(pending), Run.due_at <= now, Run.cancel_requested.is_(True))
+            .values(status=RunStatus.CANCELLED.value, finished_at=now)
             .returning(Run.id)).scalars().all()
         for run_id in stuck:
             s.add(RunEvent(run_id=run_id, event="cancel",
                            detail="cancelled: the cancel was asked for between attempts"))
+    after: tuple[datetime, str] | None = None
+    while True:  # batches in due order (keyset), so a backlog costs in proportion to it
+        query = select(Run.id, Run.due_at).where(
+            Run.status.in_(pending), Run.due_at <= now, Run.cancel_requested.is_(False))
+        if after is not None:
+            query = query.where(or_(Run.due_at > after[0],
+                                    and_(Run.due_at == after[0], Run.id > after[1])))
+        with rt.store.session() as s:
+            batch = list(s.execute(query.order_by(Run.due_at, Run.id).limit(CHUNK)))
+        if not batch:
+            return
+        if not _dispatch_batch(rt, batch, result):
+            return  # Redis is away: the next pass tries again
+        if len(batch) < CHUNK:
+            return
+        after = (batch[-1][1], batch[-1][0])
+        if between is not None:
+            between()
+
+
+def dispatch_due(rt: Runtime, since: datetime | None = None) -> int:
+    """Enqueue the Delays and retries that came due (after `since`); count the enqueued.
+
+    What the leader does every `tick_seconds`: RQ's scheduler moves due scheduled jobs,
+    then Runs due by the database but not live in RQ (a retry: RQ does not retry; a
+    delayed job Redis lost) are enqueued. Reads only what came due since the last tick.
+    """
+    rt.dispatcher.enqueue_due_scheduled()
+    now = utcnow()
+    query = select(Run.id, Run.due_at).where(
+        Run.status.in_([RunStatus.SCHEDULED.value, RunStatus.RETRYING.value]),
+        Run.due_at <= now, Run.cancel_requested.is_(False))
+    if since is not None:
+        query = query.where(Run.due_at > since)
     with rt.store.session() as s:
-        pending = list(s.execute(select(Run.id, Run.due_at).where(
-            Run.status.in_([p.value for p in PENDING]), Run.cancel_requested.is_(False))))
-    if not pending:
-        return
+        due = list(s.execute(query.order_by(Run.due_at).limit(CHUNK)))
+    result = Pass()
+    if due:
+        _dispatch_batch(rt, due, result, quiet=True)
+    return result.dispatched
+
+
+def _dispatch_batch(rt: Runtime, batch: list, result: Pass, quiet: bool = False) -> bool:
+    """Dispatch the Runs of `batch` ((id, due_at) rows) whose jobs are not live."""
     try:
-        states = rt.dispatcher.job_states(run_id for run_id, _ in pending)
+        states = rt.dispatcher.job_states(run_id for run_id, _ in batch)
     except RedisError as exc:
         log.warning("reconciler: Redis unavailable (%s)", exc)
-        return
+        return False
     now = utcnow().timestamp()
     grace = rt.settings.stale_seconds + EARLY_WAIT_LIMIT
-    for run_id, due_at in pending:
+    for run_id, due_at in batch:
         state = states[run_id]
         if state.exists and state.live(due_at, now, started_grace=grace):
             continue
-        _dispatch(rt, run_id, result, state=state)
+        _dispatch(rt, run_id, result, state=state, quiet=quiet)
+    return True
 
 
 def _dispatch(rt: Runtime, run_id: str, result: Pass, replace_started: bool = False,
-              state: JobState | None = None) -> None:
+              state: JobState | None = None, quiet: bool = False) -> None:
     with rt.store.session() as s:
         run = s.get(Run, run_id)
         if run is None or run.status not in {p.value for p in PENDING} \
@@ -159,13 +211,15 @@ def _dispatch(rt: Runtime, run_id: str, result: Pass, replace_started: bool = Fa
             if rt.dispatcher.dispatch(run, replace_started=replace_started, state=state,
                                       started_grace=grace):
                 result.dispatched += 1
-                log.info("run %s enqueued by the reconciler", run_id)
+                if not quiet:
+                    log.info("run %s enqueued by the reconciler", run_id)
         except RedisError as exc:
             log.warning("reconciler: Redis unavailable (%s)", exc)
 
 
 def run_forever(rt: Runtime, stop: threading.Event) -> None:
-    """Reconcile every `reconcile_seconds` until `stop` is set."""
+    """Reconcile every `reconcile_seconds` until `stop` is set (tests; workers elect a
+    leader that does this, see `formrules.process.leader`)."""
     while not stop.is_set():
         try:
             done = reconcile_once(rt)
