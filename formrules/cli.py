@@ -6,7 +6,7 @@ bug and keeps its traceback. The web layer is imported only by the commands that
 
 from __future__ import annotations
 
-import getpass
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +18,7 @@ import click
 from formrules.config import from_env
 from formrules.errors import FormrulesError, RuleError
 from formrules.language.loader import check_rules
+from formrules.logs import configure_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +28,7 @@ def cli() -> None:
 
 def main() -> None:
     """Console entry point."""
+    configure_logging()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -118,6 +120,7 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGHUP, shutdown)  # a closed terminal: stop in order, as for Ctrl-C
     try:
         if not os.environ.get("REDIS_URL"):
             redis_server = RedisServer(Path(settings.instance_dir) / "redis").start()
@@ -145,8 +148,9 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
         if supervisor is not None:
             _stop_worker(supervisor.stop())
         if redis_server is not None:
-            redis_server.stop()
-        click.echo("Stopped.")
+            redis_server.stop()  # last: the worker needed it until it stopped
+        with contextlib.suppress(OSError):  # after a hangup the terminal may be gone
+            click.echo("Stopped.")
 
 
 def _stop_worker(child: subprocess.Popen) -> None:
@@ -309,29 +313,109 @@ def users() -> None:
     """Manage user accounts."""
 
 
+MIN_PASSWORD = 8
+
+
+def _new_password(name: str, password: str | None, from_stdin: bool) -> str:
+    """The password from the option, the first line of stdin, or asked for twice."""
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif not password:
+        # Asked twice and compared: a typo here would lock the person out.
+        password = click.prompt(f"Password for {name}", hide_input=True,
+                                confirmation_prompt="Repeat the password")
+    if len(password) < MIN_PASSWORD:
+        raise FormrulesError(f"a password needs at least {MIN_PASSWORD} characters")
+    return password
+
+
+_password_options = [
+    click.option("--password", envvar="FORMRULES_PASSWORD",
+                 help="the password (or FORMRULES_PASSWORD); default: asked for twice"),
+    click.option("--password-stdin", is_flag=True,
+                 help="read the password from the first line of stdin (for scripts)"),
+]
+
+
+def _with_password_options(fn):
+    for option in reversed(_password_options):
+        fn = option(fn)
+    return fn
+
+
 @users.command("add")
 @click.argument("name")
 @click.option("--operator", is_flag=True, help="may use the operator pages")
-@click.option("--password", envvar="FORMRULES_PASSWORD",
-              help="default: asked for (or FORMRULES_PASSWORD)")
-def users_add(name: str, operator: bool, password: str | None) -> None:
+@_with_password_options
+def users_add(name: str, operator: bool, password: str | None, password_stdin: bool) -> None:
     """Create a user (or reset its password and role)."""
     from sqlalchemy import select
     from werkzeug.security import generate_password_hash
 
     from formrules.store.models import User
-    if not password:
-        password = getpass.getpass(f"Password for {name}: ")
-    if len(password) < 8:
-        raise FormrulesError("a password needs at least 8 characters")
+    password = _new_password(name, password, password_stdin)
     rt = _runtime()
     with rt.store.session() as s:
         user = s.scalar(select(User).where(User.name == name)) or User(name=name)
+        if user.id is not None:  # a new password ends the sessions started with the old one
+            user.session_generation = (user.session_generation or 0) + 1
         user.password_hash = generate_password_hash(password)
         user.is_operator = operator
         s.add(user)
     click.echo(f"user {name} saved{' (operator)' if operator else ''}")
 
+
+@users.command("passwd")
+@click.argument("name")
+@_with_password_options
+def users_passwd(name: str, password: str | None, password_stdin: bool) -> None:
+    """Set a new password for an existing user."""
+    from sqlalchemy import select
+    from werkzeug.security import generate_password_hash
+
+    from formrules.store.models import User
+    rt = _runtime()
+    with rt.store.session() as s:
+        if s.scalar(select(User).where(User.name == name)) is None:
+            raise FormrulesError(f"no user named {name!r}")
+    password = _new_password(name, password, password_stdin)
+    with rt.store.session() as s:
+        user = s.scalar(select(User).where(User.name == name))
+        if user is None:  # removed while we asked
+            raise FormrulesError(f"no user named {name!r}")
+        user.password_hash = generate_password_hash(password)
+        # A new password ends every session of the account (see web/sessions.py).
+        user.session_generation = (user.session_generation or 0) + 1
+    click.echo(f"password of {name} changed")
+
+
+@users.command("list")
+def users_list() -> None:
+    """List user accounts (name, role, created)."""
+    from sqlalchemy import select
+
+    from formrules.store.models import User
+    rt = _runtime()
+    with rt.store.session() as s:
+        for user in s.scalars(select(User).order_by(User.name)):
+            role = "operator" if user.is_operator else "user"
+            click.echo(f"{user.name}  {role}  created {user.created_at:%Y-%m-%d}")
+
+
+@users.command("remove")
+@click.argument("name")
+def users_remove(name: str) -> None:
+    """Delete the user called NAME; their records and Runs stay."""
+    from sqlalchemy import select
+
+    from formrules.store.models import User
+    rt = _runtime()
+    with rt.store.session() as s:
+        user = s.scalar(select(User).where(User.name == name))
+        if user is None:
+            raise FormrulesError(f"no user named {name!r}")
+        s.delete(user)
+    click.echo(f"user {name} removed")
 
 
 @cli.group()

@@ -42,6 +42,12 @@ class Settings:
     timezone: str = "UTC"
     locale: str = "en"  # pages' language and date formats when the browser asks for none
     secure_cookies: bool = False  # set behind HTTPS: cookies are then never sent in clear
+    session_idle_hours: float = 12.0  # a logged-in session unused this long ends
+    session_max_days: float = 14.0  # and every logged-in session ends this long after login
+    # Failed log-ins and API token failures allowed per window ("N per M minutes").
+    login_account_limit: str = "5 per 15 minutes"  # per user name: a lockout window
+    login_client_limit: str = "20 per 15 minutes"  # per client address, any names
+    api_auth_limit: str = "20 per 15 minutes"  # per client address, bad API tokens
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -75,6 +81,11 @@ _ENV = {
     "max_recoveries": "FORMRULES_MAX_RECOVERIES", "timezone": "FORMRULES_TIMEZONE",
     "locale": "FORMRULES_LOCALE",
     "secure_cookies": "FORMRULES_SECURE_COOKIES",
+    "session_idle_hours": "FORMRULES_SESSION_IDLE_HOURS",
+    "session_max_days": "FORMRULES_SESSION_MAX_DAYS",
+    "login_account_limit": "FORMRULES_LOGIN_ACCOUNT_LIMIT",
+    "login_client_limit": "FORMRULES_LOGIN_CLIENT_LIMIT",
+    "api_auth_limit": "FORMRULES_API_AUTH_LIMIT",
     "submit_redis_seconds": "FORMRULES_SUBMIT_REDIS_TIMEOUT",
     "leader_lease_seconds": "FORMRULES_LEADER_LEASE", "tick_seconds": "FORMRULES_TICK",
 }

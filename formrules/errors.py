@@ -5,6 +5,7 @@
     ├── ConfigError           settings or environment are unusable
     └── ActionError           an action failed; `safe_message` is what end users may see
         ├── PermanentError    do not retry (bad input, 4xx answer, …)
+        │   └── TemplateLimit a template crossed a sandbox bound (language/sandbox.py)
         ├── RetryableError    retry with backoff (timeouts, 5xx, connection refused, …)
         └── Cancelled         the run was cancelled; stop at this step
 
@@ -14,7 +15,7 @@ generic message: external errors and tracebacks are for operators only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GENERIC_FAILURE = "Something went wrong while processing this. The team has been told."
 
@@ -28,10 +29,12 @@ class Problem:
     col: int
     path: str
     message: str
+    excerpt: str = field(default="", compare=False)  # the source line and a caret, if useful
 
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path else ""
-        return f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
+        text = f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
+        return f"{text}\n{self.excerpt}" if self.excerpt else text
 
 
 class FormrulesError(Exception):

@@ -16,7 +16,9 @@ from formrules.config import from_env
 from formrules.process.redis_server import RedisServer
 from formrules.process.runtime import Runtime, install
 from formrules.store.models import Base
-from tests.web_helpers import login, make_user
+from tests.helpers import WorkerProcess, wait_until
+from tests.journey import CHROMIUM, WebProcess, chromium_args
+from tests.web_helpers import login, make_user, workers_alive
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -86,7 +88,7 @@ def settings(tmp_path, database_url, redis_url, rules_dir):
         database_url=database_url, redis_url=redis_url, secret_key="test-secret",
         heartbeat_seconds=0.2, stale_seconds=2.0, reconcile_seconds=0.5,
         progress_write_seconds=0.0, actions_modules="tests.fixture_actions",
-        http_allow=("127.0.0.1",),
+        http_allow=("127.0.0.1:*",),  # test servers listen on random ports
     )
 
 
@@ -138,3 +140,34 @@ def subprocess_env(settings):
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     })
     return env
+
+
+@pytest.fixture
+def web(rt, subprocess_env):
+    """The web app served by a real `formrules web` process on a free port."""
+    server = WebProcess(subprocess_env).start()
+    yield server
+    server.stop()
+    server.log.close()
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium from the system: never downloaded, never skipped."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package "
+                    "(apt-get install chromium); the browser tests must not be skipped")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args())
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def worker(rt, subprocess_env):
+    """A real worker process (forking work-horses, scheduler, reconciler), ready."""
+    with WorkerProcess(subprocess_env) as process:
+        wait_until(lambda: workers_alive(rt.settings.redis_url) >= 1, timeout=60)
+        yield process

@@ -64,7 +64,7 @@ def http_server():
 @pytest.fixture
 def ctx(tmp_path):
     settings = from_env({}, instance_dir=str(tmp_path), secret_key="x",
-                        http_allow=("127.0.0.1",))
+                        http_allow=("127.0.0.1:*",))
     return Context(settings=settings, form_id="order", field_types=FIELDS,
                    data={"email": "ann@example.com", "amount": "12.50"},
                    path="events/submit/0/background/do/0", run_id="run1")
@@ -166,3 +166,32 @@ def test_report_of_all_records_needs_a_worker_and_lists_them(ctx):
     run("report", {"filename": "all.csv", "records": "all", "columns": ["email"]}, ctx)
     assert ctx.attachments[0].data.decode().splitlines() == [
         "email", "a@example.com", "b@example.com"]
+
+
+@pytest.mark.parametrize("field", ["subject", "to", "cc", "reply_to"])
+def test_a_line_break_in_an_email_header_is_a_permanent_error(ctx, field):
+    ctx.data = {**ctx.data, "ref": "A\r\nBcc: victim@example.com"}
+    args = {"to": "ann@example.com", "subject": "Booked", "body": "Hi", field: "x {{ record.ref }}"}
+    with pytest.raises(PermanentError) as caught:
+        run("send_email", args, ctx)
+    assert not caught.value.retryable  # was a ValueError: retried 8 times over two days
+    assert "line break" in caught.value.safe_message
+    assert not list(ctx.settings.outbox_dir.glob("*.eml"))  # nothing half-sent
+
+
+def test_a_trailing_newline_from_a_yaml_block_is_not_a_line_break(ctx):
+    run("send_email", {"to": "ann@example.com", "subject": "Booked\n", "body": "Hi"}, ctx)
+    (path,) = list(ctx.settings.outbox_dir.glob("*.eml"))
+    assert email.message_from_bytes(path.read_bytes())["Subject"] == "Booked"
+
+
+def test_html_email_bodies_escape_inserted_values_by_default(ctx):
+    ctx.data = {**ctx.data, "note": "<script>alert(1)</script>"}
+    run("send_email", {"to": "ann@example.com", "subject": "Hi", "body": "{{ record.note }}",
+                       "html": "<p>{{ record.note }}</p>{{ '<b>kept</b>' | safe }}"}, ctx)
+    (path,) = list(ctx.settings.outbox_dir.glob("*.eml"))
+    message = email.message_from_bytes(path.read_bytes())
+    text, html = [part.get_payload(decode=True).decode() for part in message.walk()
+                  if part.get_content_maintype() == "text"]
+    assert "<script>alert(1)</script>" in text  # the plain text part is plain text
+    assert "<p>&lt;script&gt;alert(1)&lt;/script&gt;</p><b>kept</b>" in html

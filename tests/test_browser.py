@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from werkzeug.serving import make_server
 
+from formrules.store.models import Record
 from tests.helpers import WorkerProcess, wait_until
 from tests.web_helpers import PASSWORD, add_web_rules, make_user, workers_alive
 
@@ -54,9 +56,45 @@ def worker(rt, subprocess_env):
         yield process
 
 
+SECURITY_HEADERS = {"content-security-policy": "frame-ancestors 'none'",
+                    "x-frame-options": "DENY", "x-content-type-options": "nosniff",
+                    "referrer-policy": "same-origin"}
+
+
+class CheckedBrowser:
+    """Chromium whose every context records Content Security Policy violations from the
+    console and pages served without the security headers (checked after each test)."""
+
+    def __init__(self, chromium):
+        self.chromium = chromium
+        self.violations: list[str] = []
+        self.unprotected: list[str] = []
+
+    def new_context(self, **kwargs):
+        """A browser context, watched."""
+        context = self.chromium.new_context(**kwargs)
+        context.on("console", self._console)
+        context.on("response", self._response)
+        return context
+
+    def _console(self, message) -> None:
+        if "Content Security Policy" in message.text:
+            self.violations.append(message.text)
+
+    def _response(self, response) -> None:
+        if response.request.resource_type != "document":
+            return
+        headers = response.headers
+        missing = [name for name, value in SECURITY_HEADERS.items()
+                   if value not in headers.get(name, "")]
+        if missing:
+            self.unprotected.append(f"{response.url}: {missing}")
+
+
 @pytest.fixture
 def browser():
-    """Headless Chromium from the system: never downloaded."""
+    """Headless Chromium from the system: never downloaded. Every page it opens must
+    carry the security headers and run without a single CSP violation."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package "
                     "(apt-get install chromium); the browser test must not be skipped")
@@ -65,8 +103,11 @@ def browser():
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield chromium
+        checked = CheckedBrowser(chromium)
+        yield checked
         chromium.close()
+    assert checked.violations == [], checked.violations
+    assert checked.unprotected == [], checked.unprotected
 
 
 def shot(page, name: str) -> None:
@@ -250,6 +291,13 @@ def test_operator_pages_in_the_browser(browser, base_url, worker, rt):
         shot(page, "admin-run")
         page.goto(f"{base_url}/admin/queues")
         shot(page, "admin-queues")
+        for path in ("/admin/dead", "/admin/records", "/notifications", "/login"):
+            page.goto(f"{base_url}{path}")
+        with rt.store.session() as s:
+            record_id = s.scalar(select(Record.id))
+        page.goto(f"{base_url}/admin/records/{record_id}")
+        page.goto(f"{base_url}/admin/records/{record_id}/edit")
+        assert page.get_by_label("Your name").input_value() == "Cat"
         phone = browser.new_context(**PHONE, storage_state=context.storage_state())
         mobile = phone.new_page()
         mobile.goto(f"{base_url}/admin")
@@ -258,5 +306,22 @@ def test_operator_pages_in_the_browser(browser, base_url, worker, rt):
     except Exception:
         shot(page, "failure-admin")
         raise
+    finally:
+        context.close()
+
+
+def test_the_pages_cannot_be_framed(browser, base_url):
+    context = browser.chromium.new_context(**DESKTOP)  # unwatched: a violation is expected
+    page = context.new_page()
+    refused = []
+    page.on("console", lambda message: refused.append(message.text))
+    try:
+        page.goto(f"{base_url}/forms/watch")  # a page of the site itself tries to frame one
+        page.evaluate("""(url) => new Promise((done) => {
+            const frame = document.createElement('iframe');
+            frame.src = url; frame.onload = done; document.body.append(frame);
+            setTimeout(done, 5000);
+        })""", f"{base_url}/admin/dead")
+        assert any("frame-ancestors" in text for text in refused), refused
     finally:
         context.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -53,8 +54,8 @@ def test_check_reports_every_mistake_with_position_and_exits_1(tmp_path):
         f"{tmp_path}/a.yaml:9:15: events/submit/0/background/do/0: unknown action "
         "'send_emial' (did you mean 'send_email'?)",
         f"{tmp_path}/b.yaml:2:1: duplicate key 'form' (first defined at line 1)",
-        f"{tmp_path}/c.yaml:2:1: not valid YAML: while parsing a flow sequence: expected ',' "
-        "or ']', but got '<stream end>'",
+        f"{tmp_path}/c.yaml:2:1: not valid YAML: the '[' at line 1, column 7 is not closed "
+        "with ']' (or a ',' is missing between its items)",
     ]
     assert "5 problems found." in result.stderr
 
@@ -89,6 +90,44 @@ def test_run_starts_everything_and_stops_without_leftovers(tmp_path, stop_signal
         output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     assert "formrules is running at" in output and "Stopped." in output
+    wait_until(lambda: not any(alive(p) for p in tree), timeout=20)
+
+
+@pytest.mark.slow
+def test_closing_the_terminal_stops_everything_in_order_without_tracebacks(tmp_path):
+    """SIGHUP reaches every process of the terminal's group, as when its window closes."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "DATABASE_URL", "SECRET_KEY")}
+    env.update({"FORMRULES_INSTANCE": str(tmp_path / "instance"),
+                "FORMRULES_RULES": str(ROOT / "rules")})
+    process = subprocess.Popen([*FORMRULES, "run", "--port", str(port)], env=env, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        def serving():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until(serving, timeout=60, interval=0.2)
+        tree = set(descendants(process.pid))
+        def worker_up():  # the worker process is running before the hangup
+            lines = []
+            for pid in descendants(process.pid):
+                with contextlib.suppress(OSError):  # it may end while we look
+                    lines.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+            return any(b"formrules.process.worker" in line for line in lines)
+
+        wait_until(worker_up, timeout=60)
+    finally:
+        os.killpg(process.pid, signal.SIGHUP)
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "Stopped." in output
+    assert "Traceback" not in output and "ConnectionError" not in output, output
     wait_until(lambda: not any(alive(p) for p in tree), timeout=20)
 
 
@@ -147,3 +186,37 @@ def test_bad_numeric_setting_is_a_clean_error(tmp_path):
     result = run_cli("reconcile", env=env)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: FORMRULES_HEARTBEAT must be a number, got 'often'"
+
+
+LOGGING_FORM = """
+form: logging
+fields:
+  - {name: name, type: string}
+events:
+  submit:
+    - background:
+        title: Logging
+        do:
+          - log: "Logged for {{ record.name }}"
+"""
+
+
+@pytest.fixture
+def logging_rules(rules_dir):
+    """A form whose background Run writes an info-level `log:` line."""
+    (rules_dir / "logging.yaml").write_text(LOGGING_FORM)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [[*FORMRULES, "worker", "--burst"],
+                                     [sys.executable, str(ROOT / "worker.py"), "--burst"]])
+def test_every_way_of_starting_a_worker_keeps_info_log_lines(
+        logging_rules, client, rt, subprocess_env, command):
+    from tests.helpers import runs_of, submit, token_of
+
+    token = token_of(submit(client, "logging", {"name": "Ann"}))
+    out = subprocess.run(command, env=subprocess_env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert runs_of(rt, token)[0].status == "done"
+    assert "events/submit/0/background/do/0: Logged for Ann" in out.stderr, out.stderr

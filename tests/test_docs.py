@@ -17,6 +17,7 @@ Conventions in docs/rules.md (HTML comments directly above a fenced block):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import types
@@ -165,18 +166,37 @@ def problems_of(block: Block) -> list[str]:
     return [str(p) for p in sorted(found)]
 
 
-@pytest.fixture(scope="module")
-def doc_actions():
-    """Run the docs' Python examples (registering their actions); undo it afterwards."""
-    saved = dict(actions.registry())
+@contextlib.contextmanager
+def docs_actions_registered():
+    """Run the docs' Python examples (registering their actions); then undo exactly that.
+
+    Actions registered meanwhile by others stay (a worker's FORMRULES_ACTIONS module is
+    imported once per process: removing its actions would break later tests in the same
+    pytest-xdist process).
+    """
+    before = dict(actions.registry())
     modules = []
     for block in (b for b in BLOCKS if b.lang == "python"):
         module = types.ModuleType(f"docs_example_{block.line}")
         exec(compile(block.text, f"{RULES_MD}:{block.line}", "exec"), module.__dict__)
         modules.append(module)
-    yield modules
-    actions._REGISTRY.clear()
-    actions._REGISTRY.update(saved)
+    added = {n: spec for n, spec in actions.registry().items() if before.get(n) is not spec}
+    try:
+        yield modules
+    finally:
+        for name, spec in added.items():
+            if actions._REGISTRY.get(name) is spec:
+                if name in before:
+                    actions._REGISTRY[name] = before[name]
+                else:
+                    del actions._REGISTRY[name]
+
+
+@pytest.fixture(scope="module")
+def doc_actions():
+    """The docs' actions, registered for this module's tests."""
+    with docs_actions_registered() as modules:
+        yield modules
 
 
 # -- every example validates (or fails exactly as documented) -------------------------------

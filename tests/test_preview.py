@@ -55,3 +55,23 @@ def test_preview_command_shows_branches_and_refuses_bad_values(tmp_path):
                          text=True, env=env, cwd=ROOT, timeout=60)
     assert bad.returncode == 1
     assert "error: --set 'count=many'" in bad.stderr
+
+
+def test_preview_renders_progress_messages(tmp_path):
+    (tmp_path / "count.yaml").write_text(
+        "form: count\n"
+        "fields:\n"
+        "  - {name: name, type: string}\n"
+        "  - {name: boxes, type: integer, default: 4}\n"
+        "events:\n"
+        "  submit:\n"
+        "    - progress: {done: 1, total: 'record.boxes', message: 'Packing for "
+        "{{ record.name }}', title: 'Boxes of {{ record.name }}'}\n"
+        "    - progress: {message: Plain}\n")
+    settings = from_env({}, instance_dir=str(tmp_path / "instance"), secret_key="x")
+    form = load_rules(tmp_path).form("count")
+    lines = [str(line) for line in preview(form, {"name": "Ann", "boxes": 4}, settings)]
+    assert lines == [
+        "events/submit/0: progress 1/4 Packing for Ann (title 'Boxes of Ann')",
+        "events/submit/1: progress -/- Plain",
+    ]

@@ -162,8 +162,8 @@ def test_duplicate_keys_are_reported_with_the_first_line():
 
 def test_a_file_that_is_not_yaml():
     assert problems("form: booking\nfields: [\n  - {name: email\n") == [
-        "rules/booking.yaml:3:3: not valid YAML: while parsing a flow node: expected the "
-        "node content, but found '-'"]
+        "rules/booking.yaml:3:3: not valid YAML: expected a value here, but found a list "
+        "item ('-')\n      - {name: email\n      ^"]
 
 
 def test_a_file_that_is_not_a_mapping():
@@ -452,3 +452,60 @@ def test_field_names_that_shadow_record_builtins_are_refused():
     assert problems("form: booking\nfields:\n  - {name: items, type: integer}\n") == [
         "rules/booking.yaml:3:12: fields/0: field name 'items' is reserved (it names a "
         "built-in of records); choose another name"]
+
+
+def test_a_misplaced_option_is_reported_and_the_node_is_still_checked():
+    assert submit("""\
+        - background:
+            title: Booking
+            do:
+              - send_emial: {to: a@example.com}
+              - set: {stauts: done}
+          on_error:
+            - log: "{{ record.romm }}"
+            - send_email: {to: a@example.com, body: x}
+          retry: {attempts: 2}
+        - set: {status: ok}
+        - {set: {stat: a}, lgo: b}
+        """) == [
+        "rules/booking.yaml:13:13: events/submit/0/background/do/0: unknown action "
+        "'send_emial' (did you mean 'send_email'?)",
+        "rules/booking.yaml:14:19: events/submit/0/background/do/1: unknown field 'stauts' "
+        "(did you mean 'status'?)",
+        "rules/booking.yaml:15:7: events/submit/0: 'on_error' is an option of 'background:' "
+        "but is written beside it: indent it under 'background:', level with its 'do:'",
+        "rules/booking.yaml:16:16: events/submit/0/background/on_error/0: unknown field "
+        "'romm' in template (did you mean 'room'?)",
+        "rules/booking.yaml:17:23: events/submit/0/background/on_error/1: 'send_email' "
+        "needs 'subject'",
+        "rules/booking.yaml:18:7: events/submit/0: 'retry' is an option of 'background:' but "
+        "is written beside it: indent it under 'background:', level with its 'do:'",
+        "rules/booking.yaml:20:7: events/submit/2: a node has exactly one key naming its kind "
+        "(an action, if, background, delay or progress); got set, lgo",
+        "rules/booking.yaml:20:14: events/submit/2: unknown field 'stat' (did you mean "
+        "'status'?)",
+        "rules/booking.yaml:20:24: events/submit/2: unknown action 'lgo' (did you mean "
+        "'log'?)",
+    ]
+
+
+def test_a_yaml_syntax_error_is_said_in_plain_words_with_the_line_and_a_caret():
+    assert problems("""\
+        form: booking
+        events:
+          submit:
+            - background:
+                do: []
+              on_error: []
+           retry: 2
+        """) == [
+        "rules/booking.yaml:7:4: not valid YAML: this line is not indented like the lines of "
+        "the mapping it belongs to (which starts at line 3, column 3); check the indentation: "
+        "items of one mapping or list start in the same column\n"
+        "       retry: 2\n"
+        "       ^"]
+    found = problems("fields:\n  - name: a\n  type: string\n")
+    assert "'?'" not in found[0] and "<block end>" not in found[0]
+    assert found[0].startswith("rules/booking.yaml:3:3: not valid YAML: this line is not "
+                               "indented like the lines of the list")
+    assert found[0].endswith("\n      type: string\n      ^")

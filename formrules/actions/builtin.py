@@ -56,20 +56,32 @@ def log(ctx: Context, message: str, level: str = "info") -> None:
 
 
 @action("send_email", {"to": "text!", "subject": "text!", "body": "text!", "cc": "text",
-                       "reply_to": "text", "html": "text"})
+                       "reply_to": "text", "html": Param("text", html=True)})
 def send_email(ctx: Context, to: str, subject: str, body: str, cc: str = "",
                reply_to: str = "", html: str = "") -> None:
     """Send an e-mail (SMTP, or an .eml file in the outbox when SMTP is not set up)."""
     if not to.strip():
         raise PermanentError("send_email: empty recipient", "No e-mail address was given.")
+    # A YAML block (`subject: >`) ends in a newline: that one is layout, not content.
+    headers = {"To": to.strip(), "Cc": cc.strip(), "Reply-To": reply_to.strip(),
+               "Subject": subject.strip()}
+    for name, value in headers.items():
+        # A line break in a header is never passing: the same values fail every attempt
+        # (and a header injection attempt must not be retried for days either).
+        if "\r" in value or "\n" in value:
+            raise PermanentError(f"send_email: the {name} header contains a line break: "
+                                 f"{value[:200]!r}",
+                                 f"The e-mail's {name.lower()} contains a line break, which "
+                                 "an e-mail header cannot hold.")
     message = EmailMessage()
-    message["From"] = ctx.settings.mail_from
-    message["To"] = to
-    if cc:
-        message["Cc"] = cc
-    if reply_to:
-        message["Reply-To"] = reply_to
-    message["Subject"] = subject
+    try:
+        message["From"] = ctx.settings.mail_from
+        for name, value in headers.items():
+            if value:
+                message[name] = value
+    except (ValueError, TypeError) as exc:  # the email package's verdict on a bad value
+        raise PermanentError(f"send_email: {exc}",
+                             "The e-mail could not be written with these values.") from exc
     message["Date"] = formatdate(localtime=False)
     # A stable Message-ID per step lets receivers (and our outbox) drop a repeated send.
     digest = hashlib.sha256(ctx.idempotency_key.encode()).hexdigest()[:32]
@@ -102,9 +114,8 @@ def http_request(ctx: Context, url: str, method: str = "POST", headers: dict | N
                  json: Any = None, body: str | None = None, timeout: Any = "30s",
                  save: dict | None = None) -> None:
     """Call an allowed HTTP endpoint, sending the step's Idempotency-Key header."""
-    host = (urlsplit(url).hostname or "").lower()
-    if urlsplit(url).scheme not in ("http", "https") or host not in ctx.settings.http_allow:
-        raise PermanentError(f"http_request: host {host!r} is not in FORMRULES_HTTP_ALLOW",
+    if not allowed(url, ctx.settings.http_allow):
+        raise PermanentError(f"http_request: {_origin(url)!r} is not in FORMRULES_HTTP_ALLOW",
                              "This form is not allowed to contact that service.")
     data = None
     sent_headers = {"Idempotency-Key": ctx.idempotency_key, **(headers or {})}
@@ -146,6 +157,36 @@ def http_request(ctx: Context, url: str, method: str = "POST", headers: dict | N
             ctx.set(name, sandbox.render(str(template), variables))
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> str:
+    """`host:port` of a URL, the port made explicit (what allowlist entries name)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:  # a port that is not a number, or out of range
+        port = None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def allowed(url: str, allow: tuple[str, ...]) -> bool:
+    """May `http_request` call `url`? An allowlist entry `host` allows that host on the
+    scheme's default port only (80, 443); `host:port` allows that port; `host:*` any."""
+    parts = urlsplit(url)
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return False
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    host = parts.hostname.lower()
+    named = f"[{host}]" if ":" in host else host
+    default = port is None or port == DEFAULT_PORTS[parts.scheme]
+    return (default and host in allow) or _origin(url) in allow or f"{named}:*" in allow
+
+
 class _AllowlistRedirects(urllib.request.HTTPRedirectHandler):
     """Follow a redirect only to an allowed host: the allowlist must not be a detour."""
 
@@ -153,9 +194,7 @@ class _AllowlistRedirects(urllib.request.HTTPRedirectHandler):
         self.allowed = allowed
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        target = urlsplit(newurl)
-        if target.scheme not in ("http", "https") or \
-                (target.hostname or "").lower() not in self.allowed:
+        if not allowed(newurl, self.allowed):
             raise PermanentError(f"http_request: redirect to {newurl!r} is not allowed",
                                  "This form is not allowed to contact that service.")
         return super().redirect_request(req, fp, code, msg, headers, newurl)

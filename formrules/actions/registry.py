@@ -33,6 +33,7 @@ class Param:
     kind: str = "any"
     required: bool = False
     render: bool = True  # False: the action renders this value itself (e.g. with `response`)
+    html: bool = False  # True: rendered with HTML autoescaping (values inserted are escaped)
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,9 @@ class Checker:
 
     def field_name(self, name: Any, pos: Pos | None, path: str, *, boolean: bool = False) -> str:
         """A declared field's name (a boolean one when `boolean`)."""
-        if name not in self.fields:
+        if not isinstance(name, str):  # a list here would not even be comparable to names
+            self.error(pos, path, f"expected a field name, got {_kind(name)}")
+        elif name not in self.fields:
             self.error(pos, path, f"unknown field '{name}'{did_you_mean(name, self.fields)}")
         elif boolean and self.fields[name] != "boolean" and self.fields[name] in FIELD_TYPES:
             self.error(pos, path, f"flag field '{name}' must have type boolean, "
@@ -198,9 +200,7 @@ class Checker:
         if "if" in item:
             return self.if_node(item, pos, path)
         if len(item) != 1:
-            keys = ", ".join(map(str, item))
-            self.error(pos, path, f"a node has exactly one key naming its kind (an action, "
-                                  f"if, background, delay or progress); got {keys}")
+            self.several_keys(item, pos, path)
             return None
         (kind, args), = item.items()
         kpos, vpos = self.key_pos(item, kind), self.value_pos(item, kind)
@@ -218,6 +218,38 @@ class Checker:
             return None
         args = self.action_args(spec, args, vpos, path)
         return ActionNode(path, kpos, kind, args)
+
+    def several_keys(self, item: Map, pos: Pos | None, path: str) -> None:
+        """Report a node with several keys, then check each part as a compiler would.
+
+        The usual cause is an option of a `background:`/`delay:` (`on_error:`) indented
+        beside it instead of under it: say so, and still check what it holds, so one
+        misplaced line does not hide every other mistake in the node.
+        """
+        kinds = [k for k in item if k in DEFER_KEYS]
+        kind = kinds[0] if len(kinds) == 1 else None
+        options = [k for k in item if kind and k != kind and k in DEFER_KEYS[kind]]
+        for key in options:
+            self.error(self.key_pos(item, key), path,
+                       f"'{key}' is an option of '{kind}:' but is written beside it: indent "
+                       f"it under '{kind}:', level with its 'do:'")
+        if len(options) != len(item) - 1:
+            keys = ", ".join(map(str, item))
+            self.error(pos, path, f"a node has exactly one key naming its kind (an action, "
+                                  f"if, background, delay or progress); got {keys}")
+        for key, value in item.items():
+            vpos = self.value_pos(item, key)
+            if key in options and key in ("do", "on_error"):
+                self.nodes(value, vpos, f"{path}/{kind}/{key}")
+            elif key in options:
+                continue  # its value is checked once it is in its place
+            elif key in ("then", "else"):
+                self.nodes(value, vpos, f"{path}/{key}")
+            else:
+                part = Map({key: value})
+                part.pos, part.key_pos = pos, {key: self.key_pos(item, key)}
+                part.value_pos = {key: vpos}
+                self.node(part, pos, path)
 
     def if_node(self, item: Map, pos: Pos | None, path: str) -> IfNode:
         """`if:` with `then:` and optional `else:`."""

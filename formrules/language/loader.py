@@ -33,6 +33,9 @@ FORM_KEYS = ("form", "title", "description", "fields", "events", "after_submit",
 FIELD_KEYS = ("name", "type", "label", "help", "required", "min", "max", "max_length",
               "choices", "default", "hidden")
 EVENTS = ("submit", "update")
+# Most characters a text field takes when the rule sets no `max_length` (docs/rules.md):
+# no field accepts megabytes by default; an e-mail address is at most 254 (RFC 5321).
+DEFAULT_MAX_LENGTH = {"string": 1000, "email": 254, "text": 20_000}
 RESERVED_FIELD_NAMES = frozenset(n for n in dir(dict) if not n.startswith("_"))
 # A task or a schedule runs as a Background: these keys mean what they mean there.
 RUN_KEYS = ("title", "do", "retry", "timeout", "on_error")
@@ -132,6 +135,7 @@ def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
         c.error(pos, "fields", "'fields' must be a list of field mappings")
         return ()
     out: list[FieldDef] = []
+    seen: set[str] = set()  # a set, not a scan of `out`: checks stay linear in the fields
     for i, item in enumerate(value):
         path = f"fields/{i}"
         item = c.mapping(item, c.value_pos(value, i), path, "a field")
@@ -149,9 +153,10 @@ def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
             c.error(vp("name"), path, f"field name '{name}' is reserved (it names a built-in "
                                       "of records); choose another name")
             continue
-        if any(f.name == name for f in out):
+        if name in seen:
             c.error(vp("name"), path, f"duplicate field name '{name}'")
             continue
+        seen.add(name)
         ftype = item.get("type", "string")
         known_type = ftype in FIELD_TYPES  # options are checked against a known type only
         if ftype not in FIELD_TYPES:
@@ -181,7 +186,7 @@ def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
         for key in ("required", "hidden"):
             if key in item:
                 c.boolean(item[key], vp(key), path)
-        max_length = None
+        max_length = DEFAULT_MAX_LENGTH.get(ftype)
         if "max_length" in item:
             max_length = c.integer(item["max_length"], vp("max_length"), path, minimum=1)
         out.append(FieldDef(
@@ -252,6 +257,7 @@ def _schedules(c: Checker, value: Any, pos) -> tuple[ScheduleDef, ...]:
         c.error(pos, "schedules", "'schedules' must be a list")
         return ()
     out: list[ScheduleDef] = []
+    names: set[str] = set()
     for i, body in enumerate(value):
         path = f"schedules/{i}"
         body = c.mapping(body, c.value_pos(value, i), path, "a schedule")
@@ -275,8 +281,9 @@ def _schedules(c: Checker, value: Any, pos) -> tuple[ScheduleDef, ...]:
             c.error(vp("catch_up"), path, "'catch_up' must be latest or none")
         if "do" not in body:
             c.error(body.pos, path, "a schedule needs a 'do:' list of nodes")
-        if "name" in body and any(s.name == str(body["name"]) for s in out):
+        if "name" in body and str(body["name"]) in names:
             c.error(vp("name"), path, f"duplicate schedule name '{body['name']}'")
+        names.add(str(body.get("name", i)))
         node = _background(c, body, path, c.value_pos(value, i), f"Schedule {i}")
         out.append(ScheduleDef(
             name=str(body.get("name", i)), cron=cron, timezone=tz,
@@ -323,7 +330,7 @@ def rebuild_defer(raw: dict, path: str, fields: dict[str, str]) -> DeferNode:
     return node
 
 
-_cache: dict[str, tuple[tuple, RuleSet]] = {}
+_cache: dict[str, tuple[tuple, RuleSet | RuleError]] = {}
 
 
 def cached_rules(directory: str | Path) -> RuleSet:
@@ -337,6 +344,11 @@ def cached_rules(directory: str | Path) -> RuleSet:
     signature = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
     hit = _cache.get(str(root))
     if hit is None or hit[0] != signature:
-        hit = (signature, load_rules(root))
+        try:
+            hit = (signature, load_rules(root))
+        except RuleError as exc:  # kept too: a broken file is not re-read on every pass
+            hit = (signature, exc)
         _cache[str(root)] = hit
+    if isinstance(hit[1], RuleError):
+        raise hit[1].with_traceback(None)  # a fresh traceback each time, not a growing one
     return hit[1]

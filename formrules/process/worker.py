@@ -23,6 +23,7 @@ from rq.serializers import JSONSerializer
 
 from formrules.config import Settings, from_env
 from formrules.language.loader import load_rules
+from formrules.logs import configure_logging, level_name
 from formrules.process.leader import QUIET, Leader
 from formrules.process.outage import Outage, QuietOutage
 from formrules.process.runtime import Runtime, install
@@ -58,6 +59,7 @@ class InProcessWorker(_Stoppable, SimpleWorker):
 def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
                with_reconciler: bool = True) -> bool:
     """Run an RQ worker on the app's queue until stopped (or drained, with `burst`)."""
+    configure_logging()  # here, not in one caller: `formrules worker` and worker.py alike
     rt = install(Runtime(settings))
     load_rules(settings.rules_dir)  # refuse to work with rules that would not load
     rt.store.create_all()
@@ -80,7 +82,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
             worker = worker_class([queue], connection=rt.redis, serializer=JSONSerializer)
             worker.stopping = stopping
             try:
-                worked = worker.work(burst=burst, logging_level="INFO") or worked
+                worked = worker.work(burst=burst, logging_level=level_name()) or worked
                 if burst or stopping.is_set():
                     return worked
                 # RQ's loop gave up (a Redis timeout or error it logged): start again.
@@ -141,7 +143,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-reconciler", action="store_true",
                         help="never become the leader (leave reconciling to other workers)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run_worker(from_env(), simple=args.simple, burst=args.burst,
                with_reconciler=not args.no_reconciler)
 

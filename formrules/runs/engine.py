@@ -28,18 +28,24 @@ def call_action(node: ActionNode, ctx: Context) -> None:
     spec = actions.get(node.action)
     if spec is None:  # validated away; only a snapshot from another version gets here
         raise PermanentError(f"unknown action {node.action!r}")
-    args = node.args
-    if spec.render_args:
-        variables = ctx.variables()
-        if spec.params is not None and isinstance(args, dict):
-            args = {k: v if (p := spec.params.get(k)) is not None and not p.render
-                    else sandbox.render_value(v, variables) for k, v in args.items()}
-        else:
-            args = sandbox.render_value(args, variables)
+    args = render_args(node, ctx.variables())
     if spec.params is None:
         spec.fn(ctx, args)
     else:
         spec.fn(ctx, **(args or {}))
+
+
+def render_args(node: ActionNode, variables: dict[str, Any]) -> Any:
+    """An action node's arguments with their templates rendered, as the action gets them."""
+    spec = actions.get(node.action)
+    args = node.args
+    if spec is None or not spec.render_args:
+        return args
+    if spec.params is not None and isinstance(args, dict):
+        return {k: v if (p := spec.params.get(k)) is not None and not p.render
+                else sandbox.render_value(v, variables, html=p is not None and p.html)
+                for k, v in args.items()}
+    return sandbox.render_value(args, variables)
 
 
 def test(node: IfNode, variables: dict[str, Any]) -> bool:

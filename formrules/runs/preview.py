@@ -85,13 +85,16 @@ def _node(node: Node, ctx: Context, lines: list[Line], depth: int, now: datetime
         shown = ", ".join(f"{k} = {ctx.data.get(k)!r}" for k in node.args)
         lines.append(Line(node.path, f"set {shown}", depth))
     elif isinstance(node, ActionNode):
-        args = sandbox.render_value(node.args, ctx.variables())
+        args = engine.render_args(node, ctx.variables())
         lines.append(Line(node.path, f"would run {node.action} {args!r}", depth))
     elif isinstance(node, ProgressNode):
-        lines.append(Line(node.path, "progress "
-                          f"{node.done if node.done is not None else '-'}"
-                          f"/{node.total if node.total is not None else '-'} "
-                          f"{node.message or ''}".rstrip(), depth))
+        variables = ctx.variables()  # rendered as a worker renders them (see runs/job.py)
+        done = sandbox.evaluate(str(node.done), variables) if node.done is not None else "-"
+        total = sandbox.evaluate(str(node.total), variables) if node.total is not None else "-"
+        message = sandbox.render(node.message, variables) if node.message else ""
+        title = f" (title {sandbox.render(node.title, variables)!r})" if node.title else ""
+        lines.append(Line(node.path, f"progress {done}/{total} {message}".rstrip() + title,
+                          depth))
     elif isinstance(node, DeferNode):
         due = engine.due_time(node, ctx.variables(), now, settings.timezone)
         when = "at once" if due <= now else \

@@ -98,6 +98,9 @@ class Record(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     version: Mapped[int] = mapped_column(Integer, default=1)
     submit_key: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # What the API request with an Idempotency-Key asked for (a hash of the submitted
+    # values): the same key with another body is refused, not answered with this record.
+    submit_fingerprint: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -198,7 +201,20 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     password_hash: Mapped[str] = mapped_column(String(300))
     is_operator: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Sessions carry the generation they were started in; bumping it (log out everywhere,
+    # a new password) ends every session of the account at its next request.
+    session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RevokedSession(Base):
+    """A logged-in session ended by "Log out": its cookie, even a copy, opens nothing more.
+    Rows are only needed until the session would have expired anyway (`expires_at`)."""
+
+    __tablename__ = "revoked_sessions"
+
+    sid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
 class Notification(Base):

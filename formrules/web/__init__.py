@@ -10,15 +10,37 @@ from typing import Any
 from flask import Flask, render_template, request, send_from_directory
 from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError, CSRFProtect
+from sqlalchemy.exc import DBAPIError
 
 from formrules.config import Settings, from_env
 from formrules.language.loader import load_rules
 from formrules.process import runtime as runtime_mod
 from formrules.web import display
+from formrules.web.state import discard_db
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 csrf = CSRFProtect()
 log = logging.getLogger("formrules.web")
+FALLBACK_500 = ("<!doctype html><meta charset='utf-8'><title>Something went wrong</title>"
+                "<h1>Something went wrong</h1><p>Something went wrong on our side. Please try "
+                "again in a moment.</p>")
+
+
+class FormrulesFlask(Flask):
+    """Flask, running a request once more when its database connection was cut."""
+
+    def full_dispatch_request(self):
+        """Retry once on a disconnect: the first attempt's transaction never committed
+        (or, cut during COMMIT, submit keys and state checks make a repeat harmless)."""
+        try:
+            return super().full_dispatch_request()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            log.warning("database connection lost; running the request once more: %s",
+                        exc.orig)
+            discard_db()
+            return super().full_dispatch_request()
 
 
 class PollQuietSessions(SecureCookieSessionInterface):
@@ -41,14 +63,15 @@ def create_app(test_config: dict[str, Any] | None = None,
                settings: Settings | None = None) -> Flask:
     """Build the app: settings from the environment unless given, rules loaded and checked."""
     settings = settings or from_env()
-    app = Flask(__name__, template_folder=str(TEMPLATES), instance_path=str(
+    app = FormrulesFlask(__name__, template_folder=str(TEMPLATES), instance_path=str(
         Path(settings.instance_dir).resolve()))
     app.config.from_mapping(
         SECRET_KEY=settings.secret_key,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.secure_cookies,
-        PERMANENT_SESSION_LIFETIME=timedelta(days=365),  # the anonymous owner cookie
+        # The anonymous owner cookie; logged-in sessions end sooner (web/sessions.py).
+        PERMANENT_SESSION_LIFETIME=timedelta(days=365),
         WTF_CSRF_TIME_LIMIT=None,  # a form left open over lunch must still submit
         MAX_CONTENT_LENGTH=2 * 1024 * 1024,
     )
@@ -62,10 +85,25 @@ def create_app(test_config: dict[str, Any] | None = None,
     csrf.init_app(app)
     display.init_app(app, settings.timezone, settings.locale)
 
-    from formrules.web import admin, api, auth, batches, forms, records, tasks, updates
+    from formrules.web import (
+        admin,
+        api,
+        auth,
+        batches,
+        forms,
+        headers,
+        limits,
+        records,
+        sessions,
+        tasks,
+        updates,
+    )
     for module in (forms, records, tasks, auth, admin, updates, batches, api):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
+    sessions.install(app)
+    headers.install(app)
+    limits.install(app, settings)
 
     @app.get("/favicon.ico")
     def favicon():
@@ -86,8 +124,16 @@ def create_app(test_config: dict[str, Any] | None = None,
 
     @app.errorhandler(500)
     def server_error(exc):
-        return render_template("error.html", title="Something went wrong",
-                               message="Something went wrong on our side. Please try again "
-                                       "in a moment."), 500
+        # The failure may have left the request's database session unusable (a lost
+        # connection): start the page on a fresh one, and if even that fails, plain HTML.
+        discard_db()
+        try:
+            return render_template("error.html", title="Something went wrong",
+                                   message="Something went wrong on our side. Please try "
+                                           "again in a moment."), 500
+        except Exception:
+            log.exception("the error page itself failed")
+            discard_db()
+            return FALLBACK_500, 500
 
     return app

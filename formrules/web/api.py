@@ -12,6 +12,7 @@ CSRF does not apply: no cookie authenticates these requests.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -62,9 +63,28 @@ def authenticate():
     return None
 
 
+IDEMPOTENCY_KEY_MAX = 200  # characters, as the OpenAPI document says
+TEXT_TYPES = ("string", "text", "email", "choice", "date", "datetime")
+
+
 def _json_object():
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # nesting deeper than the parser's stack: not a form's values
+        return None
     return body if isinstance(body, dict) else None
+
+
+def _not_text(value: str) -> bool:
+    """True for strings that cannot be stored as text: lone surrogates (from a JSON
+    `\\ud800`), which UTF-8 cannot encode, and NUL, which PostgreSQL refuses."""
+    if "\x00" in value:
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _formdata(form: Form, values: dict[str, Any]) -> tuple[MultiDict, dict[str, list[str]]]:
@@ -87,16 +107,25 @@ def _formdata(form: Form, values: dict[str, Any]) -> tuple[MultiDict, dict[str, 
             continue  # empty: `required` decides whether that is allowed
         elif isinstance(value, bool):
             errors[name] = [f"Expected a {fd.type} value, not true or false."]
+        elif fd.type in TEXT_TYPES and not isinstance(value, str):
+            errors[name] = ["Expected a string."]  # as the OpenAPI document says
+        elif fd.type in ("integer", "decimal") and not isinstance(value, int | float):
+            errors[name] = [f"Not a valid {fd.type} value."]  # a JSON number, not a string
+        elif isinstance(value, str) and _not_text(value):
+            errors[name] = ["Contains characters that are not valid text."]
         elif fd.type == "datetime":
             try:
-                moment = datetime.fromisoformat(str(value))
-            except ValueError:
+                moment = datetime.fromisoformat(value)
+                if moment.tzinfo is not None:  # the HTML field is UTC wall time, minutes
+                    moment = moment.astimezone(UTC).replace(tzinfo=None)
+            except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out
                 errors[name] = ["Not a valid datetime value (ISO 8601, e.g. "
-                                "2025-05-01T09:30:00+02:00)."]
+                                "2025-05-01T09:30:00+02:00, between the years 1 and 9999)."]
                 continue
-            if moment.tzinfo is not None:  # the HTML field is UTC wall time, minutes
-                moment = moment.astimezone(UTC).replace(tzinfo=None)
-            data.add(name, moment.strftime("%Y-%m-%dT%H:%M"))
+            data.add(name, moment.isoformat(timespec="minutes"))
+        elif fd.type == "integer" and isinstance(value, float):
+            # JSON Schema counts 3.0 as an integer; a fraction stays an error below.
+            data.add(name, str(int(value)) if value.is_integer() else str(value))
         else:
             data.add(name, str(value))
     return data, errors
@@ -128,12 +157,28 @@ def _body(record: Record, form: Form | None) -> dict[str, Any]:
     }
 
 
-def _idempotency_key() -> str | None:
+def _idempotency_key(form: Form) -> str | None:
+    """The stored submit key: the client's key scoped to its token and this form, hashed
+    to fit, so neither two clients' keys nor one client's keys for two forms ever meet."""
     key = request.headers.get("Idempotency-Key", "").strip()
     if not key:
         return None
-    # Scoped to the token, hashed to fit: two clients' keys never meet.
-    return "api-" + hashlib.sha256(f"{g.api_token.id}:{key}".encode()).hexdigest()[:48]
+    scoped = json.dumps([g.api_token.id, form.id, key])
+    return "api-" + hashlib.sha256(scoped.encode()).hexdigest()[:48]
+
+
+def _fingerprint(values: dict[str, Any]) -> str:
+    """What a submission asked for, to tell a repeat from another body with the same key."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _repeat(existing: Record, form: Form, fingerprint: str):
+    """The answer to a key seen before: the first record, or 422 if the body differs."""
+    if existing.submit_fingerprint not in (None, fingerprint):
+        return error(422, "idempotency_key_reused",
+                     "This Idempotency-Key was already used with a different body. Use a "
+                     "new key for a new submission.")
+    return jsonify(_body(existing, form)), 200
 
 
 @bp.post("/forms/<form_id>")
@@ -142,24 +187,32 @@ def create(form_id: str):
     form = rules().form(form_id)
     if form is None:
         return error(404, "not_found", f"There is no form '{form_id}'.")
+    if len(request.headers.get("Idempotency-Key", "").strip()) > IDEMPOTENCY_KEY_MAX:
+        return error(400, "bad_request",
+                     f"An Idempotency-Key is at most {IDEMPOTENCY_KEY_MAX} characters.")
     values = _json_object()
     if values is None:
         return error(400, "bad_request", "Send a JSON object of field values.")
     wtf, errors = _validate(form, values)
     if errors:
         return _invalid(errors)
-    key, s = _idempotency_key(), db()
+    key, s = _idempotency_key(form), db()
+    stored = record_values(form, wtf)
+    fingerprint = _fingerprint(stored)
+    if key and (existing := s.scalar(select(Record).where(Record.submit_key == key))):
+        return _repeat(existing, form, fingerprint)  # the same request again: same record
     try:
-        record, runs = submit_record(s, form, record_values(form, wtf),
-                                     owner=f"api:{g.api_token.name}", settings=rt().settings,
-                                     submit_key=key)
+        record, runs = submit_record(s, form, stored, owner=f"api:{g.api_token.name}",
+                                     settings=rt().settings, submit_key=key)
+        if key:
+            record.submit_fingerprint = fingerprint
         s.commit()
     except IntegrityError:
-        s.rollback()  # the same request again (the unique key refused it): same record
+        s.rollback()  # the same key won a race in another request
         existing = s.scalar(select(Record).where(Record.submit_key == key)) if key else None
         if existing is None:
             raise
-        return jsonify(_body(existing, form)), 200
+        return _repeat(existing, form, fingerprint)
     except ActionError as exc:
         s.rollback()
         log.warning("api: form %s: submit failed: %s", form.id, exc)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 
-from flask import Blueprint, redirect, render_template, request, session, url_for
+from flask import Blueprint, g, redirect, render_template, request, session, url_for
 from flask_wtf import FlaskForm
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
 from formrules.store.models import Notification, Record, ResultFile, Run, User
+from formrules.web import sessions
 from formrules.web.state import db
 
 bp = Blueprint("auth", __name__)
@@ -43,11 +45,9 @@ def owner_name(owner: str | None) -> str:
 
 
 def is_operator() -> bool:
-    """True when the logged-in user is an operator now (asked of the database each time,
-    so a demoted operator loses access at once, whatever their session says)."""
-    if not session.get("user_id"):
-        return False
-    user = db().get(User, session["user_id"])
+    """True when the logged-in user is an operator now (read from the database on each
+    request, so a demoted operator loses access at once, whatever their cookie says)."""
+    user = g.get("user")
     return user is not None and user.is_operator
 
 
@@ -55,7 +55,7 @@ def operator_required(view):
     """Send visitors without a session to the login page; non-operators get 403."""
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
-        if not session.get("user_id"):
+        if g.get("user") is None:
             return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
         if not is_operator():
             return render_template("error.html", title="Operators only",
@@ -89,10 +89,7 @@ def login():
             error = "Unknown user name or wrong password."
         else:
             anon = session.get("anon")
-            session.clear()  # a fresh session on login: no fixation
-            session.permanent = True
-            session["user_id"], session["user_name"] = user.id, user.name
-            session["operator"] = user.is_operator
+            sessions.start(user)
             if anon:
                 _adopt(f"anon:{anon}", f"user:{user.id}")
             return redirect(safe_next(request.args.get("next")), 303)
@@ -110,6 +107,16 @@ def _adopt(old: str, new: str) -> None:
 
 @bp.post("/logout")
 def logout():
-    """Forget the session."""
+    """End this session (on the server too); with `everywhere`, every session of the
+    account, on every browser."""
+    if g.get("user") is not None:
+        if request.form.get("everywhere"):
+            sessions.end_everywhere(g.user.id)
+        else:
+            sessions.end_this()
+        try:
+            db().commit()
+        except IntegrityError:  # a second tab logged out at the same moment: already done
+            db().rollback()
     session.clear()
     return redirect(url_for("forms.index"), 303)

@@ -30,12 +30,30 @@ from wtforms.validators import (
     NumberRange,
     Optional,
     Regexp,
+    ValidationError,
 )
 
 from formrules.language.tree import FieldDef, Form
 from formrules.language.values import to_storage
 
 SUBMIT_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+class FiniteDecimalField(DecimalField):
+    """A DecimalField that refuses NaN, sNaN and Infinity: they are not amounts, and
+    comparing them with a `min:` or `max:` raises instead of failing validation."""
+
+    def process_formdata(self, valuelist):
+        super().process_formdata(valuelist)
+        if isinstance(self.data, Decimal) and not self.data.is_finite():
+            self.data = None
+            raise ValueError(self.gettext("Not a valid decimal value."))
+
+
+def _no_nul(form, field) -> None:
+    """NUL is not text: PostgreSQL refuses it in strings, so refuse it at the door."""
+    if isinstance(field.data, str) and "\x00" in field.data:
+        raise ValidationError("Contains characters that are not valid text.")
 
 
 def _field(fd: FieldDef) -> Field:
@@ -50,6 +68,8 @@ def _field(fd: FieldDef) -> Field:
         required.append(NumberRange(min=fd.min, max=fd.max))
     if fd.max_length and fd.type in ("string", "text", "email"):
         required.append(Length(max=fd.max_length))
+    if text_like:
+        required.append(_no_nul)
     if fd.type == "string":
         return StringField(validators=required, **kwargs)
     if fd.type == "text":
@@ -62,7 +82,7 @@ def _field(fd: FieldDef) -> Field:
     if fd.type == "decimal":
         if fd.default is not None:
             kwargs["default"] = Decimal(str(fd.default))
-        return DecimalField(validators=required, places=None, **kwargs)
+        return FiniteDecimalField(validators=required, places=None, **kwargs)
     if fd.type == "boolean":
         return BooleanField(validators=[DataRequired()] if fd.required else [], **kwargs)
     if fd.type == "date":

@@ -15,7 +15,7 @@ from formrules.language.tree import DeferNode, Form, walk
 from formrules.runs.engine import submit as submit_record
 from formrules.store.models import FINAL, Record, Run
 from formrules.web.formbuilder import form_class, record_values
-from formrules.web.state import db, owner, rt, rules
+from formrules.web.state import db, discard_db, owner, rt, rules
 
 bp = Blueprint("forms", __name__)
 FINAL_STATUSES = {status.value for status in FINAL}
@@ -99,8 +99,5 @@ _limits: dict[int, tuple[Form, dict[str, float]]] = {}
 
 @bp.teardown_app_request
 def close_db(exc):
-    """Close the request's database session."""
-    from flask import g
-    session = g.pop("db", None)
-    if session is not None:
-        session.close()
+    """Close the request's database session (never failing on a cut connection)."""
+    discard_db()

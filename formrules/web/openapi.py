@@ -34,6 +34,11 @@ def field_schema(fd: FieldDef) -> dict[str, Any]:
         schema["maximum"] = fd.max
     if fd.max_length and fd.type in ("string", "text", "email"):
         schema["maxLength"] = fd.max_length
+    if fd.required and fd.type in ("string", "text", "email"):
+        schema["minLength"] = 1  # and not only blanks, as the form requires
+        schema["pattern"] = r"\S"
+    if fd.required and fd.type == "boolean":
+        schema["const"] = True  # a required box (say, "I agree") must be ticked
     if not fd.required and fd.type != "boolean":  # empty is allowed: send null
         schema = {"anyOf": [schema, {"type": "null"}]}
     schema["title"] = fd.label
@@ -95,10 +100,13 @@ def _responses(*codes: int) -> dict[str, Any]:
     known = {
         200: ("The record.", _ref("Record")),
         201: ("Created; poll `status_url` until `done`.", _ref("Record")),
-        400: ("The body is not a JSON object.", _ref("Error")),
+        400: ("The body is not a JSON object (or the Idempotency-Key is too long).",
+              _ref("Error")),
         401: ("No valid API token.", _ref("Error")),
         404: ("No such form or record.", _ref("Error")),
-        422: ("Some fields are not valid.", _ref("Invalid")),
+        422: ("Some fields are not valid, or the Idempotency-Key was used with another "
+              "body.", {"anyOf": [_ref("Invalid"), _ref("Error")]}),
+        429: ("Too many requests with a wrong token from this client.", _ref("Error")),
         500: ("A rule's action failed; nothing was stored.", _ref("Error")),
     }
     return {str(c): {"description": known[c][0], "content": _content(known[c][1])}
@@ -118,12 +126,15 @@ def document(ruleset: RuleSet, server: str) -> dict[str, Any]:
             "summary": f"Submit “{form.title}”",
             "description": form.description or form.title,
             "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                            "schema": {"type": "string", "maxLength": 200},
-                            "description": "Repeating a key answers 200 with the record "
-                                           "the first request created."}],
+                            "schema": {"type": "string", "minLength": 1,
+                                       "maxLength": 200},
+                            "description": "Repeating a key (per token and form) answers "
+                                           "200 with the record the first request "
+                                           "created; the same key with a different body "
+                                           "answers 422."}],
             "requestBody": {"required": True,
                             "content": _content(_ref(f"{form.id}.input"))},
-            "responses": _responses(200, 201, 400, 401, 404, 422, 500)}}
+            "responses": _responses(200, 201, 400, 401, 404, 422, 429, 500)}}
     token = [{"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}]
     patch_body = {"anyOf": [_ref(f"{f.id}.patch") for f in forms]} if forms \
         else {"type": "object"}

@@ -6,12 +6,15 @@ cookie; users who log in are `user:<id>` and see their tasks on any browser.
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 from flask import current_app, g, session
 
 from formrules.language.tree import RuleSet
 from formrules.process.runtime import Runtime
+
+log = logging.getLogger("formrules.web")
 
 
 def rt() -> Runtime:
@@ -46,3 +49,14 @@ def db():
     if "db" not in g:
         g.db = rt().store.sessions()
     return g.db
+
+
+def discard_db() -> None:
+    """Close the request's session, whatever state a failure left it in: rolling back
+    on a connection the database has cut fails, and there is nothing left to undo."""
+    session = g.pop("db", None)
+    if session is not None:
+        try:
+            session.close()
+        except Exception as exc:
+            log.warning("closing the request's database session failed: %s", exc)
