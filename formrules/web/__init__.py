@@ -7,8 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, render_template, request, send_from_directory
-from flask.sessions import SecureCookieSessionInterface
+from flask import Flask, render_template, send_from_directory
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy.exc import DBAPIError
 
@@ -43,22 +42,6 @@ class FormrulesFlask(Flask):
             return super().full_dispatch_request()
 
 
-class PollQuietSessions(SecureCookieSessionInterface):
-    """Status polls leave the session cookie alone unless they changed it.
-
-    The long-lived anonymous cookie is re-signed and re-sent on every request to keep it
-    fresh; a waiting page polls every second or two, and the page load itself already
-    refreshed it, so polls skip that work (and a 304 stays a bare 304).
-    """
-
-    quiet = frozenset({"records.status_json"})
-
-    def should_set_cookie(self, app: Flask, session) -> bool:
-        if request.endpoint in self.quiet and not session.modified:
-            return False
-        return super().should_set_cookie(app, session)
-
-
 def create_app(test_config: dict[str, Any] | None = None,
                settings: Settings | None = None) -> Flask:
     """Build the app: settings from the environment unless given, rules loaded and checked."""
@@ -77,7 +60,6 @@ def create_app(test_config: dict[str, Any] | None = None,
     )
     if test_config:
         app.config.update(test_config)
-    app.session_interface = PollQuietSessions()
     rt = runtime_mod.install(runtime_mod.Runtime(settings))
     rt.store.create_all()
     app.extensions["formrules"] = rt
