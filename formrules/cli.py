@@ -1,4 +1,5 @@
-"""The `formrules` command: check, run, web, worker, runs, users, tokens, tasks.
+"""The `formrules` command: check, schema, show, preview, lsp, run, web, worker, runs,
+users, tokens, tasks.
 
 Expected failures (`FormrulesError`) print a clean message and exit 1; anything else is a
 bug and keeps its traceback. The web layer is imported only by the commands that serve it.
@@ -16,7 +17,7 @@ from pathlib import Path
 import click
 
 from formrules.config import from_env
-from formrules.errors import FormrulesError, RuleError
+from formrules.errors import FormrulesError
 from formrules.language.loader import check_rules
 from formrules.logs import configure_logging
 
@@ -62,18 +63,63 @@ def check(directory: str | None) -> None:
 
 
 @cli.command()
+@click.option("--builtin", is_flag=True,
+              help="only formrules' own actions (what docs/formrules.schema.json holds)")
+def schema(builtin: bool) -> None:
+    """Print the JSON Schema of rule files (with FORMRULES_ACTIONS' custom actions)."""
+    from formrules.actions import registry as actions
+    from formrules.language.schema import builtin_actions, schema_text
+
+    if not builtin:
+        actions.load_modules(from_env().actions_modules)
+    click.echo(schema_text(builtin_actions() if builtin else None), nl=False)
+
+
+@cli.command()
+def lsp() -> None:
+    """Serve the Language Server Protocol on stdin/stdout (point your editor at it)."""
+    try:
+        from formrules.language.lsp import serve
+    except ImportError as exc:
+        raise FormrulesError("formrules lsp needs pygls: pip install 'formrules[lsp]'") from exc
+    serve(from_env().actions_modules)
+
+
+@cli.command()
+@click.argument("form_id")
+@click.option("--rules", "rules_dir", help="rules directory (default: rules/)")
+def show(form_id: str, rules_dir: str | None) -> None:
+    """Print FORM_ID's trees, tasks and schedules with every node's path."""
+    from formrules.actions import registry as actions
+    from formrules.language.loader import load_rules
+    from formrules.language.outline import outline
+
+    settings = from_env()
+    actions.load_modules(settings.actions_modules)
+    form = load_rules(rules_dir or settings.rules_dir).form(form_id)
+    if form is None:
+        raise FormrulesError(f"no form {form_id!r} in {rules_dir or settings.rules_dir}")
+    click.echo("\n".join(outline(form)))
+
+
+@cli.command()
 @click.argument("form_id")
 @click.option("--set", "assignments", multiple=True, metavar="FIELD=VALUE",
               help="a field value (repeatable); other fields take their defaults")
 @click.option("--event", default="submit", show_default=True,
               type=click.Choice(["submit", "update"]))
 @click.option("--rules", "rules_dir", help="rules directory (default: rules/)")
+@click.option("--until", "until", metavar="DURATION",
+              help="also lay out on a simulated clock what happens over this long (30d)")
+@click.option("--at", "at", metavar="TIME",
+              help="as if submitted then (ISO 8601; without an offset: FORMRULES_TIMEZONE)")
 def preview(form_id: str, assignments: tuple[str, ...], event: str,
-            rules_dir: str | None) -> None:
+            rules_dir: str | None, until: str | None, at: str | None) -> None:
     """Show what FORM_ID's tree would do with some values, without doing any of it.
 
     With `--event update`, the record before the edit has the fields' defaults and the
-    `--set` values are the edit.
+    `--set` values are the edit. `--until 30d` adds a timeline: when each Background and
+    Delay runs, each retry if a step keeps failing, and which schedule slots fire.
     """
     from formrules.actions import registry as actions
     from formrules.language.loader import load_rules
@@ -97,8 +143,39 @@ def preview(form_id: str, assignments: tuple[str, ...], event: str,
             values[field.name] = to_storage(raw, field.type)
         except ValueError as exc:
             raise FormrulesError(f"--set {assignment!r}: {exc}") from exc
-    for line in preview_tree(form, values, settings, event=event, old=defaults):
+    start = _simulated_start(at, settings.timezone) or _utcnow()
+    for line in preview_tree(form, values, settings, event=event, old=defaults, now=start):
         click.echo(str(line))
+    if until is not None:
+        from formrules.language.duration import parse_duration
+        from formrules.runs.timeline import timeline
+        try:
+            window = parse_duration(until)
+        except ValueError as exc:
+            raise FormrulesError(f"--until: {exc}") from exc
+        click.echo("")
+        for line in timeline(form, values, settings, start=start, until=window,
+                             event=event, old=defaults):
+            click.echo(line)
+
+
+def _utcnow():
+    from datetime import UTC, datetime
+    return datetime.now(UTC)
+
+
+def _simulated_start(at: str | None, timezone: str):
+    """`--at` as an aware datetime (None without it)."""
+    if at is None:
+        return None
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+    try:
+        when = datetime.fromisoformat(at)
+    except ValueError as exc:
+        raise FormrulesError(f"--at {at!r}: expected a time like 2030-01-31T09:00 "
+                             "or 2030-01-31T09:00+01:00") from exc
+    return when if when.tzinfo else when.replace(tzinfo=ZoneInfo(timezone))
 
 
 @cli.command()
@@ -112,7 +189,9 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
     if rules_dir:
         os.environ["FORMRULES_RULES"] = rules_dir
     settings = from_env()
-    _require_valid_rules(settings.rules_dir, settings.actions_modules)
+    _warn_about_rules(settings.rules_dir, settings.actions_modules)
+    _prepare_schema(settings)
+    _observed()  # one metrics directory for the web and the worker it starts
     redis_server = None
     supervisor = None
 
@@ -169,33 +248,91 @@ def _stop_worker(child: subprocess.Popen) -> None:
             continue
 
 
-def _require_valid_rules(directory: str, modules: str) -> None:
+def _prepare_schema(settings) -> None:
+    """Upgrade the embedded SQLite database by itself; any other must be current already.
+
+    The embedded database (no DATABASE_URL) belongs to this machine's formrules alone, so
+    upgrading it is safe; a shared database is upgraded once, on purpose, by an operator.
+    """
+    from formrules.store import migrate
+    from formrules.store.db import Store
+
+    store = Store(settings.sqlalchemy_url)
+    try:
+        if settings.database_url:
+            store.check_schema()
+            return
+        before, after = migrate.upgrade(store.url)
+        if before.current != after:
+            click.echo(f"Database upgraded: {before.label} -> {after}", err=True)
+    finally:
+        store.dispose()
+
+
+def _warn_about_rules(directory: str, modules: str) -> None:
+    """Say which rule files are broken; they stay out until fixed, the rest is served."""
     from formrules.actions import registry as actions
 
     actions.load_modules(modules)
     _, problems = check_rules(directory)
+    for problem in problems:
+        click.echo(f"warning: {problem}", err=True)
     if problems:
-        raise RuleError(problems)
+        click.echo("warning: forms with problems are not served until their files are "
+                   "fixed (edits are picked up while running)", err=True)
+
+
+def _observed() -> None:
+    """Logs as FORMRULES_LOG_FORMAT says; metrics shared by this process and its children.
+
+    Called before anything imports prometheus_client (see `process.metrics`).
+    """
+    from formrules.process import logs, metrics
+    logs.configure()
+    metrics.use_multiprocess_dir()
 
 
 @cli.command()
 @click.option("--port", default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-def web(port: int, host: str) -> None:
-    """Run the web app alone (development server; use gunicorn in production)."""
+@click.option("--workers", default=0, show_default=True,
+              help="gunicorn worker processes (production); 0: the development server")
+@click.option("--threads", default=8, show_default=True, help="threads per gunicorn worker")
+def web(port: int, host: str, workers: int, threads: int) -> None:
+    """Run the web app alone: gunicorn with --workers N, else the development server."""
+    from formrules.store.db import Store
+    _observed()
+    settings = from_env()
+    _warn_about_rules(settings.rules_dir, settings.actions_modules)
+    store = Store(settings.sqlalchemy_url)
+    try:
+        store.check_schema()  # refuse here, before gunicorn forks workers that would all fail
+    finally:
+        store.dispose()
+    if workers > 0:
+        from formrules.web.server import serve
+        serve(host, port, workers, threads)
+        return
     from werkzeug.serving import run_simple
 
     from formrules.web import create_app
-    run_simple(host, port, create_app(), threaded=True, use_reloader=False)
+    run_simple(host, port, create_app(settings=settings), threaded=True, use_reloader=False)
 
 
 @cli.command()
 @click.option("--simple", is_flag=True, help="run jobs in-process (no fork per job)")
 @click.option("--burst", is_flag=True, help="stop when the queue is empty")
-def worker(simple: bool, burst: bool) -> None:
+@click.option("--no-reconciler", is_flag=True, help="leave reconciling to other workers")
+@click.option("--health-port", type=int, help="serve /healthz and /metrics on this port")
+@click.option("--health-host", default="127.0.0.1", show_default=True,
+              help="address for --health-port")
+def worker(simple: bool, burst: bool, no_reconciler: bool, health_port: int | None,
+           health_host: str) -> None:
     """Run a worker: RQ worker + scheduler + reconciler."""
+    _observed()
     from formrules.process.worker import run_worker
-    run_worker(from_env(), simple=simple, burst=burst)
+    run_worker(from_env(), simple=simple, burst=burst, with_reconciler=not no_reconciler,
+               health=(health_host, health_port) if health_port else None)
 
 
 @cli.command()
@@ -203,12 +340,55 @@ def reconcile() -> None:
     """Run one reconciler pass now and print what it did."""
     from formrules.process.runtime import Runtime, install
     from formrules.runs.reconciler import dispatch_due, reconcile_once
-    rt = install(Runtime(from_env(), bounded=False))  # as the leader runs it
-    rt.store.create_all()
+    settings = from_env()
+    _prepare_schema(settings)
+    rt = install(Runtime(settings, bounded=False))  # as the leader runs it
     moved = dispatch_due(rt)  # the due Delays and retries, as the leader's tick does
     result = reconcile_once(rt)
     result.dispatched += moved
     click.echo(str(result))
+
+
+@cli.group()
+def db() -> None:
+    """The database schema: upgrade it, see where it stands."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True,
+              help="upgrade only up to this revision")
+def db_upgrade(revision: str) -> None:
+    """Migrate the database (DATABASE_URL, or the embedded SQLite) to this version's schema.
+
+    Safe to run again; a database made before migrations existed is recognised.
+    """
+    from formrules.store import migrate
+    settings = from_env()
+    before, after = migrate.upgrade(settings.sqlalchemy_url, revision)
+    if before.current == after:
+        click.echo(f"Database already at {after}.")
+    else:
+        click.echo(f"Database upgraded: {before.label} -> {after}")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the database's revision and this code's; exit 1 when they differ."""
+    from formrules.store import migrate
+    found = migrate.current(from_env().sqlalchemy_url)
+    click.echo(f"database: {found.label}")
+    click.echo(f"code:     {found.head}")
+    if not found.up_to_date:
+        click.echo(f"behind: {migrate.UPGRADE_HINT}", err=True)
+        sys.exit(1)
+
+
+@db.command("history")
+def db_history() -> None:
+    """List the schema revisions this version ships, newest first."""
+    from formrules.store import migrate
+    for line in migrate.history():
+        click.echo(line)
 
 
 @cli.group()
@@ -218,9 +398,9 @@ def runs() -> None:
 
 def _runtime():
     from formrules.process.runtime import Runtime, install
-    rt = install(Runtime(from_env()))
-    rt.store.create_all()
-    return rt
+    settings = from_env()
+    _prepare_schema(settings)
+    return install(Runtime(settings))
 
 
 @runs.command("list")
@@ -469,9 +649,9 @@ def tasks() -> None:
 @tasks.command("list")
 def tasks_list() -> None:
     """List the tasks every form defines."""
-    from formrules.language.loader import cached_rules
+    from formrules.language.registry import current_rules
     rt = _runtime()
-    for form in sorted(cached_rules(rt.settings.rules_dir).forms.values(), key=lambda f: f.id):
+    for form in sorted(current_rules(rt.settings.rules_dir).forms.values(), key=lambda f: f.id):
         for task in form.tasks.values():
             click.echo(f"{form.id} {task.name}  {task.label}  (concurrency {task.concurrency}"
                        f"{', stop_on_error' if task.stop_on_error else ''})")
@@ -487,13 +667,16 @@ def tasks_run(form_id: str, task: str, where: str | None, wait: bool) -> None:
     """Start TASK of FORM over the form's records; print the batch id."""
     import time
 
-    from formrules.language.loader import cached_rules
+    from formrules.language.registry import current_rules
     from formrules.runs import batch
     from formrules.store.models import Batch
     rt = _runtime()
-    form = cached_rules(rt.settings.rules_dir).form(form_id)
+    form = current_rules(rt.settings.rules_dir).form(form_id)
     if form is None:
-        raise FormrulesError(f"no form {form_id!r}")
+        from formrules.language.registry import rules_status
+        status = rules_status(rt.settings.rules_dir)
+        raise FormrulesError(f"no form {form_id!r}" + ("" if status.ok else
+                                                       f" ({status.summary()})"))
     with rt.store.session() as s:
         started = batch.start(s, form, task, owner="cli", settings=rt.settings, where=where)
     batch.advance(rt, started.id)

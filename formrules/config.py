@@ -42,6 +42,7 @@ class Settings:
     timezone: str = "UTC"
     locale: str = "en"  # pages' language and date formats when the browser asks for none
     secure_cookies: bool = False  # set behind HTTPS: cookies are then never sent in clear
+    metrics_token: str = ""  # /metrics wants it as a bearer token; empty: local clients only
     session_idle_hours: float = 12.0  # a logged-in session unused this long ends
     session_max_days: float = 14.0  # and every logged-in session ends this long after login
     # Failed log-ins and API token failures allowed per window ("N per M minutes").
@@ -80,7 +81,7 @@ _ENV = {
     "progress_write_seconds": "FORMRULES_PROGRESS_INTERVAL",
     "max_recoveries": "FORMRULES_MAX_RECOVERIES", "timezone": "FORMRULES_TIMEZONE",
     "locale": "FORMRULES_LOCALE",
-    "secure_cookies": "FORMRULES_SECURE_COOKIES",
+    "secure_cookies": "FORMRULES_SECURE_COOKIES", "metrics_token": "FORMRULES_METRICS_TOKEN",
     "session_idle_hours": "FORMRULES_SESSION_IDLE_HOURS",
     "session_max_days": "FORMRULES_SESSION_MAX_DAYS",
     "login_account_limit": "FORMRULES_LOGIN_ACCOUNT_LIMIT",

@@ -3,11 +3,17 @@
     FormrulesError            root: a clean message, CLI exit code 1
     ├── RuleError             rule files are invalid; carries every Problem found
     ├── ConfigError           settings or environment are unusable
-    └── ActionError           an action failed; `safe_message` is what end users may see
-        ├── PermanentError    do not retry (bad input, 4xx answer, …)
-        │   └── TemplateLimit a template crossed a sandbox bound (language/sandbox.py)
-        ├── RetryableError    retry with backoff (timeouts, 5xx, connection refused, …)
-        └── Cancelled         the run was cancelled; stop at this step
+    ├── ActionError           an action failed; `safe_message` is what end users may see
+    │   ├── PermanentError    do not retry (bad input, 4xx answer, …)
+    │   │   └── TemplateLimit a template crossed a sandbox bound (language/sandbox.py)
+    │   ├── RetryableError    retry with backoff (timeouts, 5xx, connection refused, …)
+    │   │   └── TimedOut      the Run went past its node's `timeout:`
+    │   └── Cancelled         the run was cancelled; stop at this step
+    ├── InvalidValues         an edit's values do not fit their fields (`errors` by field)
+    ├── NotAllowed            a Run is in no state for this (cancel a done one, say)
+    ├── BatchError            a batch cannot be started or cancelled as asked
+    ├── LeaseLost             another execution owns the Run now; stop quietly
+    └── RunFailed             raised out of an RQ job so RQ records it (the database retries)
 
 Anything else raised while running a step is treated as retryable and shown to users as a
 generic message: external errors and tracebacks are for operators only.
@@ -18,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GENERIC_FAILURE = "Something went wrong while processing this. The team has been told."
+TIMED_OUT = "This took longer than allowed and was stopped."
 
 
 @dataclass(frozen=True, order=True)
@@ -86,3 +93,30 @@ class Cancelled(ActionError):
 
 class LeaseLost(FormrulesError):
     """Another execution took over this run (after a missed heartbeat); stop quietly."""
+
+
+class TimedOut(RetryableError):
+    """The Run went past its node's `timeout:`."""
+
+    def __init__(self, message: str):
+        super().__init__(message, TIMED_OUT)
+
+
+class InvalidValues(FormrulesError):
+    """Some values do not fit their fields; `errors` maps field name to messages."""
+
+    def __init__(self, errors: dict[str, list[str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{k}: {' '.join(v)}" for k, v in sorted(errors.items())))
+
+
+class NotAllowed(FormrulesError):
+    """The Run is not in a state where this operation makes sense."""
+
+
+class BatchError(FormrulesError):
+    """A batch cannot be started as asked (unknown task, bad filter, no records)."""
+
+
+class RunFailed(FormrulesError):
+    """Raised out of the job so RQ records the failure (the database schedules any retry)."""

@@ -29,6 +29,8 @@ def configure_logging(level: str | None = None) -> None:
         root.addHandler(handler)
         root.setLevel(numeric)
     logging.getLogger("formrules").setLevel(numeric)
+    # Alembic narrates its plugins and every schema check at INFO; `db upgrade` prints its own.
+    logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))
 
 
 def level_name() -> str:

@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, text
 from formrules.config import from_env
 from formrules.process.redis_server import RedisServer
 from formrules.process.runtime import Runtime, install
+from formrules.store import migrate
 from formrules.store.models import Base
 from tests.helpers import WorkerProcess, wait_until
 from tests.journey import CHROMIUM, WebProcess, chromium_args
@@ -56,14 +57,33 @@ def pg_url():
     admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:
+    """A SQLite file migrated once to the newest revision; each test gets a copy (fast)."""
+    path = tmp_path_factory.mktemp("schema") / "template.db"
+    migrate.upgrade(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_migrated(pg_url) -> str:
+    """The session's PostgreSQL schema, built once by the migrations."""
+    migrate.upgrade(pg_url)
+    return pg_url
+
+
 @pytest.fixture(params=DATABASES)
 def database_url(request, tmp_path):
-    """Each test that uses the store runs on SQLite and (when configured) PostgreSQL."""
+    """Each test that uses the store runs on SQLite and (when configured) PostgreSQL.
+
+    Both schemas are built by the Alembic migrations (test_migrations proves they equal
+    the models), then copied (SQLite) or emptied (PostgreSQL) for each test.
+    """
     if request.param == "sqlite":
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), tmp_path / "formrules.db")
         return f"sqlite:///{tmp_path}/formrules.db"
-    url = request.getfixturevalue("pg_url")
+    url = request.getfixturevalue("pg_migrated")
     engine = create_engine(url)
-    Base.metadata.create_all(engine)
     names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
@@ -96,7 +116,7 @@ def settings(tmp_path, database_url, redis_url, rules_dir):
 def rt(settings):
     """The runtime the app and in-process workers share."""
     runtime = install(Runtime(settings))
-    runtime.store.create_all()
+    runtime.store.check_schema()
     yield runtime
     runtime.store.dispose()
 
@@ -171,3 +191,24 @@ def worker(rt, subprocess_env):
     with WorkerProcess(subprocess_env) as process:
         wait_until(lambda: workers_alive(rt.settings.redis_url) >= 1, timeout=60)
         yield process
+
+
+# Test layers: a test that needs none of these is pure (`unit`, the inner loop:
+# `pytest -m unit`, well under 15 s); one that does is `integration` (real Redis, real
+# databases, the app); those that start real worker processes are also marked `slow`.
+INTEGRATION_FIXTURES = {"redis_server", "redis_url", "pg_url", "database_url", "settings",
+                        "rt", "app", "client", "operator", "subprocess_env",
+                        "http_server",  # a real HTTP server on loopback
+                        "web", "browser"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test `unit` or `integration` by the fixtures it uses."""
+    for item in items:
+        if item.get_closest_marker("integration"):
+            continue  # marked by its module (a subprocess, a server)
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())) \
+                or item.get_closest_marker("browser") or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)

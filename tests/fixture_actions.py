@@ -80,3 +80,14 @@ def cancelled_meanwhile(ctx) -> None:
     with current().store.session() as s:
         s.execute(update(Run).where(Run.id == ctx.run_id).values(cancel_requested=True))
     raise RetryableError("upstream 503 right after the cancel")
+
+
+@action("hold", {"name": "text!"})
+def hold(ctx, name: str) -> None:
+    """A step that ignores cancellation (a long call): note it started, then wait until
+    the test creates `<instance>/release-<name>` (at most 60 s)."""
+    record_call(ctx, name)
+    release = Path(ctx.settings.instance_dir) / f"release-{name}"
+    deadline = time.monotonic() + 60
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)

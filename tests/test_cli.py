@@ -15,6 +15,8 @@ import pytest
 from formrules.process.redis_server import free_port
 from tests.helpers import ROOT, alive, descendants, wait_until
 
+pytestmark = pytest.mark.integration  # runs the CLI in subprocesses
+
 FORMRULES = [sys.executable, "-m", "formrules.cli"]
 
 

@@ -146,7 +146,7 @@ def test_two_webs_three_workers_one_leader_each_run_once_leader_killed(
     # Each Run finished once and each of its steps was checkpointed once.
     finishes = Counter(run_id for run_id, _, event in events if event == "finish")
     assert set(finishes.values()) == {1} and len(finishes) == len(runs)
-    checkpoints = Counter((run_id, path) for run_id, path, event in events if event == "done")
+    checkpoints = Counter((run_id, path) for run_id, path, event in events if event == "checkpoint")
     assert set(checkpoints.values()) == {1}
     calls = Counter(line.split()[0] for line in read_calls(rt.settings.instance_dir))
     # Only the step the killed leader was in the middle of may have run a second time.

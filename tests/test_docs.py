@@ -484,3 +484,21 @@ def test_operations_guide_names_every_setting():
     text = OPERATIONS_MD.read_text(encoding="utf-8")
     for variable in _ENV.values():
         assert f"`{variable}`" in text, f"{variable} is not in docs/operations.md"
+
+
+def test_the_readme_module_map_lists_every_module():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    listed, folder = set(), None
+    for line in readme[readme.index("| module | what it is |"):].splitlines():
+        if not line.startswith("|"):
+            break
+        if found := re.match(r"\| \*\*`(formrules/(?:\w+/)?)`\*\*", line):
+            folder = found[1]
+        elif found := re.match(r"\| `([\w.]+\.py)` \|", line):
+            listed.add(f"{folder}{found[1]}")
+    modules = {str(p.relative_to(root)) for p in (root / "formrules").rglob("*.py")
+               if (p.name != "__init__.py" or p.parent.name == "web")
+               and "migrations" not in p.parts}  # revision files, not modules
+    assert sorted(modules - listed) == [], "README's module map misses these"
+    assert sorted(listed - modules) == [], "README's module map names modules that are gone"

@@ -34,9 +34,6 @@ TYPED = {"string": "Atlas", "text": "Some notes", "email": "ann@example.com",
          "integer": "4", "decimal": "900.00", "date": (date.today() + timedelta(days=3))
          .isoformat(), "datetime": (date.today() + timedelta(days=3)).isoformat() + "T10:00",
          "boolean": "y"}
-# Examples that show a defect another branch is fixing (found by their marker comments).
-UPDATE_RUNS = pytest.mark.xfail(strict=True, reason="issue 8.4: `old`/`changed` are undefined "
-                                "in update Runs; fixed on branch lifecycle")
 
 
 def deferred(form) -> bool:
@@ -65,8 +62,7 @@ def _examples() -> list:
             continue
         form, problems = parse_form(as_form(block), "docs.yaml")
         if form is not None and not problems and deferred(form) and form.events:
-            marks = UPDATE_RUNS if block.marker("event") == "update" else ()
-            found.append(pytest.param(block, id=block.id, marks=marks))
+            found.append(pytest.param(block, id=block.id))
     return found
 
 

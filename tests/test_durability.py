@@ -255,7 +255,7 @@ def the_run(rt, token: str) -> Run:
 
 def done_checkpoints(rt, run_id: str) -> Counter:
     """How often each step path was checkpointed (must be once at most)."""
-    return Counter(e.path for e in events_of(rt, run_id) if e.event == "done")
+    return Counter(e.path for e in events_of(rt, run_id) if e.event == "checkpoint")
 
 
 def scheduled_at(rt, run_id: str) -> float | None:
@@ -608,7 +608,7 @@ def test_always_failing_run_goes_dead_runs_on_error_once_user_sees_safe_message(
     shown = run_cli(rt, subprocess_env, "runs", "show", run.id)
     assert shown.exit_code == 0, shown.output
     assert SECRET in shown.output and GENERIC_FAILURE in shown.output
-    for event in ("start", "done", "error", "retry", "dead"):
+    for event in ("start", "checkpoint", "error", "retry", "dead"):
         assert f" {event} " in shown.output
 
 

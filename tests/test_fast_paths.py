@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import event, func, insert, select
 
+from formrules.language.registry import current_rules
 from formrules.process.warmup import warm
 from formrules.store.models import Record, Run, RunEvent, utcnow
 from formrules.web import admin, create_app
@@ -109,7 +110,7 @@ def test_status_of_someone_elses_record_is_404(app, client):
 
 
 def test_form_class_is_built_once_per_form(app):
-    form = app.extensions["formrules.rules"].form("demo")
+    form = current_rules(app.extensions["formrules"].settings.rules_dir).form("demo")
     assert form_class(form) is form_class(form)
     assert form_class(form, include_hidden=True) is not form_class(form)
 

@@ -33,12 +33,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 DESKTOP = {"viewport": {"width": 1280, "height": 900}}
 ENDS_WITHIN = 240  # seconds: the longest example waits a minute, then a few seconds' work
-OLD_UNDEFINED = pytest.mark.xfail(
-    strict=True, reason="issue 8.4: `old`/`changed` undefined in update Runs; fixed on "
-    "branch lifecycle")
-CANCEL_IGNORED = pytest.mark.xfail(
-    strict=True, reason="issue 8.3: a cancel in the last seconds of a Run is ignored; "
-    "fixed on branch lifecycle")
 
 
 @pytest.fixture
@@ -194,7 +188,6 @@ def reserving(rt, token: str):
     return next((r for r in runs_of(rt, token) if r.title.startswith("Reserving")), None)
 
 
-@CANCEL_IGNORED
 def test_a_cancel_near_the_end_stops_the_run(browser, web, worker, rt):
     watch = Watch()
     person = submit_as(browser, watch, web.url, "room_booking", "Cid Moss", javascript=True)
@@ -217,7 +210,6 @@ def test_a_cancel_near_the_end_stops_the_run(browser, web, worker, rt):
     assert not watch.server_errors and not watch.console_errors, problems(watch, web)
 
 
-@OLD_UNDEFINED
 def test_an_operator_edits_a_record_while_its_work_runs(browser, web, worker, rt):
     make_user(rt, "olga", operator=True)
     watch = Watch()

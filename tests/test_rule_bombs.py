@@ -14,8 +14,8 @@ import textwrap
 
 import pytest
 
-from formrules.errors import RuleError
-from formrules.language.loader import cached_rules
+from formrules.language import registry as registry_mod
+from formrules.language.registry import RuleRegistry
 from tests.helpers import ROOT
 
 # 353 bytes: nine levels of nine aliases is 9**9 (387 million) strings once expanded.
@@ -89,14 +89,17 @@ def test_the_duplicate_field_check_is_linear(tmp_path):
                                   "field name 'f7'"]
 
 
-def test_rule_loaders_of_workers_refuse_a_bomb_in_a_live_rules_folder(tmp_path):
+def test_rule_loaders_of_workers_refuse_a_bomb_in_a_live_rules_folder(tmp_path, monkeypatch):
     (tmp_path / "ok.yaml").write_text("form: ok\n")
-    assert set(cached_rules(tmp_path).forms) == {"ok"}
+    live = RuleRegistry(tmp_path)
+    assert set(live.rules(max_age=0).forms) == {"ok"}
     (tmp_path / "lol.yaml").write_text(BILLION_LAUGHS)
-    with pytest.raises(RuleError, match="more than 100000 values") as first:
-        cached_rules(tmp_path)  # what the reconciler and the scheduler call on every pass
-    with pytest.raises(RuleError) as again:
-        cached_rules(tmp_path)
-    assert again.value is first.value  # remembered: the bomb is not parsed on every pass
+    assert set(live.rules(max_age=0).forms) == {"ok"}  # the other forms go on
+    problems = live.status(max_age=0).broken[str(tmp_path / "lol.yaml")]
+    assert "more than 100000 values" in problems[0].message
+    parsed, parse = [], registry_mod.parse_form
+    monkeypatch.setattr(registry_mod, "parse_form", lambda *a: parsed.append(a) or parse(*a))
+    live.rules(max_age=0)  # what the web, the scheduler and workers call on every pass
+    assert parsed == []  # remembered: the bomb is not parsed again while unchanged
     (tmp_path / "lol.yaml").unlink()
-    assert set(cached_rules(tmp_path).forms) == {"ok"}
+    assert set(live.rules(max_age=0).forms) == {"ok"} and live.status(max_age=0).ok

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import http.cookiejar
 import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from redis import Redis
@@ -57,3 +61,45 @@ def post(client, path: str, data: dict | None = None, **kwargs):
 def workers_alive(redis_url: str) -> int:
     """How many RQ workers have registered (a started worker is ready to take jobs)."""
     return len(Worker.all_keys(connection=Redis.from_url(redis_url)))
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Show redirects (303 after a submit or a login) instead of following them."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+class Browser:
+    """A cookie-keeping HTTP client that records every status it sees."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), NoRedirect())
+        self.seen: dict[str, int] = {}
+
+    def request(self, path: str, data: dict | None = None) -> tuple[int, str, str]:
+        """(status, body, Location) for a GET, or a POST of `data`."""
+        body = urllib.parse.urlencode(data).encode() if data is not None else None
+        try:
+            with self.opener.open(self.base + path, data=body, timeout=30) as response:
+                status, text, location = response.status, response.read().decode(), ""
+        except urllib.error.HTTPError as exc:
+            status, text = exc.code, exc.read().decode(errors="replace")
+            location = exc.headers.get("Location", "")
+        self.seen[f"{'POST' if data is not None else 'GET'} {path}"] = status
+        return status, text, location
+
+    def get(self, path: str) -> str:
+        """GET a page that must answer 200."""
+        status, text, _ = self.request(path)
+        assert status == 200, f"GET {path}: {status}\n{text[:2000]}"
+        return text
+
+    def post_form(self, path: str, data: dict) -> str:
+        """Fill the form at `path` (CSRF and submit key from the page), expect 303."""
+        status, text, location = self.request(path, {**tokens(self.get(path).encode()),
+                                                     **data})
+        assert status == 303, f"POST {path}: {status}\n{text[:2000]}"
+        return urllib.parse.urlparse(location).path

@@ -38,6 +38,11 @@ DEFER_KEYS = {
               "on_change", "cancel_if", "when"),
 }
 KINDS = ("if", "background", "delay", "progress")
+IF_KEYS = ("if", "then", "else")
+PROGRESS_KEYS = ("done", "total", "message", "title")
+RETRY_KEYS = ("attempts", "backoff", "base", "max", "jitter")
+AWAIT_VALUES = (True, False, "optional")
+ON_CHANGE_VALUES = ("recompute", "keep")
 # Names templates and expressions may use besides the sandbox globals.
 VARIABLES = ("record", "old", "changed", "form", "run", "error", "response", "loop", "range",
              "true", "false", "none", "True", "False", "None")
@@ -253,7 +258,7 @@ class Checker:
 
     def if_node(self, item: Map, pos: Pos | None, path: str) -> IfNode:
         """`if:` with `then:` and optional `else:`."""
-        self.known_keys(item, ("if", "then", "else"), path, "if")
+        self.known_keys(item, IF_KEYS, path, "if")
         test = self.expression(item["if"], self.value_pos(item, "if"), path)
         if "then" not in item:
             self.error(self.key_pos(item, "if"), path, "'if' needs a 'then:' list")
@@ -264,7 +269,7 @@ class Checker:
     def progress_node(self, args: Any, kpos: Pos | None, vpos: Pos | None, path: str):
         """`progress: {done, total, message, title}`."""
         args = self.mapping(args, vpos, path, "progress") or {}
-        self.known_keys(args, ("done", "total", "message", "title"), path, "progress")
+        self.known_keys(args, PROGRESS_KEYS, path, "progress")
         for key in ("done", "total"):
             if key in args and not isinstance(args[key], int | float):
                 self.expression(args[key], self.value_pos(args, key), path)
@@ -294,11 +299,11 @@ class Checker:
         if "do" not in args:
             self.error(kpos, path, f"'{kind}' needs a 'do:' list of nodes")
         awaited = args.get("await", kind == "background" or delay_for == timedelta(0))
-        if awaited not in (True, False, "optional"):
+        if awaited not in AWAIT_VALUES:
             self.error(pos("await"), path, f"'await' must be true, false or optional, "
                                            f"got {awaited!r}")
         on_change = args.get("on_change", "recompute" if when_at else "keep")
-        if on_change not in ("recompute", "keep"):
+        if on_change not in ON_CHANGE_VALUES:
             self.error(pos("on_change"), path, "'on_change' must be recompute or keep")
         elif on_change == "recompute" and not when_at and "on_change" in args:
             self.error(pos("on_change"), path, "'on_change: recompute' needs an 'at:' "
@@ -333,7 +338,7 @@ class Checker:
         if value is None:
             return DEFAULT_RETRY
         rpath = f"{path}/retry"
-        self.known_keys(value, ("attempts", "backoff", "base", "max", "jitter"), rpath, "retry")
+        self.known_keys(value, RETRY_KEYS, rpath, "retry")
         vp = lambda k: self.value_pos(value, k)  # noqa: E731
         attempts = self.integer(value.get("attempts", DEFAULT_RETRY.attempts), vp("attempts"),
                                 rpath, minimum=1)

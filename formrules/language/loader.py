@@ -41,6 +41,7 @@ RESERVED_FIELD_NAMES = frozenset(n for n in dir(dict) if not n.startswith("_"))
 RUN_KEYS = ("title", "do", "retry", "timeout", "on_error")
 TASK_KEYS = (*RUN_KEYS, "concurrency", "stop_on_error")
 SCHEDULE_KEYS = (*RUN_KEYS, "name", "cron", "timezone", "for_each", "catch_up")
+CATCH_UP_VALUES = ("latest", "none")
 
 
 def load_rules(directory: str | Path) -> RuleSet:
@@ -277,7 +278,7 @@ def _schedules(c: Checker, value: Any, pos) -> tuple[ScheduleDef, ...]:
             c.error(vp("timezone"), path, f"unknown time zone {tz!r}")
             tz = "UTC"
         catch_up = body.get("catch_up", "latest")
-        if catch_up not in ("latest", "none"):
+        if catch_up not in CATCH_UP_VALUES:
             c.error(vp("catch_up"), path, "'catch_up' must be latest or none")
         if "do" not in body:
             c.error(body.pos, path, "a schedule needs a 'do:' list of nodes")
@@ -328,27 +329,3 @@ def rebuild_defer(raw: dict, path: str, fields: dict[str, str]) -> DeferNode:
         raise RuleError(checker.problems or [Problem(checker.file, 1, 1, path,
                                                      "snapshot is not a deferred node")])
     return node
-
-
-_cache: dict[str, tuple[tuple, RuleSet | RuleError]] = {}
-
-
-def cached_rules(directory: str | Path) -> RuleSet:
-    """`load_rules`, reloaded only when a file's name or modification time changed.
-
-    For processes without an app (the reconciler's scheduler, the CLI): they see rule
-    edits without a restart and pay one directory listing per call otherwise.
-    """
-    root = Path(directory)
-    files = sorted([*root.glob("*.yaml"), *root.glob("*.yml")])
-    signature = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
-    hit = _cache.get(str(root))
-    if hit is None or hit[0] != signature:
-        try:
-            hit = (signature, load_rules(root))
-        except RuleError as exc:  # kept too: a broken file is not re-read on every pass
-            hit = (signature, exc)
-        _cache[str(root)] = hit
-    if isinstance(hit[1], RuleError):
-        raise hit[1].with_traceback(None)  # a fresh traceback each time, not a growing one
-    return hit[1]

@@ -20,6 +20,8 @@ import string
 import time
 import types
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -32,9 +34,23 @@ from jinja2.visitor import NodeTransformer
 from formrules.errors import PermanentError
 from formrules.language.duration import parse_duration
 
+# A simulated clock for `formrules preview --at` (None: the real one). A context variable,
+# so a preview in one thread never moves the clock of requests in others.
+_CLOCK: ContextVar[datetime | None] = ContextVar("formrules_clock", default=None)
+
+
+@contextmanager
+def clock(at: datetime):
+    """Make `now()` and `today()` in templates and expressions answer `at` meanwhile."""
+    token = _CLOCK.set(at.astimezone(UTC))
+    try:
+        yield
+    finally:
+        _CLOCK.reset(token)
+
 
 def _now() -> datetime:
-    return datetime.now(UTC)
+    return _CLOCK.get() or datetime.now(UTC)
 
 
 def _today() -> date:

@@ -38,6 +38,7 @@ from datetime import timedelta
 from redis.exceptions import LockError, RedisError
 
 from formrules.config import Settings
+from formrules.process import metrics
 from formrules.process.outage import Outage
 from formrules.process.runtime import Runtime
 from formrules.runs import reconciler
@@ -96,7 +97,11 @@ class Leader(threading.Thread):
         reconciler.dispatch_due(self.rt, self.since)
         self.since = now - OVERLAP
         if time.monotonic() >= self.next_pass:
-            done = reconciler.reconcile_once(self.rt, between=self.renew)
+            started, done = time.monotonic(), None
+            try:
+                done = reconciler.reconcile_once(self.rt, between=self.renew)
+            finally:  # a failed pass is counted too (done stays None)
+                metrics.reconciled(done, time.monotonic() - started)
             if done.recovered or done.dispatched or done.dead or done.schedules:
                 log.info("reconciled: %s", done)
             self.next_pass = time.monotonic() + self.settings.reconcile_seconds

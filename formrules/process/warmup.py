@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, configure_mappers
 
 from formrules.process.runtime import Runtime
+from formrules.runs.snapshot import Snapshot
 from formrules.store.models import Record, Run, new_id, new_token, utcnow
 
 log = logging.getLogger("formrules.process.warmup")
@@ -78,8 +79,7 @@ def warm(rt: Runtime) -> bool:
                     kind="background", node_path="events/submit/0/background",
                     title="warm-up", status="queued", awaited="true", flag="done",
                     due_at=now, created_at=now, updated_at=now, max_attempts=1,
-                    snapshot={"raw": NODE, "fields": FIELDS, "intervals": [],
-                              "timeout": None}))
+                    snapshot=Snapshot(raw=NODE, fields=FIELDS).dump()))
                 runtime = _WarmRuntime(rt.settings, _RolledBackStore(conn), rt.dispatcher)
                 outcome = job.Execution(runtime, run_id).execute()
             finally:

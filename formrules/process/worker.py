@@ -22,8 +22,10 @@ from rq import Queue, SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 
 from formrules.config import Settings, from_env
-from formrules.language.loader import load_rules
+from formrules.language.registry import current_rules
 from formrules.logs import configure_logging, level_name
+from formrules.process import health as health_mod
+from formrules.process import logs
 from formrules.process.leader import QUIET, Leader
 from formrules.process.outage import Outage, QuietOutage
 from formrules.process.runtime import Runtime, install
@@ -57,17 +59,21 @@ class InProcessWorker(_Stoppable, SimpleWorker):
 
 
 def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
-               with_reconciler: bool = True) -> bool:
-    """Run an RQ worker on the app's queue until stopped (or drained, with `burst`)."""
+               with_reconciler: bool = True, health: tuple[str, int] | None = None) -> bool:
+    """Run an RQ worker on the app's queue until stopped (or drained, with `burst`).
+
+    `health` (host, port): serve /healthz and /metrics there (see `process.health`).
+    """
     configure_logging()  # here, not in one caller: `formrules worker` and worker.py alike
     rt = install(Runtime(settings))
-    load_rules(settings.rules_dir)  # refuse to work with rules that would not load
-    rt.store.create_all()
+    current_rules(settings.rules_dir, max_age=0)  # load now: problems are logged at start
+    rt.store.check_schema()  # a worker never changes the schema: `formrules db upgrade` does
     warm(rt)  # before threads and the first fork: every work-horse inherits it warm
     stopping = threading.Event()
     leader = Leader(settings) if with_reconciler and not burst else None
     if leader is not None:
         leader.start()
+    probe = health_mod.start(settings, *health) if health else None
     queue = Queue(settings.queue, connection=rt.redis, serializer=JSONSerializer)
     worker_class = InProcessWorker if simple else ForkingWorker
     outage = Outage("Redis", log)
@@ -98,6 +104,9 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
         if leader is not None:
             leader.stop.set()
             leader.join(10)
+        if probe is not None and probe.is_alive():
+            probe.terminate()
+            probe.join(5)
 
 
 def _await_horse(worker: Worker) -> None:
@@ -142,9 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burst", action="store_true", help="stop when the queue is empty")
     parser.add_argument("--no-reconciler", action="store_true",
                         help="never become the leader (leave reconciling to other workers)")
+    parser.add_argument("--health-port", type=int, help="serve /healthz and /metrics here")
+    parser.add_argument("--health-host", default="127.0.0.1")
     args = parser.parse_args(argv)
+    logs.configure()
     run_worker(from_env(), simple=args.simple, burst=args.burst,
-               with_reconciler=not args.no_reconciler)
+               with_reconciler=not args.no_reconciler,
+               health=(args.health_host, args.health_port) if args.health_port else None)
 
 
 if __name__ == "__main__":

@@ -23,36 +23,30 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from formrules.errors import FormrulesError
+from formrules.errors import BatchError
 from formrules.language import sandbox
 from formrules.language.checker import did_you_mean
 from formrules.language.loader import rebuild_defer
 from formrules.language.tree import Form
 from formrules.language.variables import form_variables
 from formrules.process.runtime import Runtime
+from formrules.runs import lifecycle, notifications
 from formrules.runs.engine import new_run
 from formrules.store.models import (
     ACTIVE,
     FINAL,
-    PENDING,
+    OPEN_BATCH,
     Batch,
-    Notification,
+    BatchStatus,
     Record,
     ResultFile,
     Run,
-    RunEvent,
     RunStatus,
     utcnow,
 )
 
 log = logging.getLogger("formrules.runs.batch")
-WAITING = RunStatus.WAITING.value
-STOPPABLE = [WAITING, *(p.value for p in PENDING)]
-OPEN = ("running", "stopping", "cancelling")  # statuses of a batch that has not ended
-
-
-class BatchError(FormrulesError):
-    """A batch cannot be started as asked (unknown task, bad filter, no records)."""
+WAITING = RunStatus.WAITING
 
 
 def matching_records(s: Session, form: Form, *, record_ids: list[int] | None = None,
@@ -95,7 +89,7 @@ def start(s: Session, form: Form, task_name: str, *, owner: str, settings,
     # A title naming the record ("Export {{ record.name }}") is for the children.
     batch = Batch(form_id=form.id, task=task.name, title=task.label, owner=owner,
                   total=len(records), concurrency=task.concurrency,
-                  stop_on_error=task.stop_on_error, status="running")
+                  stop_on_error=task.stop_on_error, status=BatchStatus.RUNNING.value)
     s.add(batch)
     s.flush()
     now = utcnow()
@@ -103,8 +97,7 @@ def start(s: Session, form: Form, task_name: str, *, owner: str, settings,
         variables = form_variables(form, record.data)
         run = new_run(node, form_id=form.id, field_types=form.field_types, owner=owner,
                       variables=variables, record_id=record.id, now=now,
-                      tz=settings.timezone, kind="task", batch_id=batch.id)
-        run.status = WAITING
+                      tz=settings.timezone, kind="task", batch_id=batch.id, waiting=True)
         s.add(run)
     return batch
 
@@ -129,24 +122,20 @@ def advance(rt: Runtime, batch_id: str) -> int:
         if batch is None:
             return 0
         counts = _counts(s, batch_id)
-        if batch.status == "running" and batch.stop_on_error and counts.get("dead"):
-            batch.status = "stopping"
+        if batch.status == BatchStatus.RUNNING and batch.stop_on_error \
+                and counts.get(RunStatus.DEAD):
+            batch.status = BatchStatus.STOPPING.value
             cancelled = _stop_pending(s, batch_id, "cancelled: an earlier item failed and "
                                                    "the task has stop_on_error: true")
             counts = _counts(s, batch_id)
-        active = sum(counts.get(st.value, 0) for st in ACTIVE)
+        active = sum(counts.get(st, 0) for st in ACTIVE)
         free = batch.concurrency - active
-        if batch.status == "running" and free > 0 and counts.get(WAITING):
+        if batch.status == BatchStatus.RUNNING and free > 0 and counts.get(WAITING):
             ids = list(s.scalars(select(Run.id).where(Run.batch_id == batch_id,
                                                       Run.status == WAITING)
                                  .order_by(Run.record_id, Run.id).limit(free)))
-            now = utcnow()
-            s.execute(update(Run).where(Run.id.in_(ids), Run.status == WAITING)
-                      .values(status=RunStatus.QUEUED.value, due_at=now, updated_at=now)
-                      .execution_options(synchronize_session=False))
-            to_dispatch = list(s.scalars(select(Run).where(Run.id.in_(ids))
-                                         .execution_options(populate_existing=True)))
-            active += len(ids)
+            to_dispatch = lifecycle.release(s, ids, utcnow())
+            active += len(to_dispatch)
         elif not active and not counts.get(WAITING) and batch.finished_at is None:
             _finish(s, batch, counts)
     _tell_rq(rt, cancelled, to_dispatch)
@@ -155,29 +144,17 @@ def advance(rt: Runtime, batch_id: str) -> int:
 
 def _finish(s: Session, batch: Batch, counts: dict[str, int]) -> None:
     batch.finished_at = utcnow()
-    done, failed = counts.get("done", 0), counts.get("dead", 0)
-    batch.status = {"cancelling": "cancelled", "stopping": "stopped"}.get(
-        batch.status, "failed" if failed else "done")
-    level = "success" if batch.status == "done" else "error"
-    s.add(Notification(owner=batch.owner, level=level, message=(
-        f"{batch.title}: {batch.status}; {done} of {batch.total} done"
-        + (f", {failed} failed" if failed else ""))[:500]))
+    batch.status = {BatchStatus.CANCELLING: BatchStatus.CANCELLED,
+                    BatchStatus.STOPPING: BatchStatus.STOPPED}.get(
+        batch.status, BatchStatus.FAILED if counts.get(RunStatus.DEAD) else BatchStatus.DONE
+    ).value
+    notifications.batch_ended(s, batch, counts)
 
 
 def _stop_pending(s: Session, batch_id: str, reason: str) -> list[str]:
     """Cancel the children that have not started; returns their ids."""
-    now = utcnow()
-    stopped = []
-    for run_id in list(s.scalars(select(Run.id).where(Run.batch_id == batch_id,
-                                                      Run.status.in_(STOPPABLE)))):
-        # Guarded like the worker's claim: a child that started meanwhile runs on.
-        if s.execute(update(Run).where(Run.id == run_id, Run.status.in_(STOPPABLE))
-                     .values(status=RunStatus.CANCELLED.value, finished_at=now,
-                             updated_at=now)
-                     .execution_options(synchronize_session=False)).rowcount:
-            s.add(RunEvent(run_id=run_id, event="cancel", detail=reason))
-            stopped.append(run_id)
-    return stopped
+    # Guarded like the worker's claim: a child that started meanwhile runs on.
+    return lifecycle.cancel_not_started(s, [Run.batch_id == batch_id], reason)
 
 
 def cancel(rt: Runtime, batch_id: str, who: str) -> str:
@@ -186,17 +163,13 @@ def cancel(rt: Runtime, batch_id: str, who: str) -> str:
         batch = _lock(s, batch_id)
         if batch is None:
             raise BatchError(f"no batch {batch_id}")
-        if batch.status not in ("running", "stopping"):
+        if batch.status not in (BatchStatus.RUNNING, BatchStatus.STOPPING):
             raise BatchError(f"a {batch.status} batch cannot be cancelled")
-        batch.status = "cancelling"
+        batch.status = BatchStatus.CANCELLING.value
         stopped = _stop_pending(s, batch_id, f"cancelled by {who} with the whole batch")
-        running = list(s.scalars(select(Run.id).where(
-            Run.batch_id == batch_id, Run.status == RunStatus.RUNNING.value)))
-        s.execute(update(Run).where(Run.id.in_(running))
-                  .values(cancel_requested=True).execution_options(synchronize_session=False))
-        for run_id in running:
-            s.add(RunEvent(run_id=run_id, event="cancel", detail=f"cancel requested by {who} "
-                                                                   "with the whole batch"))
+        running = lifecycle.request_cancel(
+            s, [Run.batch_id == batch_id],
+            f"cancel requested by {who} with the whole batch")
     _tell_rq(rt, stopped, [])
     advance(rt, batch_id)  # nothing running: the batch ends now
     return "cancelled" if not running else "stopping"
@@ -224,7 +197,7 @@ def child_finished(rt: Runtime, run: Run) -> None:
 def advance_all(rt: Runtime) -> int:
     """Advance every batch that has not ended (the reconciler's safety net)."""
     with rt.store.session() as s:
-        ids = list(s.scalars(select(Batch.id).where(Batch.status.in_(OPEN))))
+        ids = list(s.scalars(select(Batch.id).where(Batch.status.in_(sorted(OPEN_BATCH)))))
     return sum(advance(rt, batch_id) for batch_id in ids)
 
 
@@ -232,7 +205,7 @@ def progress(s: Session, batch: Batch) -> dict[str, Any]:
     """`{"finished", "total", "percent", "counts", "text"}` for pages, the CLI and tests."""
     rows = s.execute(select(Run.status, Run.progress_done, Run.progress_total)
                      .where(Run.batch_id == batch.id)).all()
-    final = {st.value for st in FINAL}
+    final = FINAL
     counts: dict[str, int] = {}
     parts = 0.0
     for status, done, total in rows:

@@ -6,53 +6,78 @@ unreachable the reconciler brings RQ in line later.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from redis.exceptions import RedisError
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
+from formrules.errors import NotAllowed
+from formrules.runs import lifecycle
 from formrules.runs.queue import Dispatcher
-from formrules.store.models import PENDING, Run, RunEvent, RunStatus, utcnow
+from formrules.store.models import (
+    Notification,
+    Record,
+    ResultFile,
+    Run,
+    RunEvent,
+    RunStatus,
+    utcnow,
+)
 
 log = logging.getLogger("formrules.runs.control")
 
 
-class NotAllowed(Exception):
-    """The Run is not in a state where this operation makes sense."""
-
-
 def cancel(s: Session, run: Run, who: str) -> str:
     """Cancel a Run: pending ones stop now, a running one at its next step or progress."""
-    # Guarded updates, not read-then-write: a worker may claim the Run (or finish it)
+    # Guarded transitions, not read-then-write: a worker may claim the Run (or finish it)
     # between our read and our write, and a cancel must never overwrite that.
-    # A batch child waiting for its turn is as good as pending (its batch moves on).
-    not_started = [p.value for p in PENDING] + [RunStatus.WAITING.value]
-    if s.execute(update(Run).where(Run.id == run.id, Run.status.in_(not_started))
-                 .values(status=RunStatus.CANCELLED.value, finished_at=utcnow())).rowcount:
-        s.add(RunEvent(run_id=run.id, attempt=run.attempt, event="cancel",
-                       detail=f"cancelled by {who} before it ran"))
-        s.refresh(run)
-        return "cancelled"
-    if s.execute(update(Run).where(Run.id == run.id, Run.status == RunStatus.RUNNING.value)
-                 .values(cancel_requested=True)).rowcount:
-        s.add(RunEvent(run_id=run.id, attempt=run.attempt, event="cancel",
-                       detail=f"cancel requested by {who}; stops at the next step"))
-        s.refresh(run)
-        return "stopping"
-    s.refresh(run)
-    raise NotAllowed(f"a {run.status} run cannot be cancelled")
+    outcome = lifecycle.cancel(s, run, who)
+    if outcome is None:
+        raise NotAllowed(f"a {run.status} run cannot be cancelled")
+    return outcome
 
 
 def retry(s: Session, run: Run, who: str) -> None:
     """Run a dead or cancelled Run again now, resuming after its completed steps."""
-    if run.status not in (RunStatus.DEAD, RunStatus.CANCELLED):
+    if not lifecycle.operator_retry(s, run, who):
         raise NotAllowed(f"a {run.status} run cannot be retried")
-    run.status, run.due_at, run.finished_at = RunStatus.QUEUED.value, utcnow(), None
-    run.attempt, run.cancel_requested, run.lease = 0, False, None
-    run.recoveries = 0  # a fresh start: a crash loop that made it dead may be fixed now
-    run.safe_error = None
-    s.add(RunEvent(run_id=run.id, event="retry", detail=f"retried by {who}"))
+
+
+def adopt(s: Session, old: str, new: str) -> None:
+    """What one owner (an anonymous browser) made now belongs to another (its account)."""
+    # Runs before records: the order workers lock them in, so the two never deadlock.
+    for model in (Run, ResultFile, Notification, Record):
+        s.execute(update(model).where(model.owner == old).values(owner=new))
+
+
+def hide(s: Session, run: Run, who: str) -> str | None:
+    """A person deletes a Run from their list: hidden, its files and notices go. One still
+    going is cancelled first; returns that cancel's outcome (None: it had ended)."""
+    outcome = None
+    if not run.is_final:
+        # A running one stops at its next step; hidden now, it is gone from the list. One
+        # that finished meanwhile (NotAllowed) only needs deleting.
+        with contextlib.suppress(NotAllowed):
+            outcome = cancel(s, run, who)
+    run.hidden = True
+    s.execute(delete(ResultFile).where(ResultFile.run_id == run.id))
+    # Its notices go too: a banner pointing at a deleted task only confuses.
+    s.execute(update(Notification).where(Notification.run_id == run.id,
+                                         Notification.read_at.is_(None))
+              .values(read_at=utcnow()))
+    return outcome
+
+
+def delete_run(s: Session, run: Run) -> None:
+    """An operator deletes a finished Run with its trace and files."""
+    if not run.is_final:
+        raise NotAllowed(f"a {run.status} run cannot be deleted; cancel it first")
+    # Explicit deletes: the schema cascades, but not every database enforces it.
+    s.execute(delete(RunEvent).where(RunEvent.run_id == run.id))
+    s.execute(delete(ResultFile).where(ResultFile.run_id == run.id))
+    s.delete(run)
 
 
 def after_commit(dispatcher: Dispatcher, run: Run) -> None:

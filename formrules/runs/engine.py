@@ -8,6 +8,7 @@ children, with checkpoints around each action.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -20,7 +21,11 @@ from formrules.actions.context import Context
 from formrules.errors import PermanentError
 from formrules.language import sandbox
 from formrules.language.tree import ActionNode, DeferNode, Form, IfNode, Node, ProgressNode
-from formrules.store.models import Record, Run, RunStatus, new_token, utcnow
+from formrules.runs import lifecycle
+from formrules.runs.snapshot import Snapshot
+from formrules.store.models import Record, Run, new_id, new_token, utcnow
+
+log = logging.getLogger("formrules.runs.engine")
 
 
 def call_action(node: ActionNode, ctx: Context) -> None:
@@ -94,28 +99,29 @@ def due_time(node: DeferNode, variables: dict[str, Any], now: datetime, tz: str)
 
 def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner: str,
             variables: dict[str, Any], record_id: int | None, now: datetime, tz: str,
-            kind: str | None = None, **extra: Any) -> Run:
-    """A Run row for a deferred node; the snapshot carries the subtree it started with."""
+            kind: str | None = None, inputs: dict[str, dict[str, Any]] | None = None,
+            waiting: bool = False, **extra: Any) -> Run:
+    """A Run row for a deferred node; the snapshot carries the subtree it started with.
+
+    `inputs` are an update event's `old` and `changed` (stored forms), carried so the
+    worker sees them too; `waiting`: a batch child that waits for a free slot.
+    """
     due = due_time(node, variables, now, tz).astimezone(UTC)
     try:
         title = sandbox.render(node.title, variables)
-    except Exception:  # a title must never stop work from being recorded
+    except Exception as exc:  # a title must never stop work from being recorded
+        log.warning("%s: title %r did not render (%s); kept as written",
+                    node.path, node.title, exc)
         title = node.title
-    snapshot = {
-        "raw": node.raw, "fields": field_types,
-        "intervals": node.retry.intervals(),
-        "timeout": node.timeout.total_seconds() if node.timeout else None,
-        # Templates inside the Run name the form as it was when the work was started.
-        "form_title": (variables.get("form") or {}).get("title"),
-    }
-    return Run(
-        record_id=record_id, form_id=form_id, owner=owner, kind=kind or node.kind,
+    # Templates inside the Run name the form as it was when the work was started.
+    snapshot = Snapshot.of(node, field_types, inputs,
+                           form_title=(variables.get("form") or {}).get("title")).dump()
+    return lifecycle.born(Run(
+        id=new_id(), record_id=record_id, form_id=form_id, owner=owner, kind=kind or node.kind,
         node_path=node.path, title=title[:300], snapshot=snapshot,
-        status=(RunStatus.SCHEDULED if due > now + timedelta(seconds=1)
-                else RunStatus.QUEUED).value,
         awaited=node.awaited, flag=node.flag, due_at=due, max_attempts=node.retry.attempts,
         created_at=now, **extra,
-    )
+    ), waiting=waiting)
 
 
 # Inline actions that only change the record being written (or log): a submit tree made
@@ -135,7 +141,7 @@ def _pure(nodes: tuple[Node, ...]) -> bool:
 
 
 def submit(session: Session, form: Form, values: dict[str, Any], *, owner: str,
-           settings, submit_key: str | None = None,
+           settings, submit_key: str | None = None, fingerprint: str | None = None,
            event: str = "submit") -> tuple[Record, list[Run]]:
     """Store a record and run its submit tree inline; return it with its new Runs.
 
@@ -143,11 +149,12 @@ def submit(session: Session, form: Form, values: dict[str, Any], *, owner: str,
     caller rolls back, and nothing of the submission is half-written. A tree of `set`s
     and `if`s runs first and its writes go into the record's one INSERT; a tree with
     outside effects (e-mail, HTTP) inserts the record first, so a duplicate `submit_key`
-    is refused by the unique constraint before anything is sent.
+    is refused by the unique constraint before anything is sent. `fingerprint`: what a
+    repeat of `submit_key` must match (the API's idempotency), stored in the same INSERT.
     """
     nodes = form.events.get(event, ())
     record = Record(form_id=form.id, owner=owner, data=dict(values), submit_key=submit_key,
-                    token=new_token())
+                    submit_fingerprint=fingerprint if submit_key else None, token=new_token())
     if not _pure(nodes):
         session.add(record)
         session.flush()
@@ -156,11 +163,14 @@ def submit(session: Session, form: Form, values: dict[str, Any], *, owner: str,
 
 
 def run_inline(session: Session, form: Form, record: Record, nodes: tuple[Node, ...], *,
-               settings, extra: dict[str, Any] | None = None) -> list[Run]:
+               settings, inputs: dict[str, dict[str, Any]] | None = None) -> list[Run]:
     """Run `nodes` inline against `record` (in the caller's transaction).
 
-    A record not inserted yet is inserted after the walk, with the walk's writes in it.
+    `inputs` are an update event's `old` and `changed` in stored form; the tree sees them
+    typed, and its deferred nodes carry them to the worker. A record not inserted yet is
+    inserted after the walk, with the walk's writes in it.
     """
+    extra = Snapshot(raw={}, fields=form.field_types, inputs=dict(inputs or {})).variables()
     ctx = Context(settings=settings, form_id=form.id, field_types=form.field_types,
                   data=dict(record.data), record_token=record.token, extra=dict(extra or {}),
                   form_title=form.title)
@@ -172,9 +182,11 @@ def run_inline(session: Session, form: Form, record: Record, nodes: tuple[Node, 
         call_action(node, ctx)
 
     def on_defer(node: DeferNode) -> None:
+        # Not added to the session yet: a record inserted after the walk gives its id first.
         runs.append(new_run(node, form_id=form.id, field_types=form.field_types,
                             owner=record.owner, variables=ctx.variables(),
-                            record_id=record.id, now=now, tz=settings.timezone))
+                            record_id=record.id, now=now, tz=settings.timezone,
+                            inputs=inputs))
 
     walk(nodes, ctx.variables, on_action, on_defer, lambda node: None)
     if ctx.updates:

@@ -3,10 +3,12 @@
     execute_run(run_id)
       claim the Run (a lease: only one execution may own it) ── not due yet? wait or leave
       for each action of the subtree: skip if checkpointed, else run it, then commit its
-      field writes + files + checkpoint in one transaction (lease checked in the same one)
-      success ── set the flag field, status done, notify
-      failure ── retryable and attempts left: status retrying, raise so RQ's Retry fires
+      field writes + files + checkpoint in one transaction (lease checked, a requested
+      cancel read and the record re-read in the same one: no step starts after a cancel)
+      success ── set the flag field, status done, notify (a cancel asked for meanwhile wins)
+      failure ── retryable and attempts left: status retrying, due after its wait
               └─ otherwise: on_error branch (once), status dead, notify
+Every status change goes through `formrules.runs.lifecycle`.
 
 A heartbeat thread keeps the lease alive (also through steps far longer than the stale
 limit); the reconciler resumes Runs whose heartbeat stops (a killed worker), and an
@@ -33,57 +35,54 @@ from sqlalchemy.orm import Session
 from formrules.actions.context import Context
 from formrules.errors import (
     GENERIC_FAILURE,
+    TIMED_OUT,
     ActionError,
     Cancelled,
-    FormrulesError,
     LeaseLost,
     PermanentError,
-    RetryableError,
     RuleError,
+    RunFailed,
+    TimedOut,
 )
-from formrules.language.loader import rebuild_defer
 from formrules.language.sandbox import evaluate, render
 from formrules.language.tree import ActionNode, DeferNode, ProgressNode
 from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
+from formrules.runs import lifecycle, observe
 from formrules.runs.engine import call_action, new_run, walk
+from formrules.runs.snapshot import Snapshot
 from formrules.store.db import lock_record
 from formrules.store.models import (
-    PENDING,
-    Notification,
+    CHECKPOINT_KINDS,
+    EventKind,
     Record,
     ResultFile,
     Run,
     RunEvent,
-    RunStatus,
     new_id,
     utcnow,
 )
 
 log = logging.getLogger("formrules.runs.job")
 EARLY_WAIT_LIMIT = 5.0  # RQ's scheduler may fire a little early: wait that out in place
-TIMED_OUT = "This took longer than allowed and was stopped."
 LOST_WORKER = "This task stopped unexpectedly several times."
-
-
-class RunFailed(FormrulesError):
-    """Raised out of the job so RQ records the failure (the database schedules any retry)."""
-
-
-class TimedOut(RetryableError):
-    """The Run went past its node's `timeout:`."""
-
-    def __init__(self, message: str):
-        super().__init__(message, TIMED_OUT)
 
 
 def execute_run(run_id: str) -> str:
     """RQ job function: run one Run; returns the outcome as text."""
-    return Execution(runtime_mod.current(), run_id).execute()
+    rt = runtime_mod.current()
+    with observe.attempt(rt, run_id) as attempt:  # log context and metrics
+        attempt.outcome = Execution(rt, run_id).execute()
+        return attempt.outcome
 
 
 class Execution:
-    """One attempt at one Run, owning it through a lease."""
+    """One attempt at one Run, owning it through a lease.
+
+    Statuses change only through `formrules.runs.lifecycle`; here each step costs one
+    transaction (its checkpoint, which also proves the lease, reads a requested cancel and
+    re-reads the record for the next step), plus the claim and the ending.
+    """
 
     def __init__(self, rt: runtime_mod.Runtime, run_id: str):
         self.rt = rt
@@ -98,6 +97,10 @@ class Execution:
         self.timeout = self.settings.default_timeout_seconds
         self.deadline = float("inf")  # monotonic; set from the node's timeout when it starts
         self.pending_children: list[Run] = []
+        self.snapshot = Snapshot(raw={}, fields={})  # loaded once the Run is claimed
+        self.data: dict[str, Any] = {}  # the record as of our last transaction
+        self.done_paths: set[str] = set()  # checkpointed steps, this attempt's and earlier
+        self.current_path = ""  # the step running (or that ran last)
 
     # -- ownership ---------------------------------------------------------------------
     def claim(self) -> Run | None:
@@ -105,47 +108,37 @@ class Execution:
         while True:
             now = utcnow()
             with self.store.session() as s:
-                claimed = s.execute(
-                    update(Run)
-                    .where(Run.id == self.run_id,
-                           Run.status.in_([p.value for p in PENDING]),
-                           Run.due_at <= now, Run.cancel_requested.is_(False))
-                    .values(status=RunStatus.RUNNING.value, lease=self.lease,
-                            heartbeat_at=now, attempt=Run.attempt + 1, updated_at=now)
-                ).rowcount
+                run = lifecycle.claim(s, self.run_id, self.lease, now)
+                if run is not None:
+                    self.done_paths = set(s.scalars(select(RunEvent.path).where(
+                        RunEvent.run_id == run.id, RunEvent.event.in_(CHECKPOINT_KINDS))))
+                    self.data = self.read_record(s, run)
+                    return run
                 run = s.get(Run, self.run_id)
                 if run is None:
                     log.warning("run %s: no such run", self.run_id)
                     return None
-                if claimed:
-                    if run.started_at is None:
-                        run.started_at = now
-                    self.event(s, run, "", "start", f"attempt {run.attempt}")
-                    return run
-                if run.status in {p.value for p in PENDING} and not run.cancel_requested:
-                    wait = (run.due_at - now).total_seconds()
-                    if wait > EARLY_WAIT_LIMIT:
-                        return None  # the reconciler re-dispatches it when due
-            if run.status not in {p.value for p in PENDING} or run.cancel_requested:
-                log.info("run %s is %s; nothing to do", self.run_id, run.status)
-                return None
+                if not lifecycle.is_pending(run):
+                    log.info("run %s is %s; nothing to do", self.run_id, run.status)
+                    return None
+                wait = (run.due_at - now).total_seconds()
+                if wait > EARLY_WAIT_LIMIT:
+                    return None  # the reconciler re-dispatches it when due
             time.sleep(max(0.01, wait))
 
-    def owned(self, s: Session) -> Run:
-        """Prove in this transaction that we still hold the lease (and lock the row)."""
-        done = s.execute(update(Run).where(Run.id == self.run_id, Run.lease == self.lease)
-                         .values(heartbeat_at=utcnow())).rowcount
-        if not done:
-            raise LeaseLost(f"run {self.run_id}: lease lost")
-        return s.get(Run, self.run_id, populate_existing=True)
+    def read_record(self, s: Session, run: Run) -> dict[str, Any]:
+        """The record's data in `s`'s transaction ({} for a Run without a record)."""
+        if run.record_id is None:
+            return {}
+        data = s.scalar(select(Record.data).where(Record.id == run.record_id))
+        return dict(data) if data else {}
 
     def heartbeat(self) -> None:
         """Keep the lease alive and notice cancellation, until told to stop."""
         while not self.stop_beat.wait(self.settings.heartbeat_seconds):
             try:
                 with self.store.session() as s:
-                    run = self.owned(s)
-                    if run.cancel_requested:
+                    if lifecycle.hold(s, self.run_id, self.lease).cancel_requested:
                         self.cancel_seen.set()
             except LeaseLost:
                 self.lease_lost.set()
@@ -161,11 +154,13 @@ class Execution:
             raise TimedOut(f"run {self.run_id}: timed out after {self.timeout:.0f}s")
         return self.cancel_seen.is_set()
 
-    def event(self, s: Session, run: Run, path: str, kind: str, detail: str = "",
-              duration_ms: int | None = None) -> None:
-        """Append a line to the Run's trace."""
-        s.add(RunEvent(run_id=run.id, attempt=run.attempt, path=path, event=kind,
-                       detail=detail[:20000], duration_ms=duration_ms))
+    def checkpoint(self, s: Session, run: Run, path: str, detail: str,
+                   duration_ms: int | None = None) -> Run:
+        """Write a step's checkpoint (lease proved); note a cancel asked for meanwhile."""
+        owned = lifecycle.checkpoint(s, run.id, self.lease, path, detail, duration_ms)
+        if owned.cancel_requested:  # read with the checkpoint: no later step starts
+            self.cancel_seen.set()
+        return owned
 
     # -- the run -----------------------------------------------------------------------
     def execute(self) -> str:
@@ -178,22 +173,18 @@ class Execution:
         node: DeferNode | None = None
         started = time.monotonic()
         try:
-            node = rebuild_defer(run.snapshot["raw"], run.node_path, run.snapshot["fields"])
-            self.timeout = run.snapshot.get("timeout") or self.settings.default_timeout_seconds
+            self.snapshot = Snapshot.load(run.snapshot)
+            node = self.snapshot.node(run.node_path)
+            self.timeout = self.snapshot.timeout_seconds(self.settings.default_timeout_seconds)
             self.deadline = started + self.timeout
             if run.recoveries >= self.settings.max_recoveries:
                 # Its steps killed the worker again and again: stop trying, but still run
                 # on_error and tell the owner (the reconciler gives up if this dies too).
                 raise PermanentError(f"run {run.id}: worker lost {run.recoveries} times",
                                      LOST_WORKER)
-            with self.store.session() as s:
-                done_paths = set(s.scalars(select(RunEvent.path).where(
-                    RunEvent.run_id == run.id, RunEvent.event == "done")))
-                record = s.get(Record, run.record_id) if run.record_id else None
-                if node.when and record is not None and not self.check_when(s, run, node,
-                                                                            record):
-                    return "skipped"
-            self.steps(run, node.do, done_paths)
+            if node.when and run.record_id is not None and not self.check_when(run, node):
+                return "skipped"
+            self.steps(run, node.do)
             self.succeed(run, node)
             return "done"
         except LeaseLost:
@@ -213,34 +204,27 @@ class Execution:
                 from formrules.runs.batch import child_finished
                 child_finished(self.rt, run)
 
-    def check_when(self, s: Session, run: Run, node: DeferNode, record: Record) -> bool:
+    def check_when(self, run: Run, node: DeferNode) -> bool:
         """A Delay's `when:` is re-checked at fire time; false means skipped."""
-        if evaluate(node.when, self.context(run, record.data, "").variables()):
+        if evaluate(node.when, self.context(run, "").variables()):
             return True
-        run = self.owned(s)
-        run.status, run.finished_at, run.lease = RunStatus.SKIPPED.value, utcnow(), None
-        self.event(s, run, node.path, "skip", f"when: {node.when!r} was false at fire time")
+        with self.store.session() as s:
+            lifecycle.skip_at_fire(s, run.id, self.lease, path=node.path,
+                                   detail=f"when: {node.when!r} was false at fire time")
         return False
 
-    def context(self, run: Run, data: dict[str, Any], path: str, **extra: Any) -> Context:
+    def context(self, run: Run, path: str, **extra: Any) -> Context:
         """The action context for one step of this Run."""
         return Context(
-            settings=self.settings, form_id=run.form_id, field_types=run.snapshot["fields"],
-            data=dict(data), path=path, run_id=run.id, attempt=run.attempt,
-            extra={"run": run_info(run), **extra}, form_title=form_title_of(run),
+            settings=self.settings, form_id=run.form_id, field_types=self.snapshot.fields,
+            data=dict(self.data), path=path, run_id=run.id, attempt=run.attempt,
+            extra={**self.snapshot.variables(), "run": run_info(run), **extra},
+            form_title=form_title_of(run),
             all_records=lambda: self.form_records(run.form_id),
             on_progress=lambda d, t, m: self.progress(run, d, t, m),
             is_cancelled=self.cancelled,
             log=logging.LoggerAdapter(log, {"run": run.id, "path": path}),
         )
-
-    def record_data(self, run: Run) -> dict[str, Any]:
-        """The record's current data (fresh from the database)."""
-        if run.record_id is None:
-            return {}
-        with self.store.session() as s:
-            record = s.get(Record, run.record_id)
-            return dict(record.data) if record else {}
 
     def form_records(self, form_id: str) -> list[dict[str, Any]]:
         """Every record of a form, oldest first (for `report: {records: all}`)."""
@@ -248,30 +232,33 @@ class Execution:
             return [dict(data) for data in s.scalars(
                 select(Record.data).where(Record.form_id == form_id).order_by(Record.id))]
 
-    def steps(self, run: Run, nodes, done_paths: set[str], **extra: Any) -> None:
+    def steps(self, run: Run, nodes, **extra: Any) -> None:
         """Walk the subtree; each action is a checkpointed step."""
         def variables() -> dict[str, Any]:
-            return self.context(run, self.record_data(run), "", **extra).variables()
+            return self.context(run, "", **extra).variables()
 
         def on_action(node: ActionNode) -> None:
-            if node.path in done_paths:
+            if node.path in self.done_paths:
                 return  # completed by an earlier attempt: never run twice
             self.step(run, node, **extra)
-            done_paths.add(node.path)
+            self.done_paths.add(node.path)
 
         def on_defer(node: DeferNode) -> None:
-            if node.path in done_paths:
+            if node.path in self.done_paths:
                 return
+            if self.cancelled():
+                raise Cancelled()
+            child = new_run(node, form_id=run.form_id, field_types=self.snapshot.fields,
+                            owner=run.owner, variables=variables(),
+                            record_id=run.record_id, now=utcnow(),
+                            tz=self.settings.timezone, parent_id=run.id,
+                            inputs=self.snapshot.inputs)
             with self.store.session() as s:
-                owned = self.owned(s)
-                child = new_run(node, form_id=run.form_id, field_types=run.snapshot["fields"],
-                                owner=owned.owner, variables=variables(),
-                                record_id=run.record_id, now=utcnow(),
-                                tz=self.settings.timezone, parent_id=run.id)
+                # The owner as of now: a login may have adopted this Run meanwhile.
+                child.owner = self.checkpoint(s, run, node.path, f"started run {child.id}").owner
                 s.add(child)
-                self.event(s, owned, node.path, "done", f"started run {child.id}")
             self.pending_children.append(child)
-            done_paths.add(node.path)
+            self.done_paths.add(node.path)
 
         def on_progress(node: ProgressNode) -> None:
             vars_ = variables()
@@ -284,24 +271,28 @@ class Execution:
         walk(nodes, variables, on_action, on_defer, on_progress)
 
     def step(self, run: Run, node: ActionNode, **extra: Any) -> None:
-        """Run one action and commit its effects together with its checkpoint."""
-        if self.cancelled():
+        """Run one action, then commit its effects with its checkpoint: one transaction."""
+        if self.cancelled():  # seen by the last checkpoint, the claim or the heartbeat
             raise Cancelled()
-        with self.store.session() as s:
-            self.event(s, self.owned(s), node.path, "start", node.action)
-        ctx = self.context(run, self.record_data(run), node.path, **extra)
+        ctx = self.context(run, node.path, **extra)
         started = time.monotonic()
+        self.current_path = node.path  # a failure's trace line names the step
         call_action(node, ctx)
         with self.store.session() as s:
-            owned = self.owned(s)
+            # The checkpoint first: it proves the lease (a lost one writes nothing) and
+            # locks the Run row, as before the record row (the order every writer uses).
+            owned = self.checkpoint(s, run, node.path, node.action,
+                                    int((time.monotonic() - started) * 1000))
             if ctx.updates and run.record_id is not None:
                 record = lock_record(s, run.record_id)
                 record.data = {**record.data, **ctx.updates}
+                self.data = dict(record.data)
+            else:
+                self.data = self.read_record(s, run)
             for item in ctx.attachments:
                 s.add(ResultFile(run_id=run.id, owner=owned.owner, filename=item.filename,
                                  content_type=item.content_type, data=item.data))
-            self.event(s, owned, node.path, "done", node.action,
-                       int((time.monotonic() - started) * 1000))
+        self.current_path = ""
 
     def progress(self, run: Run, done: float | None, total: float | None,
                  message: str | None, force: bool = False, title: str | None = None) -> None:
@@ -332,32 +323,19 @@ class Execution:
 
     # -- endings -----------------------------------------------------------------------
     def succeed(self, run: Run, node: DeferNode) -> None:
-        """All steps done: set the flag and finish, in one transaction."""
+        """All steps done: set the flag and finish, in one transaction (unless cancelled)."""
+        if self.cancelled():
+            raise Cancelled()
         with self.store.session() as s:
-            owned = self.owned(s)
+            # Raises Cancelled (rolling the flag back) when a cancel came during the last
+            # step: the Run row is written first, so a cancel racing us waits or loses.
+            lifecycle.succeed(s, run.id, self.lease)
             if node.flag and run.record_id is not None:
                 record = lock_record(s, run.record_id)
                 record.data = {**record.data, node.flag: True}
-            owned.status, owned.finished_at, owned.lease = RunStatus.DONE.value, utcnow(), None
-            if owned.progress_total <= 0:
-                owned.progress_total = 1
-            owned.progress_done = owned.progress_total
-            self.event(s, owned, "", "finish", "done")
-            notify(s, owned, "success", f"{owned.title}: done.")
 
     def fail(self, run: Run, node: DeferNode | None, exc: BaseException) -> str:
         """Classify a failure: cancelled, retry later, or dead (after on_error)."""
-        with self.store.session() as s:
-            # A cancel asked for while this step ran wins over any retry: a cancelled Run
-            # must end cancelled, not wait for an attempt nothing will ever claim.
-            cancelled = isinstance(exc, Cancelled) or self.owned(s).cancel_requested
-        if cancelled:
-            with self.store.session() as s:
-                owned = self.owned(s)
-                owned.status, owned.finished_at = RunStatus.CANCELLED.value, utcnow()
-                owned.lease = None
-                self.event(s, owned, "", "cancel", "cancelled while running")
-            return "cancelled"
         detail = "".join(traceback.format_exception(exc))
         # A snapshot the current code cannot rebuild (an action since removed, say) will not
         # heal by waiting: dead at once, for an operator to retry once the code is back.
@@ -366,22 +344,23 @@ class Execution:
         safe = exc.safe_message if isinstance(exc, ActionError) else GENERIC_FAILURE
         if type(exc).__name__ == "JobTimeoutException":  # RQ's backstop fired
             safe = TIMED_OUT
-        log.warning("run %s attempt %s failed: %s", run.id, run.attempt, exc)
         with self.store.session() as s:
-            owned = self.owned(s)
-            owned.last_error, owned.safe_error = detail[-20000:], safe[:500]
-            self.event(s, owned, getattr(exc, "path", ""), "error", detail)
-            remaining: list[int] = []
+            owned = lifecycle.hold(s, run.id, self.lease)
+            # A cancel asked for while this step ran wins over any retry: a cancelled Run
+            # must end cancelled, not wait for an attempt nothing will ever claim.
+            if isinstance(exc, Cancelled) or owned.cancel_requested:
+                lifecycle.stop(s, run.id, self.lease)
+                return "cancelled"
+            log.warning("run %s attempt %s failed: %s", run.id, run.attempt, exc)
+            owned = lifecycle.hold(s, run.id, self.lease, last_error=detail[-20000:],
+                                   safe_error=safe[:500])
+            lifecycle.note(s, owned, EventKind.ERROR, detail,
+                           getattr(exc, "path", "") or self.current_path)
             if retryable and owned.attempt < owned.max_attempts:
-                intervals = owned.snapshot.get("intervals") or [0]
-                remaining = [intervals[min(i, len(intervals) - 1)]
-                             for i in range(owned.attempt - 1, owned.max_attempts - 1)]
-                wait = remaining[0]
-                owned.status, owned.lease = RunStatus.RETRYING.value, None
-                owned.due_at = utcnow() + timedelta(seconds=wait)
-                self.event(s, owned, "", "retry",
-                           f"attempt {owned.attempt + 1} of {owned.max_attempts} "
-                           f"at {owned.due_at.isoformat(timespec='seconds')}")
+                wait = self.snapshot.waits_after(owned.attempt, owned.max_attempts)[0]
+                lifecycle.retry_later(s, run.id, self.lease,
+                                      utcnow() + timedelta(seconds=wait),
+                                      owned.attempt, owned.max_attempts)
                 outcome = "retrying"
             else:
                 outcome = "dead"
@@ -393,35 +372,15 @@ class Execution:
         """Run the on_error branch once, then mark the Run dead and tell its owner."""
         self.deadline = float("inf")  # the error port must run even after a timeout
         if node is not None and node.on_error:
-            with self.store.session() as s:
-                done_paths = set(s.scalars(select(RunEvent.path).where(
-                    RunEvent.run_id == run.id, RunEvent.event == "done")))
             error = {"message": safe, "detail": str(exc), "type": type(exc).__name__}
             try:
-                self.steps(run, node.on_error, done_paths, error=error)
+                self.steps(run, node.on_error, error=error)
             except LeaseLost:
                 raise
             except Exception as branch_exc:  # noqa: BLE001 — record it, still go dead
                 with self.store.session() as s:
-                    self.event(s, self.owned(s), f"{node.path}/on_error", "error",
-                               "".join(traceback.format_exception(branch_exc)))
+                    lifecycle.note(s, lifecycle.hold(s, run.id, self.lease), EventKind.ERROR,
+                                   "".join(traceback.format_exception(branch_exc)),
+                                   f"{node.path}/on_error")
         with self.store.session() as s:
-            owned = self.owned(s)
-            owned.status, owned.finished_at, owned.lease = RunStatus.DEAD.value, utcnow(), None
-            self.event(s, owned, "", "dead", f"after {owned.attempt} attempt(s)")
-            notify(s, owned, "error", f"{owned.title}: {safe}")
-
-
-def notify(s: Session, run: Run, level: str, message: str) -> None:
-    """Leave a notice for the Run's owner (shown on their next page)."""
-    if run.batch_id is not None:
-        return  # the batch tells its owner once, when it ends, not once per record
-    if run.hidden:
-        return  # its owner deleted it (cancel-and-delete): news of it would only confuse
-    if run.awaited == "false" and level == "success" and run.kind == "delay":
-        return  # a reminder firing on schedule is not news to the person who submitted
-    token = None
-    if run.record_id is not None:
-        token = s.scalar(select(Record.token).where(Record.id == run.record_id))
-    s.add(Notification(owner=run.owner, run_id=run.id, record_token=token, level=level,
-                       message=message[:500]))
+            lifecycle.die(s, run.id, self.lease, run.attempt)

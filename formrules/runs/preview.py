@@ -16,6 +16,7 @@ from formrules.actions.context import Context
 from formrules.config import Settings
 from formrules.language import sandbox
 from formrules.language.duration import format_duration
+from formrules.language.outline import retry_text
 from formrules.language.tree import (
     ActionNode,
     DeferNode,
@@ -23,11 +24,19 @@ from formrules.language.tree import (
     IfNode,
     Node,
     ProgressNode,
-    RetryPolicy,
 )
 from formrules.language.values import typed_record
 from formrules.runs import engine
 from formrules.store.models import utcnow
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A Background or Delay the preview met: the Run it would create, and when."""
+
+    node: DeferNode
+    title: str
+    due: datetime
 
 
 @dataclass(frozen=True)
@@ -43,10 +52,12 @@ class Line:
 
 
 def preview(form: Form, values: dict[str, Any], settings: Settings, *, event: str = "submit",
-            old: dict[str, Any] | None = None, now: datetime | None = None) -> list[Line]:
+            old: dict[str, Any] | None = None, now: datetime | None = None,
+            deferred: list[Deferred] | None = None) -> list[Line]:
     """The lines describing what `event`'s tree would do for a record with `values`.
 
     For `update`, `old` is the record before the edit (`old.` and `changed.` follow).
+    `deferred`, when given, receives every Background and Delay with its due time.
     """
     extra: dict[str, Any] = {}
     if event == "update":
@@ -57,28 +68,30 @@ def preview(form: Form, values: dict[str, Any], settings: Settings, *, event: st
     ctx = Context(settings=settings, form_id=form.id, field_types=form.field_types,
                   data=dict(values), record_token="preview", extra=extra, form_title=form.title)
     lines: list[Line] = []
-    _nodes(form.events.get(event, ()), ctx, lines, 0, now or utcnow(), settings)
+    now = now or utcnow()
+    with sandbox.clock(now):  # `now()` and `today()` answer the simulated time
+        _nodes(form.events.get(event, ()), ctx, lines, 0, now, settings, deferred)
     return lines
 
 
 def _nodes(nodes: tuple[Node, ...], ctx: Context, lines: list[Line], depth: int,
-           now: datetime, settings: Settings) -> None:
+           now: datetime, settings: Settings, deferred: list[Deferred] | None = None) -> None:
     for node in nodes:
         try:
-            _node(node, ctx, lines, depth, now, settings)
+            _node(node, ctx, lines, depth, now, settings, deferred)
         except Exception as exc:  # show the author where it would fail, then go on
             lines.append(Line(node.path, f"FAILS: {exc}", depth))
 
 
 def _node(node: Node, ctx: Context, lines: list[Line], depth: int, now: datetime,
-          settings: Settings) -> None:
+          settings: Settings, deferred: list[Deferred] | None) -> None:
     if isinstance(node, IfNode):
         result = engine.test(node, ctx.variables())
         branch = node.then if result else node.otherwise
         taken = "then" if result else "else"
         lines.append(Line(node.path, f"if {node.test} -> {str(result).lower()}: "
                                      f"{taken} ({len(branch)} node(s))", depth))
-        _nodes(branch, ctx, lines, depth + 1, now, settings)
+        _nodes(branch, ctx, lines, depth + 1, now, settings, deferred)
     elif isinstance(node, ActionNode) and node.action == "set":
         ctx.path = node.path
         engine.call_action(node, ctx)
@@ -105,33 +118,25 @@ def _node(node: Node, ctx: Context, lines: list[Line], depth: int, now: datetime
                   "optional": "awaited (can continue in background)"}[node.awaited]]
         if node.flag:
             parts.append(f"sets {node.flag} when done")
-        parts.append(_retry(node.retry))
+        parts.append(retry_text(node.retry))
         if node.timeout:
             parts.append(f"timeout {format_duration(node.timeout)}")
         for key in ("when", "cancel_if"):
             if getattr(node, key):
                 parts.append(f"{key}: {getattr(node, key)}")
         lines.append(Line(node.path, "; ".join(parts), depth))
+        if deferred is not None:
+            deferred.append(Deferred(node, title, max(due, now)))
         outer = ctx.extra  # inside the Run its `run.` names are set, as on a worker
         ctx.extra = {**outer, "run": {"id": "preview", "title": title, "attempt": 1}}
-        _nodes(node.do, ctx, lines, depth + 1, now, settings)
+        # A Delay inside this Run starts counting when the Run runs.
+        with sandbox.clock(max(due, now)):
+            _nodes(node.do, ctx, lines, depth + 1, max(due, now), settings, deferred)
         ctx.extra = outer
         if node.on_error:
             lines.append(Line(f"{node.path}/on_error",
                               f"on_error: {len(node.on_error)} node(s) after the last attempt",
                               depth + 1))
-
-
-def _retry(policy: RetryPolicy) -> str:
-    if policy.attempts <= 1:
-        return "no retries"
-    if policy.exponential_base is not None:
-        return (f"{policy.attempts} attempts, exponential from "
-                f"{format_duration(_td(policy.exponential_base))} up to "
-                f"{format_duration(_td(policy.exponential_max or 0))}")
-    waits = [policy.backoff[min(i, len(policy.backoff) - 1)] for i in range(policy.attempts - 1)]
-    return f"{policy.attempts} attempts, waiting " + ", ".join(
-        format_duration(_td(w)) for w in waits)
 
 
 def _roughly(delta: timedelta) -> str:

@@ -38,6 +38,7 @@ from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.utils import str_to_date
 
+from formrules.runs.snapshot import Snapshot
 from formrules.store.models import Run
 
 log = logging.getLogger("formrules.runs.queue")
@@ -164,7 +165,7 @@ class Dispatcher:
 
     def job_timeout(self, run: Run) -> int:
         """RQ's hard limit: the node's `timeout:` (or the default) plus a grace period."""
-        timeout = run.snapshot.get("timeout") or self.default_timeout
+        timeout = Snapshot.load(run.snapshot).timeout_seconds(self.default_timeout)
         return int(timeout + GRACE_SECONDS)
 
     def dispatch_all(self, runs: list[Run], *, new: bool = False) -> int:

@@ -33,12 +33,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from redis.exceptions import RedisError
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select
 
 from formrules.process.runtime import Runtime
-from formrules.runs.job import EARLY_WAIT_LIMIT, LOST_WORKER, notify
+from formrules.runs import lifecycle
+from formrules.runs.job import EARLY_WAIT_LIMIT, LOST_WORKER
 from formrules.runs.queue import CHUNK, JobState
-from formrules.store.models import PENDING, Run, RunEvent, RunStatus, utcnow
+from formrules.store.models import PENDING, Run, RunStatus, utcnow
 
 log = logging.getLogger("formrules.runs.reconciler")
 
@@ -75,44 +76,18 @@ def reconcile_once(rt: Runtime, schedules: bool = True,
 
 def recover_stale(rt: Runtime, result: Pass) -> None:
     """Put Runs whose heartbeat stopped back in the queue (or give up on crash loops)."""
-    now = utcnow()
-    stale_before = now - timedelta(seconds=rt.settings.stale_seconds)
+    stale_before = utcnow() - timedelta(seconds=rt.settings.stale_seconds)
     with rt.store.session() as s:
-        stale = list(s.scalars(select(Run).where(Run.status == RunStatus.RUNNING.value,
+        stale = list(s.scalars(select(Run).where(Run.status == RunStatus.RUNNING,
                                                  Run.heartbeat_at < stale_before)))
     for run in stale:
-        # The execution after the last allowed recovery only runs the on_error branch
-        # (see `job.Execution`); if even that kills its worker, the Run goes dead here.
-        too_many = run.recoveries >= rt.settings.max_recoveries
-        values: dict = dict(lease=None, recoveries=Run.recoveries + 1, updated_at=now)
-        if too_many:
-            values.update(status=RunStatus.DEAD.value, finished_at=now,
-                          safe_error=LOST_WORKER,
-                          last_error=f"worker lost {run.recoveries + 1} times")
-            kind = "dead"
-        elif run.cancel_requested:  # it was stopping anyway: do not start it again
-            values.update(status=RunStatus.CANCELLED.value, finished_at=now)
-            kind = "cancel"
-        else:  # the interrupted attempt does not count: it resumes where it stopped
-            values.update(status=RunStatus.QUEUED.value, due_at=now,
-                          attempt=Run.attempt - 1)
-            kind = "recover"
-        silent = (now - run.heartbeat_at).total_seconds()
         with rt.store.session() as s:
-            # Guard on the lease we saw: a late heartbeat means it is alive after all.
-            changed = s.execute(update(Run).where(Run.id == run.id, Run.lease == run.lease,
-                                                  Run.status == RunStatus.RUNNING.value,
-                                                  Run.heartbeat_at < stale_before)
-                                .values(**values)).rowcount
-            if changed:
-                s.add(RunEvent(run_id=run.id, attempt=run.attempt, event=kind,
-                               detail=f"no heartbeat for {silent:.0f}s; worker presumed dead"))
-                if too_many:
-                    notify(s, s.get(Run, run.id, populate_existing=True), "error",
-                           f"{run.title}: {LOST_WORKER}")
-        if not changed:
-            continue
-        log.warning("run %s: %s after %.0fs without heartbeat", run.id, kind, silent)
+            kind = lifecycle.recover(s, run, stale_before=stale_before,
+                                     max_recoveries=rt.settings.max_recoveries,
+                                     lost_message=LOST_WORKER)
+        if kind is None:
+            continue  # a late heartbeat: it is alive after all
+        log.warning("run %s: %s after its heartbeat stopped", run.id, kind)
         if kind == "recover":
             result.recovered += 1
             _dispatch(rt, run.id, result, replace_started=True)
@@ -128,18 +103,12 @@ def dispatch_pending(rt: Runtime, result: Pass,
                      between: Callable[[], None] | None = None) -> None:
     """Enqueue each due pending Run whose job RQ would not run on time (or at all)."""
     now = utcnow()
-    pending = [p.value for p in PENDING]
+    pending = sorted(PENDING)
     with rt.store.session() as s:
         # A cancel requested while a Run was between attempts: nothing will claim it, so
         # it ends here (guarded: a claim in between turns it into a running cancel).
         # A future Run is left to its due time: it cannot be claimed before then either.
-        stuck = s.execute(update(Run).where(
-            Run.status.in_(pending), Run.due_at <= now, Run.cancel_requested.is_(True))
-            .values(status=RunStatus.CANCELLED.value, finished_at=now)
-            .returning(Run.id)).scalars().all()
-        for run_id in stuck:
-            s.add(RunEvent(run_id=run_id, event="cancel",
-                           detail="cancelled: the cancel was asked for between attempts"))
+        lifecycle.end_cancelled_between_attempts(s, now)
     after: tuple[datetime, str] | None = None
     while True:  # batches in due order (keyset), so a backlog costs in proportion to it
         query = select(Run.id, Run.due_at).where(
@@ -203,8 +172,7 @@ def _dispatch(rt: Runtime, run_id: str, result: Pass, replace_started: bool = Fa
               state: JobState | None = None, quiet: bool = False) -> None:
     with rt.store.session() as s:
         run = s.get(Run, run_id)
-        if run is None or run.status not in {p.value for p in PENDING} \
-                or run.cancel_requested:
+        if run is None or not lifecycle.is_pending(run):
             return  # it moved on since we looked
         try:
             grace = rt.settings.stale_seconds + EARLY_WAIT_LIMIT

@@ -24,12 +24,13 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from formrules.language import sandbox
-from formrules.language.loader import cached_rules, rebuild_defer
+from formrules.language.loader import rebuild_defer
+from formrules.language.registry import current_rules
 from formrules.language.tree import Form, ScheduleDef
 from formrules.language.variables import form_variables
 from formrules.process.runtime import Runtime
 from formrules.runs.engine import new_run
-from formrules.store.models import Record, Run, RunEvent, ScheduleSlot, utcnow
+from formrules.store.models import EventKind, Record, Run, RunEvent, ScheduleSlot, utcnow
 
 log = logging.getLogger("formrules.runs.schedule")
 # A slot seen this soon after its time is on time; later, it was missed (downtime).
@@ -54,7 +55,7 @@ def fire_due(rt: Runtime, now: datetime | None = None) -> int:
     """Start a Run for every schedule slot that is due and not yet claimed; count Runs."""
     now = now or utcnow()
     started = 0
-    for form in cached_rules(rt.settings.rules_dir).forms.values():
+    for form in current_rules(rt.settings.rules_dir).forms.values():
         for index, schedule in enumerate(form.schedules):
             try:
                 started += fire_one(rt, form, index, schedule, now)
@@ -119,9 +120,9 @@ def _runs(s, form: Form, index: int, schedule: ScheduleDef, slot: datetime, now:
                       tz=settings.timezone, kind="schedule")
         s.add(run)
         runs.append(run)
-    s.flush()  # Run ids for the trace lines
+    s.flush()  # the Runs exist before their trace lines (foreign keys)
     for run in runs:
-        s.add(RunEvent(run_id=run.id, event="schedule", path=run.node_path,
+        s.add(RunEvent(run_id=run.id, event=EventKind.SCHEDULE.value, path=run.node_path,
                        detail=f"slot {slot.isoformat(timespec='minutes')} of "
                               f"{schedule_key(form, schedule)} ({schedule.cron} "
                               f"{schedule.timezone})"))

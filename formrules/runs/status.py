@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, defer
 from formrules.language import sandbox
 from formrules.language.tree import Form
 from formrules.language.variables import form_variables
-from formrules.store.models import Record, ResultFile, Run, RunStatus
+from formrules.store.models import CANCELLABLE, Record, ResultFile, Run, RunStatus
 
 # What users read for each status (the status itself stays the CSS class and JSON value).
 LABELS = {
@@ -25,7 +25,6 @@ LABELS = {
     "skipped": "Skipped",
 }
 log = logging.getLogger("formrules.runs.status")
-CANCELLABLE = ("scheduled", "queued", "waiting", "retrying", "running")
 
 
 def _iso(value) -> str | None:

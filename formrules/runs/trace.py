@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from formrules.store.models import RunEvent
+from formrules.store.models import EventKind, RunEvent
 
 
 def attempt_numbers(events: Iterable[RunEvent]) -> list[tuple[RunEvent, int | None]]:
@@ -18,7 +18,7 @@ def attempt_numbers(events: Iterable[RunEvent]) -> list[tuple[RunEvent, int | No
     numbered: list[tuple[RunEvent, int | None]] = []
     before = highest = 0  # attempts in earlier rounds; highest stored number this round
     for ev in events:
-        if ev.event == "retry" and not ev.attempt:  # an operator's retry: a new round
+        if ev.event == EventKind.RETRY and not ev.attempt:  # an operator's retry: a new round
             before, highest = before + highest, 0
         highest = max(highest, ev.attempt or 0)
         numbered.append((ev, before + ev.attempt if ev.attempt else None))

@@ -15,34 +15,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from formrules.errors import FormrulesError, PermanentError, RuleError
+from formrules.errors import InvalidValues, PermanentError, RuleError
 from formrules.language import sandbox
-from formrules.language.loader import rebuild_defer
 from formrules.language.tree import DeferNode, Form
 from formrules.language.values import to_storage, typed, typed_record
 from formrules.language.variables import form_title_of, template_variables
-from formrules.runs import engine
+from formrules.runs import engine, lifecycle
 from formrules.runs.queue import Dispatcher
+from formrules.runs.snapshot import Snapshot
 from formrules.store.db import lock_record
-from formrules.store.models import Record, Run, RunEvent, RunStatus, utcnow
+from formrules.store.models import NOT_FIRED, EventKind, Record, Run, utcnow
 
 log = logging.getLogger("formrules.runs.updates")
-NOT_FIRED = (RunStatus.SCHEDULED.value, RunStatus.QUEUED.value)
-
-
-class InvalidValues(FormrulesError):
-    """Some values do not fit their fields; `errors` maps field name to messages."""
-
-    def __init__(self, errors: dict[str, list[str]]):
-        self.errors = errors
-        super().__init__("; ".join(f"{k}: {' '.join(v)}" for k, v in sorted(errors.items())))
 
 
 @dataclass
@@ -107,11 +98,9 @@ def apply_edit(s: Session, form: Form, record_id: int, values: dict[str, Any], *
     if not changes:
         return edit  # saving an unchanged form is not an update event
     record.data = {**old, **changes}
-    types = form.field_types
-    extra = {"old": typed_record(old, types),
-             "changed": {k: typed(v, types.get(k, "string")) for k, v in changes.items()}}
     edit.new_runs = engine.run_inline(s, form, record, form.events.get("update", ()),
-                                      settings=settings, extra=extra)
+                                      settings=settings,
+                                      inputs={"old": old, "changed": changes})
     # Fields the update tree set are changes too: a Delay may follow them as well.
     edit.changed = {k: v for k, v in record.data.items() if old.get(k) != v}
     apply_policies(s, record, old, edit, settings=settings, who=who)
@@ -124,19 +113,20 @@ def apply_policies(s: Session, record: Record, old: dict[str, Any], edit: Edit, 
     fresh = {r.id for r in edit.new_runs}
     delays = [r for r in s.scalars(
         select(Run).where(Run.record_id == record.id, Run.kind == "delay",
-                          Run.status.in_(NOT_FIRED), Run.attempt == 0,
+                          Run.status.in_(sorted(NOT_FIRED)), Run.attempt == 0,
                           Run.cancel_requested.is_(False)).order_by(Run.created_at))
         if r.id not in fresh]
     now = utcnow()
     stamp = now.strftime("%Y-%m-%d %H:%M:%S UTC")
     names = ", ".join(edit.edited)
     for run in delays:
+        snapshot = Snapshot.load(run.snapshot)
         try:
-            node = rebuild_defer(run.snapshot["raw"], run.node_path, run.snapshot["fields"])
+            node = snapshot.node(run.node_path)
         except RuleError as exc:  # a snapshot from an incompatible version: leave it be
             log.warning("run %s: cannot rebuild its node: %s", run.id, exc)
             continue
-        types = run.snapshot["fields"]
+        types = snapshot.fields
         variables = template_variables(
             form_id=run.form_id, form_title=form_title_of(run), field_types=types,
             data=record.data, old=typed_record(old, types),
@@ -144,7 +134,7 @@ def apply_policies(s: Session, record: Record, old: dict[str, Any], edit: Edit, 
         if node.cancel_if and _matches(s, run, node, variables):
             reason = (f"cancelled: {names} changed at {stamp} ({who}); "
                       f"cancel_if {node.cancel_if!r} is true")
-            if _finish(s, run, RunStatus.CANCELLED, "cancel", reason, now):
+            if lifecycle.edit_stop(s, run, skipped=False, reason=reason, now=now):
                 edit.stopped.append(run)
         elif node.on_change == "recompute" and node.at and (followed := _followed(node, edit)):
             _recompute(s, run, node, variables, edit, now=now, stamp=stamp,
@@ -155,8 +145,8 @@ def _matches(s: Session, run: Run, node: DeferNode, variables: dict[str, Any]) -
     try:
         return bool(sandbox.evaluate(node.cancel_if, variables))
     except Exception as exc:  # the author's expression: note it, keep the Delay
-        s.add(RunEvent(run_id=run.id, event="note", path=node.path,
-                       detail=f"cancel_if {node.cancel_if!r} failed ({exc}); kept"))
+        lifecycle.note(s, run, EventKind.NOTE,
+                       f"cancel_if {node.cancel_if!r} failed ({exc}); kept", node.path)
         return False
 
 
@@ -172,33 +162,17 @@ def _recompute(s: Session, run: Run, node: DeferNode, variables: dict[str, Any],
         due = engine.due_time(node, variables, now, settings.timezone).astimezone(UTC)
     except PermanentError as exc:  # the date was cleared: there is no time to run at
         reason = f"skipped: {names} changed at {stamp}; 'at' gives no time now ({exc})"
-        if _finish(s, run, RunStatus.SKIPPED, "skip", reason, now):
+        if lifecycle.edit_stop(s, run, skipped=True, reason=reason, now=now):
             edit.stopped.append(run)
         return
     if abs((due - run.due_at).total_seconds()) < 1:
         return
-    status = RunStatus.SCHEDULED if due > now + timedelta(seconds=1) else RunStatus.QUEUED
     detail = (f"moved: {names} changed at {stamp}; due "
               f"{run.due_at.isoformat(timespec='seconds')} -> {due.isoformat(timespec='seconds')}")
     # Guarded like the worker's claim: a Delay that started meanwhile is not moved.
-    if s.execute(update(Run).where(Run.id == run.id, Run.status.in_(NOT_FIRED),
-                                   Run.attempt == 0, Run.lease.is_(None))
-                 .values(due_at=due, status=status.value, updated_at=now)
-                 .execution_options(synchronize_session=False)).rowcount:
-        s.add(RunEvent(run_id=run.id, event="reschedule", path=node.path, detail=detail))
-        edit.moved.append(s.get(Run, run.id, populate_existing=True))
-
-
-def _finish(s: Session, run: Run, status: RunStatus, event: str, reason: str,
-            now: datetime) -> bool:
-    done = s.execute(update(Run).where(Run.id == run.id, Run.status.in_(NOT_FIRED),
-                                       Run.attempt == 0, Run.lease.is_(None))
-                     .values(status=status.value, finished_at=now, updated_at=now)
-                     .execution_options(synchronize_session=False)).rowcount
-    if done:
-        s.add(RunEvent(run_id=run.id, event=event, path=run.node_path, detail=reason))
-        s.get(Run, run.id, populate_existing=True)  # the caller's object shows the new state
-    return bool(done)
+    moved = lifecycle.edit_move(s, run, due, reason=detail, path=node.path, now=now)
+    if moved is not None:
+        edit.moved.append(moved)
 
 
 def after_edit(dispatcher: Dispatcher, edit: Edit) -> None:

@@ -13,11 +13,12 @@ from sqlalchemy import create_engine, event, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from formrules.store.models import Base, Record, utcnow
+from formrules.store import migrate
+from formrules.store.models import Record, utcnow
 
 
 class Store:
-    """The database: `session()` for a unit of work, `create_all()` for the schema."""
+    """The database: `session()` for a unit of work; the schema is Alembic's (`migrate`)."""
 
     def __init__(self, url: str):
         self.url = url
@@ -32,9 +33,17 @@ class Store:
             self.engine = create_engine(url, pool_pre_ping=True)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
+    def upgrade(self) -> tuple[str | None, str]:
+        """Migrate the schema to this code's revision; returns (before, after)."""
+        return migrate.upgrade(self.url)
+
+    def check_schema(self) -> None:
+        """Refuse (SchemaError, saying which command to run) unless the schema is current."""
+        migrate.check(self.engine)
+
     def create_all(self) -> None:
-        """Create missing tables (idempotent)."""
-        Base.metadata.create_all(self.engine)
+        """The schema via migrations (the name callers from before migrations know)."""
+        self.upgrade()
 
     @contextmanager
     def session(self):

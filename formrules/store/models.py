@@ -75,9 +75,58 @@ class RunStatus(enum.StrEnum):
     WAITING = "waiting"  # a batch child waiting for a free slot (`concurrency:`)
 
 
-PENDING = (RunStatus.SCHEDULED, RunStatus.QUEUED, RunStatus.RETRYING)
-ACTIVE = (*PENDING, RunStatus.RUNNING)
-FINAL = (RunStatus.DONE, RunStatus.DEAD, RunStatus.CANCELLED, RunStatus.SKIPPED)
+# Named sets of statuses, the only definitions every reader uses (the transitions between
+# them live in `formrules.runs.lifecycle`).
+# PENDING: a worker may claim it when due (RQ carries a job for it).
+PENDING = frozenset({RunStatus.SCHEDULED, RunStatus.QUEUED, RunStatus.RETRYING})
+# NOT_STARTED: pending, or a batch child waiting for a slot: a cancel ends it at once.
+NOT_STARTED = PENDING | {RunStatus.WAITING}
+# NOT_FIRED: a Delay an edit may still move or stop (never tried; see `runs.updates`).
+NOT_FIRED = frozenset({RunStatus.SCHEDULED, RunStatus.QUEUED})
+# ACTIVE: holds a batch slot (pending or running).
+ACTIVE = PENDING | {RunStatus.RUNNING}
+# OPEN: will still change by itself or with its batch.
+OPEN = NOT_STARTED | {RunStatus.RUNNING}
+# FINAL: will not change by itself any more (an operator may retry DEAD or CANCELLED).
+FINAL = frozenset({RunStatus.DONE, RunStatus.DEAD, RunStatus.CANCELLED, RunStatus.SKIPPED})
+RETRYABLE_BY_OPERATOR = frozenset({RunStatus.DEAD, RunStatus.CANCELLED})
+CANCELLABLE = OPEN
+
+
+class EventKind(enum.StrEnum):
+    """What a line of a Run's trace records (`RunEvent.event`)."""
+
+    START = "start"  # an attempt claimed the Run
+    CHECKPOINT = "checkpoint"  # a step completed; its effects were committed with this line
+    FINISH = "finish"  # every step done (the flag set)
+    ERROR = "error"
+    RETRY = "retry"  # another attempt scheduled, or an operator's retry
+    DEAD = "dead"
+    CANCEL = "cancel"  # cancelled, or a cancel requested
+    SKIP = "skip"
+    RECOVER = "recover"  # its worker died; queued again
+    RESCHEDULE = "reschedule"  # an edit moved its due time
+    SCHEDULE = "schedule"  # started by a schedule slot
+    NOTE = "note"
+
+
+# Checkpoints written before checkpoints had their own kind (still honoured on resume).
+CHECKPOINT_KINDS = (EventKind.CHECKPOINT.value, "done")
+
+
+class BatchStatus(enum.StrEnum):
+    """Where a batch (a task run over many records) is; not a Run status."""
+
+    RUNNING = "running"
+    STOPPING = "stopping"  # a child failed and stop_on_error: the rest are cancelled
+    CANCELLING = "cancelling"  # cancelled while children still run
+    DONE = "done"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    CANCELLED = "cancelled"
+
+
+OPEN_BATCH = frozenset({BatchStatus.RUNNING, BatchStatus.STOPPING, BatchStatus.CANCELLING})
 
 
 class Base(DeclarativeBase):
@@ -162,11 +211,11 @@ class Run(Base):
     @property
     def is_final(self) -> bool:
         """True once the Run will not change by itself any more."""
-        return self.status in {s.value for s in FINAL}
+        return self.status in FINAL
 
 
 class RunEvent(Base):
-    """One line of a Run's trace; `done` events are also its step checkpoints."""
+    """One line of a Run's trace; `checkpoint` lines are also its step checkpoints."""
 
     __tablename__ = "run_events"
 
@@ -175,7 +224,7 @@ class RunEvent(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     path: Mapped[str] = mapped_column(String(300), default="")
-    event: Mapped[str] = mapped_column(String(20))  # start done error skip retry dead …
+    event: Mapped[str] = mapped_column(String(20))  # an EventKind
     detail: Mapped[str] = mapped_column(Text, default="")
     duration_ms: Mapped[int | None] = mapped_column(Integer)
 
@@ -253,7 +302,7 @@ class Batch(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     concurrency: Mapped[int] = mapped_column(Integer, default=1)
     stop_on_error: Mapped[bool] = mapped_column(Boolean, default=False)
-    status: Mapped[str] = mapped_column(String(20), default="running")
+    status: Mapped[str] = mapped_column(String(20), default=BatchStatus.RUNNING.value)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
 

@@ -1,4 +1,4 @@
-"""The Flask app factory. Rules are validated at start: invalid rules stop the app."""
+"""The Flask app factory. Rules come from `formrules.language.registry` (reloaded live)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,24 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy.exc import DBAPIError
 
 from formrules.config import Settings, from_env
-from formrules.language.loader import load_rules
+from formrules.language.registry import registry
 from formrules.process import runtime as runtime_mod
 from formrules.web import display
 from formrules.web.state import discard_db
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+
+def template_folder() -> Path:
+    """The templates: inside the installed package (a wheel), else the checkout's templates/.
+
+    The top-level templates/ folder is the source; building a wheel copies it into the
+    package as formrules/templates (see setup.py).
+    """
+    packaged = Path(__file__).resolve().parents[1] / "templates"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "templates"
+
+
 csrf = CSRFProtect()
 log = logging.getLogger("formrules.web")
 FALLBACK_500 = ("<!doctype html><meta charset='utf-8'><title>Something went wrong</title>"
@@ -44,9 +56,13 @@ class FormrulesFlask(Flask):
 
 def create_app(test_config: dict[str, Any] | None = None,
                settings: Settings | None = None) -> Flask:
-    """Build the app: settings from the environment unless given, rules loaded and checked."""
+    """Build the app: settings from the environment unless given, rules loaded and checked.
+
+    A broken rule file does not stop the app: its form is left out (or keeps its last good
+    version) and the problem shows on operator pages until the file is fixed.
+    """
     settings = settings or from_env()
-    app = FormrulesFlask(__name__, template_folder=str(TEMPLATES), instance_path=str(
+    app = FormrulesFlask(__name__, template_folder=str(template_folder()), instance_path=str(
         Path(settings.instance_dir).resolve()))
     app.config.from_mapping(
         SECRET_KEY=settings.secret_key,
@@ -61,31 +77,38 @@ def create_app(test_config: dict[str, Any] | None = None,
     if test_config:
         app.config.update(test_config)
     rt = runtime_mod.install(runtime_mod.Runtime(settings))
-    rt.store.create_all()
+    rt.store.check_schema()  # behind: refuse, saying which command upgrades it
     app.extensions["formrules"] = rt
-    app.extensions["formrules.rules"] = load_rules(settings.rules_dir)
+    app.extensions["formrules.rules"] = registry(settings.rules_dir)  # loads, logs problems
+    app.extensions["formrules.rules"].refresh()  # a new app reads the directory now
     csrf.init_app(app)
     display.init_app(app, settings.timezone, settings.locale)
 
     from formrules.web import (
         admin,
+        admin_records,  # noqa: F401  (adds its views to admin.bp)
         api,
         auth,
         batches,
         forms,
         headers,
         limits,
+        ops,
         records,
         sessions,
         tasks,
         updates,
     )
-    for module in (forms, records, tasks, auth, admin, updates, batches, api):
+    for module in (forms, records, tasks, auth, admin, updates, batches, api, ops):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
+    from formrules.web.state import rules_health
+    app.jinja_env.globals["rules_health"] = rules_health
     sessions.install(app)
     headers.install(app)
     limits.install(app, settings)
+    # Every request's session is closed here, whichever blueprint served it.
+    app.teardown_request(lambda _exc: discard_db())
 
     @app.get("/favicon.ico")
     def favicon():

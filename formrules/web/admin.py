@@ -1,5 +1,6 @@
 """Operator pages (`/admin`): every Run with filters, a Run's trace, retry/cancel/delete,
-the dead list. Records and queues are in `admin_records`. Operators only.
+the dead list. Records and queues are in `admin_records`, which adds its views to this
+blueprint (imported by the app factory; nothing here imports it back). Operators only.
 
 Every change goes through `formrules.runs.control` (database first, then RQ), as the CLI does.
 """
@@ -21,7 +22,7 @@ from flask import (
     url_for,
 )
 from redis.exceptions import RedisError
-from sqlalchemy import delete, func, or_, select, text
+from sqlalchemy import func, or_, select, text
 from sqlalchemy.sql import Select
 
 from formrules.runs import control
@@ -193,13 +194,11 @@ def cancel(run_id: str):
 def delete_run(run_id: str):
     """Delete a finished Run with its trace and files (a pending one must be cancelled)."""
     item = db().get(Run, run_id) or abort(404)
-    if not item.is_final:
+    try:
+        control.delete_run(db(), item)
+    except control.NotAllowed:
         flash("Only finished Runs can be deleted: cancel it first.", "error")
         return redirect(url_for("admin.run", run_id=run_id), 303)
-    # Explicit deletes: the schema cascades, but not every database enforces it.
-    db().execute(delete(RunEvent).where(RunEvent.run_id == run_id))
-    db().execute(delete(ResultFile).where(ResultFile.run_id == run_id))
-    db().delete(item)
     db().commit()
     flash(f"Deleted {item.title} ({run_id[:8]}).", "info")
     return redirect(url_for("admin.runs"), 303)
@@ -243,5 +242,3 @@ def endpoint_helpers() -> dict:
     """`has_endpoint(name)`: link to pages of blueprints that may not be installed."""
     return {"has_endpoint": lambda name: name in current_app.view_functions}
 
-
-from formrules.web import admin_records  # noqa: E402,F401  (registers the records and queue views)

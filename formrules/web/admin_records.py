@@ -9,12 +9,11 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, or_, select
 
 from formrules.runs import overview
-from formrules.store.models import ACTIVE, Record, Run, RunEvent, RunStatus
+from formrules.store.models import NOT_STARTED, PENDING, Record, Run, RunEvent, RunStatus
 from formrules.web.admin import bp, form_ids, page_count, page_number, paginate
 from formrules.web.auth import operator_required
 from formrules.web.state import db, rt, rules
 
-PENDING_STATUSES = ("scheduled", "queued", "waiting", "retrying")
 # The queue page lists what needs eyes first: work in flight, then what is over.
 STATUS_ORDER = ["queued", "scheduled", "waiting", "running", "retrying", "dead", "done",
                 "cancelled", "skipped"]
@@ -69,7 +68,7 @@ def record(record_id: int):
         "admin/record.html", record=item, form=form, labels=labels, events=events,
         titles=titles, edit_url=edit_url(item),
         running=[r for r in runs if r.status == RunStatus.RUNNING],
-        pending=sorted((r for r in runs if r.status in PENDING_STATUSES),
+        pending=sorted((r for r in runs if r.status in NOT_STARTED),
                        key=lambda r: r.due_at),
         ran=sorted((r for r in runs if r.is_final),
                    key=lambda r: r.finished_at or r.updated_at, reverse=True))
@@ -81,7 +80,7 @@ def queues():
     """Queues, registries and workers as RQ sees them, beside the database's view."""
     by_status = dict(db().execute(select(Run.status, func.count()).group_by(Run.status)).all())
     oldest = db().scalar(select(func.min(Run.due_at)).where(
-        Run.status.in_([s.value for s in ACTIVE if s != RunStatus.RUNNING])))
+        Run.status.in_(sorted(PENDING))))
     error = None
     queue_infos, worker_infos = [], []
     try:

@@ -19,13 +19,11 @@ from typing import Any
 
 from flask import Blueprint, g, jsonify, request, url_for
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from werkzeug.datastructures import MultiDict
 
 from formrules.errors import ActionError
 from formrules.language.tree import Form
-from formrules.runs import updates
-from formrules.runs.engine import submit as submit_record
+from formrules.runs import submit, updates
 from formrules.runs.status import record_status
 from formrules.store import tokens
 from formrules.store.models import Record, ResultFile, Run
@@ -196,29 +194,19 @@ def create(form_id: str):
     wtf, errors = _validate(form, values)
     if errors:
         return _invalid(errors)
-    key, s = _idempotency_key(form), db()
     stored = record_values(form, wtf)
     fingerprint = _fingerprint(stored)
-    if key and (existing := s.scalar(select(Record).where(Record.submit_key == key))):
-        return _repeat(existing, form, fingerprint)  # the same request again: same record
     try:
-        record, runs = submit_record(s, form, stored, owner=f"api:{g.api_token.name}",
-                                     settings=rt().settings, submit_key=key)
-        if key:
-            record.submit_fingerprint = fingerprint
-        s.commit()
-    except IntegrityError:
-        s.rollback()  # the same key won a race in another request
-        existing = s.scalar(select(Record).where(Record.submit_key == key)) if key else None
-        if existing is None:
-            raise
-        return _repeat(existing, form, fingerprint)
+        done = submit.accept(db(), form, stored, owner=f"api:{g.api_token.name}",
+                             settings=rt().settings, submit_key=_idempotency_key(form),
+                             fingerprint=fingerprint)
     except ActionError as exc:
-        s.rollback()
         log.warning("api: form %s: submit failed: %s", form.id, exc)
         return error(500, "action_failed", exc.safe_message)
-    rt().dispatcher.dispatch_all(runs, new=True)
-    body = _body(record, form)
+    if done.duplicate:  # the same request again: same record (or 422 if the body differs)
+        return _repeat(done.record, form, fingerprint)
+    submit.dispatch(rt().dispatcher, done)
+    body = _body(done.record, form)
     return jsonify(body), 201, {"Location": body["status_url"]}
 
 

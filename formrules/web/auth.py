@@ -6,13 +6,14 @@ import functools
 
 from flask import Blueprint, g, redirect, render_template, request, session, url_for
 from flask_wtf import FlaskForm
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
-from formrules.store.models import Notification, Record, ResultFile, Run, User
+from formrules.runs import control
+from formrules.store.models import User
 from formrules.web import sessions
 from formrules.web.state import db
 
@@ -99,9 +100,7 @@ def login():
 
 def _adopt(old: str, new: str) -> None:
     """What this browser did before logging in now belongs to the account."""
-    # Runs before records: the order workers lock them in, so the two never deadlock.
-    for model in (Run, ResultFile, Notification, Record):
-        db().execute(update(model).where(model.owner == old).values(owner=new))
+    control.adopt(db(), old, new)
     db().commit()
 
 

@@ -11,6 +11,7 @@ import secrets
 
 from flask import current_app, g, session
 
+from formrules.language.registry import RulesStatus, current_rules, rules_status
 from formrules.language.tree import RuleSet
 from formrules.process.runtime import Runtime
 
@@ -23,8 +24,14 @@ def rt() -> Runtime:
 
 
 def rules() -> RuleSet:
-    """The rules the app started with."""
-    return current_app.extensions["formrules.rules"]
+    """The rules now: files edited on disk show within a second, broken ones keep their
+    last good version (`formrules.language.registry`)."""
+    return current_rules(rt().settings.rules_dir)
+
+
+def rules_health() -> RulesStatus:
+    """Which rule files are broken (for the operator banner and a readiness check)."""
+    return rules_status(rt().settings.rules_dir)
 
 
 def owner() -> str:

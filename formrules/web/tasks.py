@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from urllib.parse import urlsplit
@@ -22,7 +21,15 @@ from sqlalchemy import func, select, update
 
 from formrules.runs import control
 from formrules.runs.status import files_by_run, run_view
-from formrules.store.models import Notification, Record, ResultFile, Run, utcnow
+from formrules.store.models import (
+    FINAL,
+    OPEN,
+    Notification,
+    Record,
+    Run,
+    RunStatus,
+    utcnow,
+)
 from formrules.web.state import current_owner_or_none, db, rt, rules
 
 bp = Blueprint("tasks", __name__)
@@ -53,10 +60,10 @@ def _form_title(form_id: str) -> str:
 # My tasks, in the order people look for them: what is happening, what is coming, what
 # needs attention, what is over.
 GROUPS = (
-    ("active", "In progress", ("running", "queued", "waiting", "retrying")),
-    ("scheduled", "Scheduled", ("scheduled",)),
-    ("failed", "Failed", ("dead",)),
-    ("finished", "Finished", ("done", "cancelled", "skipped")),
+    ("active", "In progress", OPEN - {RunStatus.SCHEDULED}),
+    ("scheduled", "Scheduled", {RunStatus.SCHEDULED}),
+    ("failed", "Failed", {RunStatus.DEAD}),
+    ("finished", "Finished", FINAL - {RunStatus.DEAD}),
 )
 
 
@@ -124,18 +131,7 @@ def cancel(run_id: str):
 def delete(run_id: str):
     """Remove a Run (and its files) from my list; one still going is cancelled first."""
     run = _own_run(run_id)
-    outcome = None
-    if not run.is_final:
-        # A running one stops at its next step; hidden now, it is gone from the list. One
-        # that finished meanwhile (NotAllowed) only needs deleting.
-        with contextlib.suppress(control.NotAllowed):
-            outcome = control.cancel(db(), run, "its owner, deleting it")
-    run.hidden = True
-    db().execute(ResultFile.__table__.delete().where(ResultFile.run_id == run.id))
-    # Its notices go too: a banner pointing at a deleted task only confuses.
-    db().execute(update(Notification).where(Notification.run_id == run.id,
-                                            Notification.read_at.is_(None))
-                 .values(read_at=utcnow()))
+    outcome = control.hide(db(), run, "its owner, deleting it")
     db().commit()
     if outcome is not None:
         control.after_commit(rt().dispatcher, run)

@@ -18,9 +18,9 @@ from flask import (
 from sqlalchemy import select
 
 from formrules.errors import ActionError, RuleError
-from formrules.language.loader import rebuild_defer
 from formrules.language.values import typed_record
 from formrules.runs import updates
+from formrules.runs.snapshot import Snapshot
 from formrules.store.models import PENDING, Record, Run
 from formrules.web.auth import operator_required
 from formrules.web.formbuilder import form_class
@@ -35,10 +35,11 @@ def _delays(record: Record) -> list[dict]:
     out = []
     for run in db().scalars(select(Run).where(
             Run.record_id == record.id, Run.kind == "delay",
-            Run.status.in_([p.value for p in PENDING])).order_by(Run.due_at)):
+            Run.status.in_(sorted(PENDING))).order_by(Run.due_at)):
         try:
-            node = rebuild_defer(run.snapshot["raw"], run.node_path, run.snapshot["fields"])
-        except RuleError:
+            node = Snapshot.load(run.snapshot).node(run.node_path)
+        except RuleError as exc:  # shown without its policy; the edit still works
+            log.warning("run %s: cannot rebuild its node: %s", run.id, exc)
             node = None
         policy = "keeps its time"
         if node is not None and node.on_change == "recompute" and node.at:

@@ -1,13 +1,13 @@
 """Indexes that keep list pages flat as tables grow (admin runs, records, dead, My tasks).
 
 Revision ID: 0002
-Revises: 0001
+Revises: 5e3c1a7b9d20
 """
 
 from alembic import op
 
 revision = "0002"
-down_revision = "0001"
+down_revision = "5e3c1a7b9d20"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,1 @@
+"""Alembic migrations of the formrules database (run them with `formrules db upgrade`)."""
