@@ -3,6 +3,7 @@ the record token and status URL, PATCH running update events, and a valid OpenAP
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from datetime import UTC, date, datetime, timedelta
@@ -10,7 +11,7 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from formrules.store import tokens
 from formrules.store.models import ApiToken, Record
@@ -157,6 +158,28 @@ def test_a_repeated_idempotency_key_returns_the_first_record(client, rt, auth):
     assert first.status_code == 201 and again.status_code == 200
     assert again.json["token"] == first.json["token"]
     assert len(runs_of(rt)) == 1
+
+
+def test_an_idempotent_post_stores_key_and_fingerprint_in_the_record_insert(app, client,
+                                                                           rt, auth):
+    seen: list[str] = []
+    engine = app.extensions["formrules"].store.engine
+
+    def note(conn, cursor, statement, *args):
+        if re.search(r"\brecords\b", statement):
+            seen.append(statement.split(None, 1)[0].upper())
+
+    event.listen(engine, "before_cursor_execute", note)
+    try:
+        answer = client.post("/api/forms/demo", headers={**auth, "Idempotency-Key": "k-1"},
+                             json=VALID)
+    finally:
+        event.remove(engine, "before_cursor_execute", note)
+    assert answer.status_code == 201
+    assert seen[:1] == ["INSERT"] and "UPDATE" not in seen  # no key SELECT, one INSERT
+    with rt.store.session() as s:
+        record = s.scalar(select(Record))
+        assert record.submit_key and record.submit_fingerprint
 
 
 def test_patch_runs_update_events_and_moves_the_delay(client, rt, auth):

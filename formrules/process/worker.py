@@ -29,6 +29,7 @@ from formrules.process import logs
 from formrules.process.leader import QUIET, Leader
 from formrules.process.outage import Outage, QuietOutage
 from formrules.process.runtime import Runtime, install
+from formrules.process.warmup import warm
 
 log = logging.getLogger("formrules.process.worker")
 
@@ -67,6 +68,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
     rt = install(Runtime(settings))
     current_rules(settings.rules_dir, max_age=0)  # load now: problems are logged at start
     rt.store.check_schema()  # a worker never changes the schema: `formrules db upgrade` does
+    warm(rt)  # before threads and the first fork: every work-horse inherits it warm
     stopping = threading.Event()
     leader = Leader(settings) if with_reconciler and not burst else None
     if leader is not None:

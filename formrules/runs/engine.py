@@ -23,7 +23,7 @@ from formrules.language import sandbox
 from formrules.language.tree import ActionNode, DeferNode, Form, IfNode, Node, ProgressNode
 from formrules.runs import lifecycle
 from formrules.runs.snapshot import Snapshot
-from formrules.store.models import Record, Run, new_id, utcnow
+from formrules.store.models import Record, Run, new_id, new_token, utcnow
 
 log = logging.getLogger("formrules.runs.engine")
 
@@ -124,18 +124,41 @@ def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner
     ), waiting=waiting)
 
 
+# Inline actions that only change the record being written (or log): a submit tree made
+# of these can run before the record's INSERT, so its writes go into that one statement.
+PURE_ACTIONS = frozenset({"set", "log"})
+
+
+def _pure(nodes: tuple[Node, ...]) -> bool:
+    """True when running `nodes` inline has no effect outside the record (no e-mail, no
+    HTTP): then a double submit may run it and still be refused by the INSERT alone."""
+    for node in nodes:
+        if isinstance(node, ActionNode) and node.action not in PURE_ACTIONS:
+            return False
+        if isinstance(node, IfNode) and not (_pure(node.then) and _pure(node.otherwise)):
+            return False
+    return True
+
+
 def submit(session: Session, form: Form, values: dict[str, Any], *, owner: str,
-           settings, submit_key: str | None = None,
+           settings, submit_key: str | None = None, fingerprint: str | None = None,
            event: str = "submit") -> tuple[Record, list[Run]]:
     """Store a record and run its submit tree inline; return it with its new Runs.
 
     Everything happens in `session`'s transaction: when a synchronous action fails the
-    caller rolls back, and nothing of the submission is half-written.
+    caller rolls back, and nothing of the submission is half-written. A tree of `set`s
+    and `if`s runs first and its writes go into the record's one INSERT; a tree with
+    outside effects (e-mail, HTTP) inserts the record first, so a duplicate `submit_key`
+    is refused by the unique constraint before anything is sent. `fingerprint`: what a
+    repeat of `submit_key` must match (the API's idempotency), stored in the same INSERT.
     """
-    record = Record(form_id=form.id, owner=owner, data=dict(values), submit_key=submit_key)
-    session.add(record)
-    session.flush()  # the record id is needed by its Runs
-    runs = run_inline(session, form, record, form.events.get(event, ()), settings=settings)
+    nodes = form.events.get(event, ())
+    record = Record(form_id=form.id, owner=owner, data=dict(values), submit_key=submit_key,
+                    submit_fingerprint=fingerprint if submit_key else None, token=new_token())
+    if not _pure(nodes):
+        session.add(record)
+        session.flush()
+    runs = run_inline(session, form, record, nodes, settings=settings)
     return record, runs
 
 
@@ -144,7 +167,8 @@ def run_inline(session: Session, form: Form, record: Record, nodes: tuple[Node, 
     """Run `nodes` inline against `record` (in the caller's transaction).
 
     `inputs` are an update event's `old` and `changed` in stored form; the tree sees them
-    typed, and its deferred nodes carry them to the worker.
+    typed, and its deferred nodes carry them to the worker. A record not inserted yet is
+    inserted after the walk, with the walk's writes in it.
     """
     extra = Snapshot(raw={}, fields=form.field_types, inputs=dict(inputs or {})).variables()
     ctx = Context(settings=settings, form_id=form.id, field_types=form.field_types,
@@ -158,14 +182,20 @@ def run_inline(session: Session, form: Form, record: Record, nodes: tuple[Node, 
         call_action(node, ctx)
 
     def on_defer(node: DeferNode) -> None:
-        run = new_run(node, form_id=form.id, field_types=form.field_types,
-                      owner=record.owner, variables=ctx.variables(), record_id=record.id,
-                      now=now, tz=settings.timezone, inputs=inputs)
-        session.add(run)
-        runs.append(run)
+        # Not added to the session yet: a record inserted after the walk gives its id first.
+        runs.append(new_run(node, form_id=form.id, field_types=form.field_types,
+                            owner=record.owner, variables=ctx.variables(),
+                            record_id=record.id, now=now, tz=settings.timezone,
+                            inputs=inputs))
 
     walk(nodes, ctx.variables, on_action, on_defer, lambda node: None)
     if ctx.updates:
         record.data = {**record.data, **ctx.updates}
+    if record.id is None:
+        session.add(record)
+        session.flush()  # one INSERT, the walk's writes included; its id is the Runs'
+        for run in runs:
+            run.record_id = record.id
+    session.add_all(runs)
     session.flush()
     return runs

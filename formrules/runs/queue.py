@@ -86,6 +86,9 @@ class JobState:
         return False
 
 
+NEW_JOB = JobState(exists=False)  # a Run created just now: Redis cannot hold its job yet
+
+
 class Dispatcher:
     """Enqueues Runs as RQ jobs and looks jobs up without side effects."""
 
@@ -165,12 +168,14 @@ class Dispatcher:
         timeout = Snapshot.load(run.snapshot).timeout_seconds(self.default_timeout)
         return int(timeout + GRACE_SECONDS)
 
-    def dispatch_all(self, runs: list[Run]) -> int:
+    def dispatch_all(self, runs: list[Run], *, new: bool = False) -> int:
         """Dispatch after commit; Redis being away is logged, the reconciler delivers.
 
         Bounded by `budget`: once it is spent, or after the first connection failure or
         timeout, the rest is left to the reconciler (the Runs are safe in the database),
         so a dead or frozen Redis costs a request one short wait, not one per Run.
+        `new`: the Runs were created by the caller's transaction just now, so no job can
+        exist for them yet and RQ's state is not read first.
         """
         sent = 0
         began = time.monotonic()
@@ -180,7 +185,7 @@ class Dispatcher:
                             len(runs) - i)
                 break
             try:
-                sent += self.dispatch(run)
+                sent += self.dispatch(run, state=NEW_JOB if new else None)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("%d run(s) not enqueued (%s); the reconciler will",
                             len(runs) - i, exc)

@@ -6,10 +6,11 @@ internal error detail (`last_error`, traces) is for operators only, never here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, exists, func, select
 from sqlalchemy.orm import Session, defer
 
 from formrules.language import sandbox
@@ -90,23 +91,67 @@ def _message(record: Record, form: Form | None) -> str:
         return FAILED_MESSAGE
 
 
-def record_status(s: Session, record: Record, form: Form | None) -> dict[str, Any]:
+POLL_TAG = (
+    select(Record.id, Record.owner, Record.form_id, Record.version, Record.updated_at,
+           func.count(Run.id), func.max(Run.updated_at))
+    .outerjoin(Run, (Run.record_id == Record.id) & Run.hidden.is_(False)
+               & (Run.owner == Record.owner))
+    .where(Record.token == bindparam("token"))
+    .group_by(Record.id, Record.owner, Record.form_id, Record.version, Record.updated_at))
+
+
+# A record's own visible Runs in tree order, each with whether it has result files.
+STATUS_RUNS = (
+    select(Run, exists().where(ResultFile.run_id == Run.id))
+    .where(Run.record_id == bindparam("record_id"), Run.hidden.is_(False),
+           Run.owner == bindparam("owner"))
+    .order_by(Run.created_at, Run.node_path, Run.id))
+
+
+def poll_tag(s: Session, token: str) -> tuple[int, str, str, str] | None:
+    """(record id, owner, form id, change tag) for a record token, in one statement.
+
+    The tag changes whenever the status view can: every write to a record bumps its
+    version (`lock_record`), and every write to a Run bumps its `updated_at` (files are
+    added in a step that writes its Run too). An unchanged poll is answered from this
+    alone; the tag is read before the view, so a view is never older than its tag.
+    """
+    # Built once, run on the connection: no statement building or ORM work per poll.
+    row = s.connection().execute(POLL_TAG, {"token": token}).first()
+    if row is None:
+        return None
+    record_id, owner, form_id, version, updated, runs, last = row
+    tag = f"{version}:{updated.timestamp() if updated else ''}:{runs}:" \
+          f"{last.timestamp() if last else ''}"
+    return record_id, owner, form_id, tag
+
+
+def etag_for(tag: str, form: Form | None) -> str:
+    """The status JSON's ETag: the change tag plus what the form adds (its message)."""
+    message = form.after_submit_message if form is not None else ""
+    return hashlib.blake2b(f"{tag}|{message}".encode(), digest_size=16).hexdigest()
+
+
+def record_status(s: Session, record: Record | int, form: Form | None,
+                  owner: str | None = None) -> dict[str, Any]:
     """The waiting page's state: `state` is working, done, failed or cancelled.
 
     Awaited Runs (`await: true | optional`) decide the state and the overall progress;
-    the others (`await: false`) are listed as continuing in the background.
+    the others (`await: false`) are listed as continuing in the background. `record`
+    may be an id (with its `owner`): it is read after the Runs either way.
     """
+    record_id = record if isinstance(record, int) else record.id
+    owner = owner if isinstance(record, int) else record.owner
     # Runs of one submit share a creation time: the tree's order (node path) breaks the tie.
     # Only the owner's own work: an operator's batch or a schedule touching this record is
     # not something the person who submitted it is waiting for.
-    runs = list(s.scalars(select(Run).where(Run.record_id == record.id, Run.hidden.is_(False),
-                                            Run.owner == record.owner)
-                          .order_by(Run.created_at, Run.node_path, Run.id)))
-    # Re-read the record after its Runs: a Run's "done" commits together with its flag, so
-    # the record read now is at least as new as the Runs; the copy the caller loaded
-    # before them could predate that commit ("done" with the flag still unset).
-    s.refresh(record)
-    files = files_by_run(s, runs)
+    rows = s.execute(STATUS_RUNS, {"record_id": record_id, "owner": owner}).all()
+    runs = [run for run, _ in rows]
+    # Read the record after its Runs: a Run's "done" commits together with its flag, so
+    # the record read now is at least as new as the Runs; a copy loaded before them
+    # could predate that commit ("done" with the flag still unset).
+    record = s.get(Record, record_id, populate_existing=True)
+    files = files_by_run(s, [run for run, has_files in rows if has_files])
     awaited = [r for r in runs if r.awaited in ("true", "optional")]
     done = all(r.is_final for r in awaited)
     failed = any(r.status == RunStatus.DEAD for r in awaited)

@@ -10,7 +10,7 @@ from sqlalchemy import func, or_, select
 
 from formrules.runs import overview
 from formrules.store.models import NOT_STARTED, PENDING, Record, Run, RunEvent, RunStatus
-from formrules.web.admin import bp, form_ids, page_number, paginate
+from formrules.web.admin import bp, form_ids, page_count, page_number, paginate
 from formrules.web.auth import operator_required
 from formrules.web.state import db, rt, rules
 
@@ -40,7 +40,7 @@ def records():
                     Run.record_id.in_(counts)).group_by(Run.record_id, Run.status)):
             counts[record_id][status] = n
     return render_template("admin/records.html", records=items, counts=counts, total=total,
-                           page=page, pages=max(1, -(-total // 50)), forms=form_ids(),
+                           page=page, pages=page_count(total), forms=form_ids(),
                            args=request.args)
 
 

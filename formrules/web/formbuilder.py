@@ -103,7 +103,20 @@ def form_class(form: Form, *, include_hidden: bool = False) -> type[FlaskForm]:
 
     `include_hidden`: the operator's edit page, where hidden fields (a status, a flag)
     can be corrected too; they are optional there and say that rules set them.
+    Built once per form definition (a request only instantiates it).
     """
+    cached = _classes.get((id(form), include_hidden))
+    if cached is not None and cached[0] is form:
+        return cached[1]
+    cls = _build_class(form, include_hidden)
+    _classes[(id(form), include_hidden)] = (form, cls)  # the form is kept: its id stays unique
+    return cls
+
+
+_classes: dict[tuple[int, bool], tuple[Form, type[FlaskForm]]] = {}
+
+
+def _build_class(form: Form, include_hidden: bool) -> type[FlaskForm]:
     attrs: dict[str, Any] = {
         "submit_key": HiddenField(validators=[Optional(), Regexp(SUBMIT_KEY)]),
     }

@@ -95,6 +95,16 @@ class SessionInterface(SecureCookieSessionInterface):
         hard_end = session.get("login_at", 0) + settings.session_max_days * 86400
         return min(expires, datetime.fromtimestamp(min(idle_end, hard_end), UTC))
 
+    # Status polls leave the cookie alone unless they changed it: the long-lived cookie
+    # is re-signed and re-sent on every request to keep it fresh, a waiting page polls
+    # every second or two, and the page load itself already refreshed it.
+    quiet = frozenset({"records.status_json"})
+
+    def should_set_cookie(self, app: Flask, session) -> bool:
+        if request.endpoint in self.quiet and not session.modified:
+            return False
+        return super().should_set_cookie(app, session)
+
 
 def install(app: Flask) -> None:
     """Check the session on every request and give templates `current_user`."""

@@ -74,7 +74,7 @@ def _my_tasks() -> tuple[list[tuple[str, str, list[dict]]], list[dict]]:
     # on the batch's page, not listed one by one among the operator's own tasks.
     runs = [] if me is None else list(db().scalars(
         select(Run).where(Run.owner == me, Run.hidden.is_(False), Run.batch_id.is_(None))
-        .order_by(Run.created_at.desc(), Run.id).limit(300)))
+        .order_by(Run.created_at.desc(), Run.id.desc()).limit(300)))
     files = files_by_run(db(), runs)
     ids = {r.record_id for r in runs if r.record_id}
     tokens = dict(db().execute(select(Record.id, Record.token).where(Record.id.in_(ids))).all())

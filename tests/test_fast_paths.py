@@ -1,0 +1,144 @@
+"""The hot paths stay cheap: statements per submit and per status poll, a warm worker
+parent, capped counts on list pages. Counts of SQL statements, never timings."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from sqlalchemy import event, func, insert, select
+
+from formrules.language.registry import current_rules
+from formrules.process.warmup import warm
+from formrules.store.models import Record, Run, RunEvent, utcnow
+from formrules.web import admin, create_app
+from formrules.web.formbuilder import form_class
+from tests.fixture_actions import read_calls
+from tests.helpers import submit, token_of, tokens
+
+GOOD = {"name": "Ann", "email": "ann@example.com", "count": "3"}
+NOISY = """
+form: noisy
+title: Noisy
+fields:
+  - {name: name, type: string, required: true}
+  - {name: status, type: string, hidden: true}
+events:
+  submit:
+    - set: {status: received}
+    - record_call: {name: inline}
+"""
+
+
+@contextmanager
+def statements(app):
+    """The SQL statements the app sends (transaction control and PRAGMAs left out)."""
+    engine = app.extensions["formrules"].store.engine
+    seen: list[str] = []
+
+    def note(conn, cursor, statement, *args):
+        word = statement.lstrip().split(None, 1)[0].upper()
+        if word not in ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "PRAGMA"):
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", note)
+
+
+def count(rt, model) -> int:
+    with rt.store.session() as s:
+        return s.scalar(select(func.count()).select_from(model))
+
+
+def test_submit_is_two_inserts_with_inline_sets_in_the_record(app, client, rt):
+    data = {**tokens(client.get("/forms/demo").data), **GOOD}
+    with statements(app) as seen:
+        response = client.post("/forms/demo", data=data)
+    assert response.status_code == 303
+    assert [s.split()[:3] for s in seen] == [["INSERT", "INTO", "records"],
+                                            ["INSERT", "INTO", "runs"]]
+    with rt.store.session() as s:
+        record = s.scalar(select(Record))
+        assert record.data["status"] == "received" and record.data["size"] == "normal"
+        assert s.scalar(select(Run.record_id)) == record.id
+
+
+def test_double_submit_of_a_tree_with_outside_effects_runs_it_once(rt, rules_dir):
+    (rules_dir / "noisy.yaml").write_text(NOISY)
+    client = create_app({"TESTING": True}, settings=rt.settings).test_client()
+    data = {**tokens(client.get("/forms/noisy").data), "name": "Bo"}
+    first = client.post("/forms/noisy", data=data)
+    second = client.post("/forms/noisy", data=data)
+    assert token_of(first) == token_of(second)
+    assert count(rt, Record) == 1
+    assert len(read_calls(rt.settings.instance_dir)) == 1  # the record was claimed first
+
+
+def test_unchanged_status_poll_is_one_statement(app, client):
+    token = token_of(submit(client, "demo", GOOD))
+    with statements(app) as seen:
+        first = client.get(f"/r/{token}/status")
+    assert first.status_code == 200 and first.json["record"]["status"] == "received"
+    assert len(seen) <= 3  # change tag, the Runs (with a has-files flag), the record
+    with statements(app) as seen:
+        again = client.get(f"/r/{token}/status",
+                           headers={"If-None-Match": first.headers["ETag"]})
+    assert again.status_code == 304 and len(seen) == 1
+
+
+def test_status_etag_changes_with_the_record_and_its_runs(client, rt):
+    from formrules.store.db import lock_record
+    token = token_of(submit(client, "demo", GOOD))
+    tag = client.get(f"/r/{token}/status").headers["ETag"]
+    with rt.store.session() as s:
+        record = s.scalar(select(Record).where(Record.token == token))
+        lock_record(s, record.id).data = {**record.data, "status": "edited"}
+    changed = client.get(f"/r/{token}/status", headers={"If-None-Match": tag})
+    assert changed.status_code == 200 and changed.json["record"]["status"] == "edited"
+    tag = changed.headers["ETag"]
+    with rt.store.session() as s:
+        s.scalar(select(Run)).progress_message = "halfway"
+    moved = client.get(f"/r/{token}/status", headers={"If-None-Match": tag})
+    assert moved.status_code == 200 and moved.json["runs"][0]["message"] == "halfway"
+
+
+def test_status_of_someone_elses_record_is_404(app, client):
+    token = token_of(submit(client, "demo", GOOD))
+    assert app.test_client().get(f"/r/{token}/status").status_code == 404
+
+
+def test_form_class_is_built_once_per_form(app):
+    form = current_rules(app.extensions["formrules"].settings.rules_dir).form("demo")
+    assert form_class(form) is form_class(form)
+    assert form_class(form, include_hidden=True) is not form_class(form)
+
+
+def test_warm_up_runs_a_job_and_leaves_nothing_behind(rt):
+    assert warm(rt) is True
+    assert count(rt, Record) == 0 and count(rt, Run) == 0 and count(rt, RunEvent) == 0
+
+
+def test_admin_list_counts_up_to_a_limit(operator, rt, monkeypatch):
+    monkeypatch.setattr(admin, "COUNT_LIMIT", 60)
+    now = utcnow()
+    with rt.store.session() as s:
+        s.execute(insert(Run), [
+            {"id": f"{i:032d}", "form_id": "demo" if i % 2 else "other", "owner": "o",
+             "kind": "background", "node_path": "p", "title": f"t{i}", "snapshot": {},
+             "status": "done", "created_at": now, "updated_at": now} for i in range(130)])
+    page = operator.get("/admin")
+    assert b"60+ results" in page.data and b'rel="next"' in page.data
+    page = operator.get("/admin?page=3")
+    assert page.status_code == 200 and b"t29" in page.data  # newest first: 129 … 0
+    filtered = operator.get("/admin?form=other")
+    assert b"60+ results" in filtered.data
+    assert b'value="other"' in filtered.data  # the form filter offers forms with Runs
+
+
+def test_status_polls_do_not_reissue_the_session_cookie(client):
+    token = token_of(submit(client, "demo", GOOD))
+    assert "Set-Cookie" in client.get(f"/r/{token}").headers  # the page refreshes it
+    poll = client.get(f"/r/{token}/status")
+    assert poll.status_code == 200 and "Set-Cookie" not in poll.headers
