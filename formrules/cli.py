@@ -19,7 +19,7 @@ import click
 from formrules.config import from_env
 from formrules.errors import FormrulesError
 from formrules.language.loader import check_rules
-from formrules.logs import configure_logging
+from formrules.process import logs as log_setup
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,7 +29,7 @@ def cli() -> None:
 
 def main() -> None:
     """Console entry point."""
-    configure_logging()
+    log_setup.configure(replace=False)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

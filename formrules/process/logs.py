@@ -1,4 +1,4 @@
-"""Log set-up for every formrules process: text, or JSON lines (FORMRULES_LOG_FORMAT=json).
+"""The one log set-up of every formrules process: text, or JSON lines (FORMRULES_LOG_FORMAT=json).
 
 Each line carries the Run id and the record token of the work it belongs to, taken from
 context variables that the job entry point (and the web, for URLs naming a record) set;
@@ -46,26 +46,40 @@ def formatter(fmt: str) -> logging.Formatter:
     return logging.Formatter(TEXT_FORMAT)
 
 
-def configure(fmt: str | None = None, level: int = logging.INFO) -> None:
-    """Send this process's logs to stderr in `fmt` (default: FORMRULES_LOG_FORMAT, or text).
+def configure(fmt: str | None = None, level: str | None = None, replace: bool = True) -> None:
+    """Send this process's logs to stderr in `fmt` at `level` (defaults: the environment).
 
-    Replaces the root handlers, so RQ and gunicorn (which add their own only when the
-    root has none) log through it too.
+    FORMRULES_LOG_FORMAT is `text` or `json`; FORMRULES_LOG_LEVEL is DEBUG, INFO (the
+    default: operators read a worker's `log:` lines and schedule summaries there), ….
+    `replace` swaps the root handlers, so RQ and gunicorn (which add their own only when the
+    root has none) log through it too; without it a handler someone else installed
+    (pytest, an embedding app) stays, and the call only sets levels where none was set.
     """
     fmt = (fmt or os.environ.get("FORMRULES_LOG_FORMAT") or "text").lower()
     if fmt not in ("text", "json"):
         from formrules.errors import ConfigError
         raise ConfigError(f"FORMRULES_LOG_FORMAT must be text or json, got {fmt!r}")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter(fmt))
-    handler.addFilter(ContextFilter())
+    numeric = logging.getLevelName((level or os.environ.get("FORMRULES_LOG_LEVEL")
+                                    or "INFO").upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
+    if replace or not root.handlers:
+        for old in list(root.handlers) if replace else ():
+            root.removeHandler(old)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(formatter(fmt))
+        handler.addFilter(ContextFilter())
+        root.addHandler(handler)
+        root.setLevel(numeric)
+    logging.getLogger("formrules").setLevel(numeric)
     # Alembic narrates every schema check; `formrules db upgrade` prints its own summary.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))
+
+
+def level_name() -> str:
+    """The level formrules logs at, by name (for RQ's own `logging_level`)."""
+    return logging.getLevelName(logging.getLogger("formrules").getEffectiveLevel())
 
 
 def dict_config() -> dict:

@@ -23,7 +23,6 @@ from rq.serializers import JSONSerializer
 
 from formrules.config import Settings, from_env
 from formrules.language.registry import current_rules
-from formrules.logs import configure_logging, level_name
 from formrules.process import health as health_mod
 from formrules.process import logs
 from formrules.process.leader import QUIET, Leader
@@ -64,7 +63,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
 
     `health` (host, port): serve /healthz and /metrics there (see `process.health`).
     """
-    configure_logging()  # here, not in one caller: `formrules worker` and worker.py alike
+    logs.configure(replace=False)  # here, not in one caller: `formrules worker` and worker.py alike
     rt = install(Runtime(settings))
     current_rules(settings.rules_dir, max_age=0)  # load now: problems are logged at start
     rt.store.check_schema()  # a worker never changes the schema: `formrules db upgrade` does
@@ -88,7 +87,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
             worker = worker_class([queue], connection=rt.redis, serializer=JSONSerializer)
             worker.stopping = stopping
             try:
-                worked = worker.work(burst=burst, logging_level=level_name()) or worked
+                worked = worker.work(burst=burst, logging_level=logs.level_name()) or worked
                 if burst or stopping.is_set():
                     return worked
                 # RQ's loop gave up (a Redis timeout or error it logged): start again.
