@@ -392,6 +392,41 @@ def db_history() -> None:
 
 
 @cli.group()
+def forms() -> None:
+    """Pause and resume a form's work."""
+
+
+@forms.command("pause")
+@click.argument("form_id")
+def forms_pause(form_id: str) -> None:
+    """Pause FORM's queued and scheduled work: nothing of it starts until resumed."""
+    from formrules.runs import pause
+    with _runtime().store.session() as s:
+        changed = pause.pause(s, form_id, "the CLI")
+    click.echo(f"{form_id}: {'paused' if changed else 'already paused'}.")
+
+
+@forms.command("resume")
+@click.argument("form_id")
+def forms_resume(form_id: str) -> None:
+    """Resume FORM: the reconciler's next pass dispatches what waited."""
+    from formrules.runs import pause
+    with _runtime().store.session() as s:
+        changed = pause.resume(s, form_id)
+    click.echo(f"{form_id}: {'resumed' if changed else 'was not paused'}.")
+
+
+@forms.command("paused")
+def forms_paused() -> None:
+    """List the paused forms."""
+    from formrules.runs import pause
+    with _runtime().store.session() as s:
+        for p in pause.paused_forms(s).values():
+            click.echo(f"{p.form_id}\tpaused by {p.paused_by} at "
+                       f"{p.paused_at.isoformat(timespec='seconds')}")
+
+
+@cli.group()
 def runs() -> None:
     """Inspect and repair Runs."""
 

@@ -49,6 +49,16 @@ class Settings:
     login_account_limit: str = "5 per 15 minutes"  # per user name: a lockout window
     login_client_limit: str = "20 per 15 minutes"  # per client address, any names
     api_auth_limit: str = "20 per 15 minutes"  # per client address, bad API tokens
+    # How long finished Runs are kept when a form says nothing: `30d`, `done=30d,dead=90d`;
+    # empty keeps them (formrules.language.retention). A purge pass removes at most
+    # `purge_batch` Runs; the next pass goes on.
+    retention: str = ""
+    purge_batch: int = 500
+    pause_cache_seconds: float = 2.0  # a worker re-reads which forms are paused this often
+    # Completion callbacks: their HMAC key (empty: callbacks cannot be registered), and the
+    # deliveries tried before one is given up (formrules.runs.callbacks).
+    callback_secret: str = ""
+    callback_attempts: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -89,6 +99,10 @@ _ENV = {
     "api_auth_limit": "FORMRULES_API_AUTH_LIMIT",
     "submit_redis_seconds": "FORMRULES_SUBMIT_REDIS_TIMEOUT",
     "leader_lease_seconds": "FORMRULES_LEADER_LEASE", "tick_seconds": "FORMRULES_TICK",
+    "retention": "FORMRULES_RETENTION", "purge_batch": "FORMRULES_PURGE_BATCH",
+    "pause_cache_seconds": "FORMRULES_PAUSE_CACHE",
+    "callback_secret": "FORMRULES_CALLBACK_SECRET",
+    "callback_attempts": "FORMRULES_CALLBACK_ATTEMPTS",
 }
 
 
@@ -114,6 +128,12 @@ def from_env(environ: dict[str, str] | None = None, **overrides: Any) -> Setting
         else:
             values[name] = raw
     values.update(overrides)
+    if values.get("retention"):
+        from formrules.language.retention import parse_setting
+        try:
+            parse_setting(values["retention"])
+        except ValueError as exc:
+            raise ConfigError(f"FORMRULES_RETENTION: {exc}") from None
     settings = Settings(**values)
     if not settings.secret_key:
         settings = replace(settings, secret_key=instance_secret(settings.instance_dir))

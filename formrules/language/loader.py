@@ -13,6 +13,7 @@ from typing import Any
 from croniter import croniter
 
 from formrules.errors import Problem, RuleError
+from formrules.language import retention
 from formrules.language.checker import Checker, did_you_mean
 from formrules.language.source import Map, load_yaml, plain
 from formrules.language.tree import (
@@ -29,7 +30,7 @@ from formrules.language.values import to_storage
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 FORM_ID = re.compile(r"^[a-z][a-z0-9_-]*$")
 FORM_KEYS = ("form", "title", "description", "fields", "events", "after_submit", "tasks",
-             "schedules")
+             "schedules", "retention")
 FIELD_KEYS = ("name", "type", "label", "help", "required", "min", "max", "max_length",
               "choices", "default", "hidden")
 EVENTS = ("submit", "update")
@@ -126,7 +127,33 @@ def _form(c: Checker, raw: Map) -> Form:
         fields=fields, events=events, after_submit_message=message, file=c.file,
         tasks=_tasks(c, raw.get("tasks"), c.value_pos(raw, "tasks")),
         schedules=_schedules(c, raw.get("schedules"), c.value_pos(raw, "schedules")),
+        retention=_retention(c, raw.get("retention"), c.value_pos(raw, "retention"))
+        if "retention" in raw else {},
     )
+
+
+def _retention(c: Checker, value: Any, pos) -> dict:
+    """`retention: 30d`, or one period per finished status; `forever` keeps them."""
+    def period(v: Any, at, path: str):
+        try:
+            return retention.parse_period(v)
+        except ValueError as exc:
+            hint = did_you_mean(v, (retention.FOREVER,)) if isinstance(v, str) else ""
+            c.error(at, path, f"{exc} (or '{retention.FOREVER}'){hint}"
+                    if hint else str(exc))
+            return None
+    if not isinstance(value, dict):
+        return dict.fromkeys(retention.STATUSES, period(value, pos, "retention"))
+    out = {}
+    for status, v in value.items():
+        if status not in retention.STATUSES:
+            c.error(c.key_pos(value, status), "retention",
+                    f"unknown status '{status}' (retention applies to "
+                    f"{', '.join(retention.STATUSES)})"
+                    f"{did_you_mean(str(status), retention.STATUSES)}")
+            continue
+        out[status] = period(v, c.value_pos(value, status), f"retention/{status}")
+    return out
 
 
 def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:

@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from formrules.actions import registry as actions
-from formrules.language import duration
+from formrules.language import duration, retention
 from formrules.language.checker import (
     AWAIT_VALUES,
     DEFER_KEYS,
@@ -191,6 +191,11 @@ def rules_schema(registered: dict[str, actions.ActionSpec] | None = None) -> dic
                   "additionalProperties": _object(TASK_KEYS, RUN_VALUES, required=("do",))},
         "schedules": {"type": ["array", "null"],
                       "items": _object(SCHEDULE_KEYS, RUN_VALUES, required=("cron", "do"))},
+        "retention": {"description": "How long finished Runs are kept (then purged): one "
+                                     "period for all, or one per status",
+                      "anyOf": [{"$ref": "#/definitions/period"},
+                                _object(retention.STATUSES, dict.fromkeys(
+                                    retention.STATUSES, {"$ref": "#/definitions/period"}))]},
     }
     retry = _object(RETRY_KEYS, {
         "attempts": {"type": "integer", "minimum": 1},
@@ -213,6 +218,8 @@ def rules_schema(registered: dict[str, actions.ActionSpec] | None = None) -> dic
         **_object(FORM_KEYS, form_values, required=("form",)),
         "definitions": {
             "duration": _duration(),
+            "period": {"anyOf": [{"const": retention.FOREVER},
+                                 {"$ref": "#/definitions/duration"}]},
             "field": _object(FIELD_KEYS, FIELD_VALUES, required=("name",)),
             "nodes": {"type": ["array", "null"], "items": {"$ref": "#/definitions/node"}},
             "node": {"anyOf": node_kinds},

@@ -177,6 +177,9 @@ class Form:
     file: str
     tasks: dict[str, TaskDef] = field(default_factory=dict)
     schedules: tuple[ScheduleDef, ...] = ()
+    # `retention:`: how long its finished Runs are kept, by status (None: forever); a
+    # status left out takes the deployment's default (`formrules.language.retention`).
+    retention: dict[str, timedelta | None] = field(default_factory=dict)
 
     def field(self, name: str) -> FieldDef | None:
         """The field called `name`, or None."""

@@ -102,7 +102,7 @@ class Leader(threading.Thread):
                 done = reconciler.reconcile_once(self.rt, between=self.renew)
             finally:  # a failed pass is counted too (done stays None)
                 metrics.reconciled(done, time.monotonic() - started)
-            if done.recovered or done.dispatched or done.dead or done.schedules:
+            if done.recovered or done.dispatched or done.dead or done.schedules or done.purged:
                 log.info("reconciled: %s", done)
             self.next_pass = time.monotonic() + self.settings.reconcile_seconds
 

@@ -71,6 +71,10 @@ def _m() -> SimpleNamespace:
                                "Duration of one reconciler pass."),
         reconciled=Counter("formrules_reconciler_actions",
                            "What reconciler passes did, by kind.", ["action"]),
+        purged=Counter("formrules_purged", "What retention removed: finished Runs, "
+                       "their trace lines and result files.", ["kind"]),
+        callbacks=Counter("formrules_callbacks", "Completion callback deliveries.",
+                          ["outcome"]),
     )
 
 
@@ -99,6 +103,18 @@ def reconciled(done: Any, seconds: float) -> None:
         count = getattr(done, action, 0)
         if count:
             _m().reconciled.labels(action).inc(count)
+
+
+def purged(runs: int, events: int, files: int) -> None:
+    """Count what one purge pass removed (`formrules_purged_total{kind}`)."""
+    for kind, count in (("runs", runs), ("events", events), ("files", files)):
+        if count:
+            _m().purged.labels(kind).inc(count)
+
+
+def callback(outcome: str) -> None:
+    """Count one callback delivery attempt: delivered, retry or failed."""
+    _m().callbacks.labels(outcome).inc()
 
 
 def exposition(rt: Runtime | None = None) -> bytes:

@@ -48,7 +48,7 @@ from formrules.language.sandbox import evaluate, render
 from formrules.language.tree import ActionNode, DeferNode, ProgressNode
 from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
-from formrules.runs import lifecycle, observe
+from formrules.runs import lifecycle, observe, pause
 from formrules.runs.engine import call_action, new_run, walk
 from formrules.runs.snapshot import Snapshot
 from formrules.store.db import lock_record
@@ -120,6 +120,10 @@ class Execution:
                     return None
                 if not lifecycle.is_pending(run):
                     log.info("run %s is %s; nothing to do", self.run_id, run.status)
+                    return None
+                if pause.is_paused(s, run.form_id):
+                    # Put back to wait: the reconciler dispatches it again after a resume.
+                    log.info("run %s: form %s is paused; the run waits", run.id, run.form_id)
                     return None
                 wait = (run.due_at - now).total_seconds()
                 if wait > EARLY_WAIT_LIMIT:

@@ -136,9 +136,11 @@ def born(run: Run, *, waiting: bool = False) -> Run:
 # -- the worker's transitions (guarded by its lease) --------------------------------------
 
 def claim(s: Session, run_id: str, lease: str, now: datetime) -> Run | None:
-    """Take a due, pending Run for the execution holding `lease`; None if not claimable."""
+    """Take a due, pending Run for the execution holding `lease`; None if not claimable
+    (a paused form's Run among them: it stays pending, its attempt unused)."""
+    from formrules.runs.pause import not_paused
     moved = move(s, CLAIM, [Run.id == run_id, Run.due_at <= now,
-                            Run.cancel_requested.is_(False)],
+                            Run.cancel_requested.is_(False), not_paused()],
                  path="", now=now, detail=lambda run: f"attempt {run.attempt}",
                  lease=lease, heartbeat_at=now, attempt=Run.attempt + 1,
                  started_at=func.coalesce(Run.started_at, now))

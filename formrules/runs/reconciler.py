@@ -11,7 +11,8 @@ changes hands):
    twice. Only Runs due now are read (the `status, due_at` index): a pass costs what is
    due, not what is pending, so 100k future Delays cost nothing until they come due;
 3. fire due cron schedules (`formrules.runs.schedule`), one Run per slot;
-4. advance batches (`formrules.runs.batch`): start waiting children in free slots.
+4. advance batches (`formrules.runs.batch`): start waiting children in free slots;
+5. purge finished Runs past their retention (`formrules.runs.purge`), a bounded batch.
 Between passes, `dispatch_due` (every `tick_seconds`) enqueues the Delays and retries
 that just came due, so they start on time.
 
@@ -38,6 +39,7 @@ from sqlalchemy import and_, or_, select
 from formrules.process.runtime import Runtime
 from formrules.runs import lifecycle
 from formrules.runs.job import EARLY_WAIT_LIMIT, LOST_WORKER
+from formrules.runs.pause import not_paused
 from formrules.runs.queue import CHUNK, JobState
 from formrules.store.models import PENDING, Run, RunStatus, utcnow
 
@@ -52,6 +54,7 @@ class Pass:
     dispatched: int = 0
     dead: int = 0
     schedules: int = 0
+    purged: int = 0  # finished Runs removed by retention (`formrules.runs.purge`)
 
 
 def reconcile_once(rt: Runtime, schedules: bool = True,
@@ -71,6 +74,14 @@ def reconcile_once(rt: Runtime, schedules: bool = True,
         result.dispatched += advance_all(rt)
     except Exception:
         log.exception("batches failed")
+    from formrules.runs import purge
+    try:  # last: what is due now comes before tidying up what ended long ago
+        removed = purge.purge_due(rt)
+        result.purged = removed.runs
+        from formrules.process import metrics
+        metrics.purged(removed.runs, removed.events, removed.files)
+    except Exception:
+        log.exception("retention purge failed")
     return result
 
 
@@ -112,7 +123,8 @@ def dispatch_pending(rt: Runtime, result: Pass,
     after: tuple[datetime, str] | None = None
     while True:  # batches in due order (keyset), so a backlog costs in proportion to it
         query = select(Run.id, Run.due_at).where(
-            Run.status.in_(pending), Run.due_at <= now, Run.cancel_requested.is_(False))
+            Run.status.in_(pending), Run.due_at <= now, Run.cancel_requested.is_(False),
+            not_paused())
         if after is not None:
             query = query.where(or_(Run.due_at > after[0],
                                     and_(Run.due_at == after[0], Run.id > after[1])))
@@ -140,7 +152,7 @@ def dispatch_due(rt: Runtime, since: datetime | None = None) -> int:
     now = utcnow()
     query = select(Run.id, Run.due_at).where(
         Run.status.in_([RunStatus.SCHEDULED.value, RunStatus.RETRYING.value]),
-        Run.due_at <= now, Run.cancel_requested.is_(False))
+        Run.due_at <= now, Run.cancel_requested.is_(False), not_paused())
     if since is not None:
         query = query.where(Run.due_at > since)
     with rt.store.session() as s:
@@ -191,7 +203,7 @@ def run_forever(rt: Runtime, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             done = reconcile_once(rt)
-            if done.recovered or done.dispatched or done.dead or done.schedules:
+            if done.recovered or done.dispatched or done.dead or done.schedules or done.purged:
                 log.info("reconciled: %s", done)
         except Exception:  # database or Redis away: try again next interval
             log.exception("reconcile pass failed")

@@ -134,7 +134,8 @@ def etag_for(tag: str, form: Form | None) -> str:
 
 def record_status(s: Session, record: Record | int, form: Form | None,
                   owner: str | None = None) -> dict[str, Any]:
-    """The waiting page's state: `state` is working, done, failed or cancelled.
+    """The waiting page's state: `state` is working, done, failed, cancelled or expired
+    (its Runs were removed after the form's retention period).
 
     Awaited Runs (`await: true | optional`) decide the state and the overall progress;
     the others (`await: false`) are listed as continuing in the background. `record`
@@ -158,6 +159,10 @@ def record_status(s: Session, record: Record | int, form: Form | None,
     cancelled = not failed and any(r.status == RunStatus.CANCELLED for r in awaited)
     state = "working" if not done else "failed" if failed else \
         "cancelled" if cancelled else "done"
+    if not awaited and record.purged_at is not None:
+        state = "expired"  # retention removed its Runs: "done" would be a guess
+    from formrules.runs.pause import is_paused
+    paused = state == "working" and is_paused(s, record.form_id)
     percent = (sum(r.percent for r in awaited) // len(awaited)) if awaited else 100
     return {
         "state": state,
@@ -168,4 +173,5 @@ def record_status(s: Session, record: Record | int, form: Form | None,
         "runs": [run_view(r, files.get(r.id)) for r in awaited],
         "other_runs": [run_view(r, files.get(r.id)) for r in runs if r not in awaited],
         "message": _message(record, form) if state == "done" else None,
+        "paused": paused,  # an operator paused the form's work: it waits for a resume
     }

@@ -152,6 +152,9 @@ class Record(Base):
     submit_fingerprint: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When retention last purged Runs of this record: a waiting page with no Runs left
+    # says their details are gone instead of "done" (`formrules.runs.purge`).
+    purged_at: Mapped[datetime | None] = mapped_column()
 
 
 class Run(Base):
@@ -165,6 +168,9 @@ class Run(Base):
         Index("ix_runs_form_created", "form_id", "created_at", "id"),
         Index("ix_runs_owner_created", "owner", "created_at", "id"),
         Index("ix_runs_status_finished", "status", "finished_at", "id"),
+        # Retention: a form's finished Runs of one status, oldest first, so a purge pass
+        # reads what is due and no more (`formrules.runs.purge`).
+        Index("ix_runs_form_status_finished", "form_id", "status", "finished_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -319,3 +325,43 @@ class ScheduleSlot(Base):
     # What became of the slot: "started 3 run(s)", or why it was skipped (catch_up: none).
     outcome: Mapped[str] = mapped_column(String(300), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FormPause(Base):
+    """A form whose queued and scheduled work an operator paused (`formrules.runs.pause`):
+    workers start none of its Runs until it is resumed; submits still work."""
+
+    __tablename__ = "form_pauses"
+
+    form_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    paused_by: Mapped[str] = mapped_column(String(100))
+    paused_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CallbackState(enum.StrEnum):
+    """Where a completion callback is (`formrules.runs.callbacks`)."""
+
+    WAITING = "waiting"  # registered; the record's awaited work has not ended
+    DUE = "due"  # the work ended: the body is written, delivery is due at `next_at`
+    DELIVERED = "delivered"
+    FAILED = "failed"  # out of attempts: operators see it (`formrules callbacks list`)
+
+
+class Callback(Base):
+    """A URL an API client asked to be called when a record's awaited work ends: the
+    outbox row, made due in the same transaction as the ending."""
+
+    __tablename__ = "callbacks"
+    __table_args__ = (Index("ix_callbacks_state_next", "state", "next_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    record_id: Mapped[int] = mapped_column(ForeignKey("records.id", ondelete="CASCADE"),
+                                           index=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    state: Mapped[str] = mapped_column(String(20), default=CallbackState.WAITING.value)
+    body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime | None] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column()

@@ -7,6 +7,7 @@ Every change goes through `formrules.runs.control` (database first, then RQ), as
 
 from __future__ import annotations
 
+import logging
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -25,13 +26,14 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, or_, select, text
 from sqlalchemy.sql import Select
 
-from formrules.runs import control
+from formrules.runs import control, pause
 from formrules.runs.trace import attempt_numbers
 from formrules.store.models import Record, ResultFile, Run, RunEvent, RunStatus
 from formrules.web.auth import operator_required
 from formrules.web.state import db, rt, rules
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
+log = logging.getLogger("formrules.web.admin")
 PER_PAGE = 50
 STATUSES = [s.value for s in RunStatus]
 
@@ -137,7 +139,32 @@ def runs():
     items, total = paginate(query, page)
     return render_template("admin/runs.html", runs=items, total=total, page=page,
                            pages=page_count(total), statuses=STATUSES,
-                           forms=form_ids(), args=request.args)
+                           forms=form_ids(), args=request.args,
+                           paused=pause.paused_forms(db()))
+
+
+@bp.post("/forms/<form_id>/pause")
+@operator_required
+def pause_form(form_id: str):
+    """Pause a form's queued and scheduled work (submits still work)."""
+    if form_id not in form_ids():
+        abort(404)
+    if pause.pause(db(), form_id, who()):
+        db().commit()
+        log.warning("form %s: work paused by %s", form_id, who())
+    flash(f"{form_id}: paused. Its work waits until you resume it.", "info")
+    return redirect(url_for("admin.runs", form=form_id), 303)
+
+
+@bp.post("/forms/<form_id>/resume")
+@operator_required
+def resume_form(form_id: str):
+    """Resume a paused form: the reconciler's next pass dispatches what waited."""
+    if pause.resume(db(), form_id):
+        db().commit()
+        log.warning("form %s: work resumed by %s", form_id, who())
+    flash(f"{form_id}: resumed. What waited starts within a few seconds.", "info")
+    return redirect(url_for("admin.runs", form=form_id), 303)
 
 
 @bp.get("/runs/<run_id>")

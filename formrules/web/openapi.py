@@ -84,7 +84,11 @@ SHARED: dict[str, Any] = {
                    "token": {"type": "string"}, "form": {"type": "string"},
                    "status_url": {"type": "string", "format": "uri"},
                    "page_url": {"type": "string", "format": "uri"},
-                   "state": {"enum": ["working", "done", "failed", "cancelled"]},
+                   "state": {"enum": ["working", "done", "failed", "cancelled", "expired"],
+                             "description": "expired: the form's retention removed its "
+                                            "Runs; the fields stay."},
+                   "paused": {"type": "boolean",
+                              "description": "Working, but an operator paused the form."},
                    "done": {"type": "boolean"}, "failed": {"type": "boolean"},
                    "progress": {"type": "integer"},
                    "record": {"type": "object", "description": "Every field's value."},

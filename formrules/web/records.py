@@ -13,6 +13,7 @@ import json
 from flask import Blueprint, Response, abort, render_template, request
 from sqlalchemy import select, update
 
+from formrules.runs import pause
 from formrules.runs.status import etag_for, poll_tag, record_status
 from formrules.store.models import Notification, Record, ResultFile, Run, utcnow
 from formrules.web.auth import is_operator
@@ -84,7 +85,8 @@ def status_json(token: str):
             and not is_operator():
         abort(404)  # as `_record`: whether someone else's record exists is not ours to say
     form = rules().form(form_id)
-    etag = etag_for(tag, form)
+    # A pause changes no row of the record or its Runs, but it changes what the page says.
+    etag = etag_for(f"{tag}:{int(pause.is_paused(db(), form_id))}", form)
     headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
     if request.if_none_match.contains(etag):
         return Response(status=304, headers=headers)
