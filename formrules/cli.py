@@ -427,6 +427,28 @@ def forms_paused() -> None:
 
 
 @cli.group()
+def callbacks() -> None:
+    """Completion callbacks of API clients."""
+
+
+@callbacks.command("list")
+@click.option("--state", type=click.Choice(["waiting", "due", "delivered", "failed"]),
+              help="only callbacks in this state (failed: given up)")
+@click.option("--limit", default=50, show_default=True)
+def callbacks_list(state: str | None, limit: int) -> None:
+    """List callbacks, newest first: state, attempts, URL and the last error."""
+    from sqlalchemy import select
+
+    from formrules.store.models import Callback
+    with _runtime().store.session() as s:
+        query = select(Callback).order_by(Callback.created_at.desc()).limit(limit)
+        if state:
+            query = query.where(Callback.state == state)
+        for c in s.scalars(query):
+            click.echo(f"{c.id}\t{c.state}\t{c.attempts}\t{c.url}\t{c.last_error or ''}")
+
+
+@cli.group()
 def runs() -> None:
     """Inspect and repair Runs."""
 

@@ -54,11 +54,12 @@ class Settings:
     # `purge_batch` Runs; the next pass goes on.
     retention: str = ""
     purge_batch: int = 500
-    pause_cache_seconds: float = 2.0  # a worker re-reads which forms are paused this often
-    # Completion callbacks: their HMAC key (empty: callbacks cannot be registered), and the
-    # deliveries tried before one is given up (formrules.runs.callbacks).
+    # Completion callbacks: their HMAC key (empty: callbacks cannot be registered), the
+    # deliveries tried before one is given up, and the first wait after a failure
+    # (then x3 each time, at most an hour) (formrules.runs.callbacks).
     callback_secret: str = ""
     callback_attempts: int = 8
+    callback_backoff_seconds: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,9 +101,9 @@ _ENV = {
     "submit_redis_seconds": "FORMRULES_SUBMIT_REDIS_TIMEOUT",
     "leader_lease_seconds": "FORMRULES_LEADER_LEASE", "tick_seconds": "FORMRULES_TICK",
     "retention": "FORMRULES_RETENTION", "purge_batch": "FORMRULES_PURGE_BATCH",
-    "pause_cache_seconds": "FORMRULES_PAUSE_CACHE",
     "callback_secret": "FORMRULES_CALLBACK_SECRET",
     "callback_attempts": "FORMRULES_CALLBACK_ATTEMPTS",
+    "callback_backoff_seconds": "FORMRULES_CALLBACK_BACKOFF",
 }
 
 

@@ -41,7 +41,7 @@ from formrules.config import Settings
 from formrules.process import metrics
 from formrules.process.outage import Outage
 from formrules.process.runtime import Runtime
-from formrules.runs import reconciler
+from formrules.runs import callbacks, reconciler
 from formrules.store.models import utcnow
 
 log = logging.getLogger("formrules.process.leader")
@@ -95,6 +95,7 @@ class Leader(threading.Thread):
             return
         now = utcnow()
         reconciler.dispatch_due(self.rt, self.since)
+        callbacks.dispatch_due(self.rt)  # completion callbacks whose delivery is due
         self.since = now - OVERLAP
         if time.monotonic() >= self.next_pass:
             started, done = time.monotonic(), None

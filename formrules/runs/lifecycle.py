@@ -119,6 +119,11 @@ def move(s: Session, t: Transition, where: Iterable[Any], *,
         if t.notice is not None:
             level, message = t.notice
             notifications.run_ended(s, run, level, message(run))
+    if t.finishes:  # a record's awaited work that ended: its callbacks become due, here
+        from formrules.runs import callbacks
+        for record_id in sorted({r.record_id for r in moved if r.record_id is not None
+                                 and r.awaited in callbacks.AWAITED}):
+            callbacks.record_ended(s, record_id, now)
     return moved
 
 

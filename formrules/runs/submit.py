@@ -39,7 +39,8 @@ class Submitted:
 
 
 def accept(s: Session, form: Form, values: dict[str, Any], *, owner: str, settings,
-           submit_key: str | None = None, fingerprint: str | None = None) -> Submitted:
+           submit_key: str | None = None, fingerprint: str | None = None,
+           callback_url: str | None = None) -> Submitted:
     """Store a submission and run its submit tree, committing `s`; see the module doc.
 
     No SELECT for the submit key first: a repeat is rare, and the key's unique constraint
@@ -50,6 +51,9 @@ def accept(s: Session, form: Form, values: dict[str, Any], *, owner: str, settin
         # `fingerprint`: what a repeat of this key must match (the API); in the INSERT.
         record, runs = engine.submit(s, form, values, owner=owner, settings=settings,
                                      submit_key=submit_key, fingerprint=fingerprint)
+        if callback_url:  # in the record's transaction: registered if and only if stored
+            from formrules.runs.callbacks import register
+            register(s, record, callback_url)
         s.commit()
     except IntegrityError:
         s.rollback()  # the same submit key was stored before (a repeat, or a race)

@@ -23,7 +23,7 @@ from werkzeug.datastructures import MultiDict
 
 from formrules.errors import ActionError
 from formrules.language.tree import Form
-from formrules.runs import submit, updates
+from formrules.runs import callbacks, submit, updates
 from formrules.runs.status import record_status
 from formrules.store import tokens
 from formrules.store.models import Record, ResultFile, Run
@@ -191,6 +191,13 @@ def create(form_id: str):
     values = _json_object()
     if values is None:
         return error(400, "bad_request", "Send a JSON object of field values.")
+    callback_url = values.pop("callback_url", None)
+    if callback_url is not None:
+        problem = "Callbacks are not enabled on this server." \
+            if not rt().settings.callback_secret else \
+            callbacks.check_url(callback_url, rt().settings.http_allow)
+        if problem:
+            return _invalid({"callback_url": [problem]})
     wtf, errors = _validate(form, values)
     if errors:
         return _invalid(errors)
@@ -199,7 +206,7 @@ def create(form_id: str):
     try:
         done = submit.accept(db(), form, stored, owner=f"api:{g.api_token.name}",
                              settings=rt().settings, submit_key=_idempotency_key(form),
-                             fingerprint=fingerprint)
+                             fingerprint=fingerprint, callback_url=callback_url)
     except ActionError as exc:
         log.warning("api: form %s: submit failed: %s", form.id, exc)
         return error(500, "action_failed", exc.safe_message)
