@@ -110,3 +110,10 @@ def test_an_https_callback_is_accepted_and_waits(client, rt, auth):
     assert response.status_code == 201
     with rt.store.session() as s:
         assert s.scalar(select(Callback.state)) == "waiting"  # the work is still queued
+
+
+def test_the_openapi_document_offers_callback_url(client):
+    spec = client.get("/api/openapi.json").get_json()
+    body = spec["components"]["schemas"]["demo.input"]["properties"]
+    assert body["callback_url"]["format"] == "uri"
+    assert "callback_url" not in spec["components"]["schemas"]["demo.patch"]["properties"]

@@ -6,7 +6,6 @@ configured) and so is Redis (the jobs run on a real RQ worker in this process)."
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest

@@ -56,6 +56,11 @@ def form_schema(form: Form, *, partial: bool) -> dict[str, Any]:
         "type": "object", "title": form.title, "additionalProperties": False,
         "properties": {f.name: field_schema(f) for f in visible},
     }
+    if not partial:
+        schema["properties"]["callback_url"] = {
+            "type": "string", "format": "uri", "maxLength": 2000,
+            "description": "Called (POST, signed JSON) when the record's awaited work ends: "
+                           "https, or a host on FORMRULES_HTTP_ALLOW; see docs/api.md."}
     required = [f.name for f in visible if f.required and not partial]
     if required:
         schema["required"] = required
