@@ -117,3 +117,21 @@ def test_the_openapi_document_offers_callback_url(client):
     body = spec["components"]["schemas"]["demo.input"]["properties"]
     assert body["callback_url"]["format"] == "uri"
     assert "callback_url" not in spec["components"]["schemas"]["demo.patch"]["properties"]
+
+
+@pytest.mark.unit
+def test_a_name_that_resolves_to_this_network_is_refused_at_delivery():
+    """An https host name passes registration, but DNS may point it inside: the check
+    is made again, on the resolved addresses, each time a delivery is sent."""
+    from formrules.runs.callbacks import _private_host
+    assert "private address" in _private_host("https://localhost/hook", ())
+    assert _private_host("https://localhost/hook", ("localhost",)) is None
+    assert _private_host("https://127.0.0.1:8443/hook", ("127.0.0.1:8443",)) is None
+
+
+@pytest.mark.unit
+def test_delivery_retries_double_up_to_an_hour():
+    from formrules.config import Settings
+    from formrules.runs.callbacks import _policy
+    waits = _policy(Settings(callback_backoff_seconds=10, callback_attempts=12)).nominal_waits()
+    assert waits[:4] == [10, 20, 40, 80] and max(waits) == 3600 and len(waits) == 11

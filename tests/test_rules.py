@@ -452,6 +452,9 @@ def test_field_names_that_shadow_record_builtins_are_refused():
     assert problems("form: booking\nfields:\n  - {name: items, type: integer}\n") == [
         "rules/booking.yaml:3:12: fields/0: field name 'items' is reserved (it names a "
         "built-in of records); choose another name"]
+    assert problems("form: booking\nfields:\n  - {name: callback_url, type: string}\n") == [
+        "rules/booking.yaml:3:12: fields/0: field name 'callback_url' is reserved by the API "
+        "(it registers a completion callback); choose another name"]
 
 
 def test_a_misplaced_option_is_reported_and_the_node_is_still_checked():

@@ -38,6 +38,8 @@ EVENTS = ("submit", "update")
 # no field accepts megabytes by default; an e-mail address is at most 254 (RFC 5321).
 DEFAULT_MAX_LENGTH = {"string": 1000, "email": 254, "text": 20_000}
 RESERVED_FIELD_NAMES = frozenset(n for n in dir(dict) if not n.startswith("_"))
+# Body keys the JSON API takes for itself (docs/api.md): a field of that name would be hidden.
+API_FIELD_NAMES = frozenset({"callback_url"})
 # A task or a schedule runs as a Background: these keys mean what they mean there.
 RUN_KEYS = ("title", "do", "retry", "timeout", "on_error")
 TASK_KEYS = (*RUN_KEYS, "concurrency", "stop_on_error")
@@ -180,6 +182,10 @@ def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
             # `record.items` would find the dict method, not the field, in every template.
             c.error(vp("name"), path, f"field name '{name}' is reserved (it names a built-in "
                                       "of records); choose another name")
+            continue
+        if name in API_FIELD_NAMES:
+            c.error(vp("name"), path, f"field name '{name}' is reserved by the API (it "
+                                      "registers a completion callback); choose another name")
             continue
         if name in seen:
             c.error(vp("name"), path, f"duplicate field name '{name}'")

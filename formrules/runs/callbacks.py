@@ -20,6 +20,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +32,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from formrules.language.tree import RetryPolicy
 from formrules.store.models import OPEN, Callback, CallbackState, Record, Run, utcnow
 
 log = logging.getLogger("formrules.runs.callbacks")
@@ -144,16 +146,7 @@ def deliver(callback_id: str) -> str:
     request = urllib.request.Request(url, data=body, method="POST", headers={
         "Content-Type": "application/json", "User-Agent": "formrules-callback",
         "X-Formrules-Signature": signature(rt.settings.callback_secret, body, at)})
-    error = None
-    try:
-        # No redirects followed: a callback goes to the URL the client registered.
-        opener = urllib.request.build_opener(_NoRedirects())
-        with opener.open(request, timeout=TIMEOUT) as response:
-            response.read(10_000)
-    except urllib.error.HTTPError as exc:
-        error = f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:
-        error = f"{type(exc).__name__}: {exc}"[:400]
+    error = _private_host(url, rt.settings.http_allow) or _post(request)
     now = utcnow()
     with rt.store.session() as s:
         callback = s.get(Callback, callback_id)
@@ -167,15 +160,51 @@ def deliver(callback_id: str) -> str:
             log.error("callback %s to %s: given up after %d attempts: %s", callback_id,
                       url, callback.attempts, error)
         else:
-            # 10s, 30s, 90s, … (FORMRULES_CALLBACK_BACKOFF is the first), at most an hour.
-            wait = min(3600.0, rt.settings.callback_backoff_seconds
-                       * 3 ** (callback.attempts - 1))
+            wait = _policy(rt.settings).nominal_waits()[callback.attempts - 1]
             callback.next_at, callback.last_error = now + timedelta(seconds=wait), error
             outcome = "retry"
             log.warning("callback %s to %s failed (%s); attempt %d in %.0fs", callback_id,
                         url, error, callback.attempts + 1, wait)
     metrics.callback(outcome)
     return outcome
+
+
+def _post(request: urllib.request.Request) -> str | None:
+    """Send one delivery; why it failed, or None for a 2xx answer."""
+    try:
+        # No redirects followed: a callback goes to the URL the client registered.
+        with urllib.request.build_opener(_NoRedirects()).open(request, timeout=TIMEOUT) as r:
+            r.read(10_000)
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:400]
+    return None
+
+
+def _policy(settings) -> RetryPolicy:
+    """The delivery retry timing, owned like every other retry by `RetryPolicy`:
+    FORMRULES_CALLBACK_BACKOFF seconds, doubling, at most an hour."""
+    return RetryPolicy(attempts=settings.callback_attempts,
+                       exponential_base=settings.callback_backoff_seconds,
+                       exponential_max=3600.0)
+
+
+def _private_host(url: str, allow: tuple[str, ...]) -> str | None:
+    """Why a delivery must not go to `url` now: its name resolves to an address of this
+    network (checked at delivery, as DNS answers change) and the host is not allowlisted."""
+    from formrules.actions.builtin import allowed
+    if allowed(url, allow):
+        return None
+    host = urlsplit(url).hostname or ""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return None  # unresolvable: the request fails and is retried like any other
+    for info in infos:
+        if not ipaddress.ip_address(info[4][0].split("%")[0]).is_global:
+            return f"{host} resolves to a private address (allowlist it to call it)"
+    return None
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
