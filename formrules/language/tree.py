@@ -130,8 +130,8 @@ class DeferNode(Node):
 
 
 @dataclass(frozen=True)
-class TaskDef:
-    """A named tree an operator runs over selected records (`tasks:`)."""
+class BatchDef:
+    """A named tree run over many selected records, one Run each (`batches:`)."""
 
     name: str
     title: str
@@ -145,7 +145,7 @@ class TaskDef:
     def label(self) -> str:
         """Its name where no one record is meant (lists, headings, the batch): the title
         without its templates ("Export booking {{ record.requester }}" reads "Export
-        booking"), or the task's name when nothing is left."""
+        booking"), or the batch's name when nothing is left."""
         text = " ".join(_TEMPLATE.sub(" ", self.title).split()).strip(" :,;-–—")
         return text or self.name.replace("_", " ").capitalize()
 
@@ -166,7 +166,7 @@ class ScheduleDef:
 
 @dataclass(frozen=True)
 class Form:
-    """One rule file: a form, its event trees, tasks and schedules."""
+    """One rule file: a form, its event trees, batches and schedules."""
 
     id: str
     title: str
@@ -175,7 +175,7 @@ class Form:
     events: dict[str, tuple[Node, ...]]
     after_submit_message: str | None
     file: str
-    tasks: dict[str, TaskDef] = field(default_factory=dict)
+    batches: dict[str, BatchDef] = field(default_factory=dict)
     schedules: tuple[ScheduleDef, ...] = ()
 
     def field(self, name: str) -> FieldDef | None:

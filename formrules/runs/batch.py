@@ -1,6 +1,6 @@
-"""Batch runs: one task over many records, a child Run per record, `concurrency` at a time.
+"""Batch runs: one batch def over many records, a child Run per record, `concurrency` at a time.
 
-    start(s, form, task, ...)   a Batch row and one *waiting* child Run per record
+    start(s, form, name, ...)   a Batch row and one *waiting* child Run per record
     advance(rt, batch_id)       promote waiting children to queued up to `concurrency` and
                                 dispatch them; finish the batch when nothing is left
     cancel(rt, batch_id, who)   waiting and pending children cancelled, running ones stopped
@@ -9,7 +9,7 @@
 
 Waiting children are not pending, so the reconciler leaves them alone; `advance` runs when
 a child ends (the job's hook) and on every reconciler pass, so a lost hook cannot stall a
-batch. A child runs like a Background whose snapshot is the task's (`tasks/<name>`).
+batch. A child runs like a Background whose snapshot is the batch def's (`batches/<name>`).
 """
 
 from __future__ import annotations
@@ -75,21 +75,21 @@ def matching_records(s: Session, form: Form, *, record_ids: list[int] | None = N
     return out
 
 
-def start(s: Session, form: Form, task_name: str, *, owner: str, settings,
+def start(s: Session, form: Form, name: str, *, owner: str, settings,
           record_ids: list[int] | None = None, where: str | None = None) -> Batch:
     """Create the batch and its waiting children in `s`; call `advance` after commit."""
-    task = form.tasks.get(task_name)
-    if task is None:
-        raise BatchError(f"form {form.id} has no task '{task_name}'"
-                         f"{did_you_mean(task_name, form.tasks)}")
+    definition = form.batches.get(name)
+    if definition is None:
+        raise BatchError(f"form {form.id} has no batch '{name}'"
+                         f"{did_you_mean(name, form.batches)}")
     records = matching_records(s, form, record_ids=record_ids, where=where)
     if not records:
         raise BatchError("no records match: nothing to run")
-    node = rebuild_defer(task.raw, f"tasks/{task.name}", form.field_types)
+    node = rebuild_defer(definition.raw, f"batches/{definition.name}", form.field_types)
     # A title naming the record ("Export {{ record.name }}") is for the children.
-    batch = Batch(form_id=form.id, task=task.name, title=task.label, owner=owner,
-                  total=len(records), concurrency=task.concurrency,
-                  stop_on_error=task.stop_on_error, status=BatchStatus.RUNNING.value)
+    batch = Batch(form_id=form.id, name=definition.name, title=definition.label, owner=owner,
+                  total=len(records), concurrency=definition.concurrency,
+                  stop_on_error=definition.stop_on_error, status=BatchStatus.RUNNING.value)
     s.add(batch)
     s.flush()
     now = utcnow()
@@ -97,7 +97,7 @@ def start(s: Session, form: Form, task_name: str, *, owner: str, settings,
         variables = form_variables(form, record.data)
         run = new_run(node, form_id=form.id, field_types=form.field_types, owner=owner,
                       variables=variables, record_id=record.id, now=now,
-                      tz=settings.timezone, kind="task", batch_id=batch.id, waiting=True)
+                      tz=settings.timezone, kind="batch", batch_id=batch.id, waiting=True)
         s.add(run)
     return batch
 
@@ -126,7 +126,7 @@ def advance(rt: Runtime, batch_id: str) -> int:
                 and counts.get(RunStatus.DEAD):
             batch.status = BatchStatus.STOPPING.value
             cancelled = _stop_pending(s, batch_id, "cancelled: an earlier item failed and "
-                                                   "the task has stop_on_error: true")
+                                                   "the batch has stop_on_error: true")
             counts = _counts(s, batch_id)
         active = sum(counts.get(st, 0) for st in ACTIVE)
         free = batch.concurrency - active
