@@ -550,3 +550,25 @@ def test_a_yaml_syntax_error_is_said_in_plain_words_with_the_line_and_a_caret():
     assert found[0].startswith("rules/booking.yaml:3:3: not valid YAML: this line is not "
                                "indented like the lines of the list")
     assert found[0].endswith("\n      type: string\n      ^")
+
+
+def test_started_by_is_checked_with_positions():
+    assert problems("""\
+        form: booking
+        batches:
+          a: {do: [], started_by: [users, operator]}
+          b: {do: [], started_by: everyone}
+          c: {do: [], started_by: []}
+        """) == [
+        "rules/booking.yaml:3:35: batches/a: unknown starter 'operator' in 'started_by' "
+        "(did you mean 'operators'?); expected operators or users",
+        "rules/booking.yaml:4:27: batches/b: unknown starter 'everyone' in 'started_by'; "
+        "expected operators or users",
+        "rules/booking.yaml:5:27: batches/c: 'started_by' must be operators, users or a "
+        "list of them, got []",
+    ]
+    form, found = parse_form("form: f\nbatches:\n  a: {do: [], started_by: users}\n"
+                             "  b: {do: []}\n", "f.yaml")
+    assert not found
+    assert form.batches["a"].started_by == ("users",)
+    assert form.batches["b"].started_by == ("operators",)

@@ -104,6 +104,7 @@ CHECKER_REJECTS = [
     ("form: a\nschedules: [{do: []}]\n", "'cron' is a required property"),
     ("form: a\nbatches: {Bad: {do: []}}\n", "does not match"),
     ("form: a\ntasks: {Bad: {do: []}}\n", "does not match"),  # the old key, still read
+    ("form: a\nbatches: {b: {do: [], started_by: [user]}}\n", "is not valid"),
 ]
 
 

@@ -82,7 +82,8 @@ def test_show_prints_every_node_with_its_path(tmp_path):
         "exponential from 1m up to 1h",
         "    events/update/0/delay/do/0  log message",
         "",
-        "batches/relabel  batch 'Relabel': concurrency 3, stop on error; no retries",
+        "batches/relabel  batch 'Relabel': concurrency 3, stop on error; started by "
+        "operators; no retries",
         "  batches/relabel/do/0  log message",
         "",
         "schedules/0  schedule 'nightly': cron '0 2 * * *' Europe/Paris; for each record "

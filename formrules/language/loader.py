@@ -17,6 +17,7 @@ from formrules.language.checker import Checker, did_you_mean
 from formrules.language.source import Map, load_yaml, plain
 from formrules.language.tree import (
     FIELD_TYPES,
+    STARTERS,
     BatchDef,
     DeferNode,
     FieldDef,
@@ -40,7 +41,7 @@ DEFAULT_MAX_LENGTH = {"string": 1000, "email": 254, "text": 20_000}
 RESERVED_FIELD_NAMES = frozenset(n for n in dir(dict) if not n.startswith("_"))
 # A batch or a schedule runs as a Background: these keys mean what they mean there.
 RUN_KEYS = ("title", "do", "retry", "timeout", "on_error")
-BATCH_KEYS = (*RUN_KEYS, "concurrency", "stop_on_error")
+BATCH_KEYS = (*RUN_KEYS, "concurrency", "stop_on_error", "started_by")
 SCHEDULE_KEYS = (*RUN_KEYS, "name", "cron", "timezone", "for_each", "catch_up")
 CATCH_UP_VALUES = ("latest", "none")
 
@@ -262,8 +263,28 @@ def _batch_defs(c: Checker, value: Any, pos) -> dict[str, BatchDef]:
             concurrency=c.integer(body.get("concurrency", 1), vp("concurrency"), path, 1),
             stop_on_error=c.boolean(body.get("stop_on_error", False), vp("stop_on_error"), path),
             retry=node.retry, raw=node.raw,
+            started_by=_starters(c, body.get("started_by", ["operators"]), vp("started_by"),
+                                 path),
         )
     return out
+
+
+def _starters(c: Checker, value: Any, pos, path: str) -> tuple[str, ...]:
+    """`started_by`: one of STARTERS, or a list of them."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        c.error(pos, path, "'started_by' must be operators, users or a list of them, got "
+                           f"{value!r}")
+        return ("operators",)
+    out: list[str] = []
+    for i, who in enumerate(items):
+        where = c.value_pos(value, i) if isinstance(value, list) else pos
+        if who not in STARTERS:
+            c.error(where, path, f"unknown starter {who!r} in 'started_by'"
+                                 f"{did_you_mean(who, STARTERS)}; expected operators or users")
+        elif who not in out:
+            out.append(who)
+    return tuple(out) or ("operators",)
 
 
 def _schedules(c: Checker, value: Any, pos) -> tuple[ScheduleDef, ...]:

@@ -35,6 +35,7 @@ def outline(form: Form) -> list[str]:
     for batch in form.batches.values():
         lines += ["", f"batches/{batch.name}  batch {batch.title!r}: concurrency "
                       f"{batch.concurrency}{', stop on error' if batch.stop_on_error else ''}; "
+                      f"started by {' and '.join(batch.started_by)}; "
                       f"{retry_text(batch.retry)}", *_nodes(batch.do, 1)]
     for index, schedule in enumerate(form.schedules):
         each = f"; for each record where {schedule.for_each}" if schedule.for_each else ""

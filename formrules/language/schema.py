@@ -38,7 +38,7 @@ from formrules.language.loader import (
     OLD_BATCHES_KEY,
     SCHEDULE_KEYS,
 )
-from formrules.language.tree import FIELD_TYPES
+from formrules.language.tree import FIELD_TYPES, STARTERS
 
 DIALECT = "http://json-schema.org/draft-07/schema#"  # what yaml-language-server reads best
 COMMITTED = "docs/formrules.schema.json"  # built-in actions only; see `formrules schema`
@@ -101,6 +101,11 @@ RUN_VALUES: dict[str, Any] = {
     # batches and schedules
     "concurrency": {"type": "integer", "minimum": 1},
     "stop_on_error": {"type": "boolean"},
+    "started_by": {"anyOf": [{"enum": list(STARTERS)},
+                             {"type": "array", "minItems": 1,
+                              "items": {"enum": list(STARTERS)}}],
+                   "description": "Who may start it from the pages: operators (any records), "
+                                  "users (their own records, from My tasks)"},
     "name": TEXT,
     "cron": {"type": "string", "description": "A cron string like '0 2 * * *'"},
     "timezone": {"type": "string"},

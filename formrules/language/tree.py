@@ -18,6 +18,9 @@ from formrules.language.source import Pos
 _TEMPLATE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.S)  # a Jinja part of a title
 FIELD_TYPES = ("string", "text", "email", "integer", "decimal", "boolean", "date",
                "datetime", "choice")
+# Who may start a batch from the pages (`started_by:`): operators over any records, users
+# over records of their own (from My tasks).
+STARTERS = ("operators", "users")
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ class BatchDef:
     concurrency: int = 1
     stop_on_error: bool = False
     retry: RetryPolicy = NO_RETRY
+    started_by: tuple[str, ...] = ("operators",)  # some of STARTERS
     raw: Any = field(default=None, compare=False, repr=False)
 
     @property

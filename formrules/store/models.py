@@ -273,6 +273,9 @@ class Notification(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner: Mapped[str] = mapped_column(String(100), index=True)
     run_id: Mapped[str | None] = mapped_column(String(32))
+    # A batch its owner started over their own records: the notice links to its page and
+    # shows on every page (an operator's batch notice has none and stays on theirs).
+    batch_id: Mapped[str | None] = mapped_column(String(32))
     record_token: Mapped[str | None] = mapped_column(String(64))
     level: Mapped[str] = mapped_column(String(20), default="info")  # info | success | error
     message: Mapped[str] = mapped_column(String(500))
@@ -304,6 +307,9 @@ class Batch(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     concurrency: Mapped[int] = mapped_column(Integer, default=1)
     stop_on_error: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Started by a user over records of their own (`started_by: users`), followed on My
+    # tasks; otherwise an operator's, followed on the operator pages.
+    self_service: Mapped[bool] = mapped_column(Boolean, default=False)
     status: Mapped[str] = mapped_column(String(20), default=BatchStatus.RUNNING.value)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()

@@ -27,6 +27,7 @@ from formrules.web.state import db, rt, rules
 
 bp = Blueprint("batches", __name__, url_prefix="/admin/batches")
 SHOWN_RECORDS = 500  # records listed for picking; a filter reaches the rest
+OPERATORS = "operators"  # who starts batches here (`started_by:`)
 
 
 class StartForm(FlaskForm):
@@ -56,7 +57,7 @@ def index():
     items = list(db().scalars(select(Batch).order_by(Batch.created_at.desc()).limit(100)))
     views = [(b, batches.progress(db(), b)) for b in items]
     defs = [(form, item) for form in sorted(rules().forms.values(), key=lambda f: f.title)
-            for item in form.batches.values()]
+            for item in form.batches.values() if OPERATORS in item.started_by]
     return render_template("batches/index.html", batches=views, defs=defs)
 
 
@@ -65,7 +66,9 @@ def index():
 def new(form_id: str, name: str):
     """Pick records (boxes, or a filter) and start the batch over them."""
     form = rules().form(form_id) or abort(404)
-    definition = form.batches.get(name) or abort(404)
+    definition = form.batches.get(name)
+    if definition is None or OPERATORS not in definition.started_by:
+        abort(404)
     wtf = StartForm()
     error = None
     if wtf.validate_on_submit():
@@ -78,7 +81,7 @@ def new(form_id: str, name: str):
                 started = batches.start(
                     db(), form, name, owner=f"user:{session.get('user_id')}",
                     settings=rt().settings, record_ids=ids if scope == "selected" else None,
-                    where=(wtf.where.data or "").strip() or None)
+                    where=(wtf.where.data or "").strip() or None, starter=OPERATORS)
                 db().commit()
             except batches.BatchError as exc:
                 db().rollback()
