@@ -6,11 +6,13 @@ Another user's records, batches and zip are out of reach."""
 from __future__ import annotations
 
 import io
+import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from werkzeug.serving import make_server
 
 from formrules.store.models import Batch, Notification, Record, Run
 from tests.helpers import record_of, submit, token_of, tokens, wait_until, work
@@ -213,3 +215,45 @@ def test_concurrency_and_cancel_by_the_owner(ann, rt):
     assert view["status"] == "cancelled" and view["progress"]["ended"]
     assert "Cancel the rest" not in ann.get(f"/tasks/batches/{batch_id}").get_data(
         as_text=True)
+
+
+@pytest.fixture
+def base_url(app):
+    """The app served over real HTTP on a free local port (for the browser)."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(10)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_in_a_browser_the_batch_page_follows_the_items_in_place(browser, base_url, rt,
+                                                                 worker):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        for name in ("D1", "D2"):
+            page.goto(f"{base_url}/forms/claims")
+            page.get_by_label("Name").fill(name)
+            page.get_by_role("button", name="Submit").click()
+            page.wait_for_url("**/r/*")
+        page.goto(f"{base_url}/tasks")
+        page.get_by_role("link", name="Receipt", exact=True).click()
+        for box in page.get_by_role("checkbox").all():
+            box.check()
+        page.get_by_role("button", name="Start on the selected records").click()
+        page.wait_for_url("**/tasks/batches/*")
+        page.evaluate("window.__samePage = 'yes'")
+        page.get_by_text("Halfway through D1").wait_for(timeout=60000)
+        assert page.locator("[data-progress-text]").text_content() == "0 of 2"
+        release(rt, "D1")
+        page.get_by_text("Halfway through D2").wait_for(timeout=60000)
+        release(rt, "D2")
+        page.get_by_role("link", name="Download all results (zip)").wait_for(timeout=60000)
+        page.locator("[data-progress-text]", has_text="2 of 2").wait_for(timeout=60000)
+        assert page.evaluate("window.__samePage") == "yes"  # updated without a reload
+    finally:
+        context.close()
