@@ -1,5 +1,5 @@
 """The `formrules` command: check, schema, show, preview, lsp, run, web, worker, runs,
-users, tokens, tasks.
+users, tokens, batches.
 
 Expected failures (`FormrulesError`) print a clean message and exit 1; anything else is a
 bug and keeps its traceback. The web layer is imported only by the commands that serve it.
@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from formrules.config import from_env
-from formrules.errors import FormrulesError
+from formrules.errors import FormrulesError, errors_in
 from formrules.language.loader import check_rules
 from formrules.process import logs as log_setup
 
@@ -54,12 +54,15 @@ def check(directory: str | None) -> None:
     ruleset, problems = check_rules(directory)
     for problem in problems:
         click.echo(str(problem))
-    if problems:
-        click.echo(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} found.",
+    errors = errors_in(problems)
+    if errors:
+        click.echo(f"{len(errors)} problem{'s' if len(errors) != 1 else ''} found.",
                    err=True)
         sys.exit(1)
+    warned = len(problems) - len(errors)
     click.echo(f"{len(ruleset.forms)} form(s) OK in {directory}: "
-               + ", ".join(sorted(ruleset.forms)))
+               + ", ".join(sorted(ruleset.forms))
+               + (f" ({warned} warning{'s' if warned != 1 else ''})" if warned else ""))
 
 
 @cli.command()
@@ -89,7 +92,7 @@ def lsp() -> None:
 @click.argument("form_id")
 @click.option("--rules", "rules_dir", help="rules directory (default: rules/)")
 def show(form_id: str, rules_dir: str | None) -> None:
-    """Print FORM_ID's trees, tasks and schedules with every node's path."""
+    """Print FORM_ID's trees, batches and schedules with every node's path."""
     from formrules.actions import registry as actions
     from formrules.language.loader import load_rules
     from formrules.language.outline import outline
@@ -276,8 +279,8 @@ def _warn_about_rules(directory: str, modules: str) -> None:
     actions.load_modules(modules)
     _, problems = check_rules(directory)
     for problem in problems:
-        click.echo(f"warning: {problem}", err=True)
-    if problems:
+        click.echo(f"warning: {problem}" if problem.is_error else str(problem), err=True)
+    if errors_in(problems):
         click.echo("warning: forms with problems are not served until their files are "
                    "fixed (edits are picked up while running)", err=True)
 
@@ -699,29 +702,36 @@ def tokens_revoke(name: str) -> None:
 
 
 @cli.group()
-def tasks() -> None:
-    """Run a form's tasks over its records (batch runs)."""
+def batches() -> None:
+    """Run a form's batches over its records."""
 
 
-@tasks.command("list")
-def tasks_list() -> None:
-    """List the tasks every form defines."""
+@cli.group("tasks", hidden=True)
+def tasks_alias() -> None:
+    """Deprecated name of `batches`."""
+    click.echo("warning: `formrules tasks` is now `formrules batches`; the old name will "
+               "go away", err=True)
+
+
+@batches.command("list")
+def batches_list() -> None:
+    """List the batches every form defines."""
     from formrules.language.registry import current_rules
     rt = _runtime()
     for form in sorted(current_rules(rt.settings.rules_dir).forms.values(), key=lambda f: f.id):
-        for task in form.tasks.values():
-            click.echo(f"{form.id} {task.name}  {task.label}  (concurrency {task.concurrency}"
-                       f"{', stop_on_error' if task.stop_on_error else ''})")
+        for item in form.batches.values():
+            click.echo(f"{form.id} {item.name}  {item.label}  (concurrency {item.concurrency}"
+                       f"{', stop_on_error' if item.stop_on_error else ''})")
 
 
-@tasks.command("run")
+@batches.command("run")
 @click.argument("form_id")
-@click.argument("task")
+@click.argument("name")
 @click.option("--where", "where", help="only records matching this expression, "
                                        "e.g. \"record.status == 'reserved'\"")
 @click.option("--wait", is_flag=True, help="follow the progress until the batch ends")
-def tasks_run(form_id: str, task: str, where: str | None, wait: bool) -> None:
-    """Start TASK of FORM over the form's records; print the batch id."""
+def batches_run(form_id: str, name: str, where: str | None, wait: bool) -> None:
+    """Start batch NAME of FORM over the form's records; print the batch id."""
     import time
 
     from formrules.language.registry import current_rules
@@ -735,7 +745,7 @@ def tasks_run(form_id: str, task: str, where: str | None, wait: bool) -> None:
         raise FormrulesError(f"no form {form_id!r}" + ("" if status.ok else
                                                        f" ({status.summary()})"))
     with rt.store.session() as s:
-        started = batch.start(s, form, task, owner="cli", settings=rt.settings, where=where)
+        started = batch.start(s, form, name, owner="cli", settings=rt.settings, where=where)
     batch.advance(rt, started.id)
     click.echo(started.id)
     click.echo(f"{started.title}: {started.total} record(s), {started.concurrency} at a time",
@@ -758,6 +768,10 @@ def tasks_run(form_id: str, task: str, where: str | None, wait: bool) -> None:
                 sys.exit(1)
             return
         time.sleep(1)
+
+
+tasks_alias.add_command(batches_list, "list")
+tasks_alias.add_command(batches_run, "run")
 
 
 if __name__ == "__main__":

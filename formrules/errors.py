@@ -29,7 +29,11 @@ TIMED_OUT = "This took longer than allowed and was stopped."
 
 @dataclass(frozen=True, order=True)
 class Problem:
-    """One mistake in a rule file, sortable by file, line and column."""
+    """One mistake in a rule file, sortable by file, line and column.
+
+    A `warning` (a deprecated spelling, say) is shown by `check` and the editor but does
+    not stop the file from loading; an `error` does.
+    """
 
     file: str
     line: int
@@ -37,11 +41,23 @@ class Problem:
     path: str
     message: str
     excerpt: str = field(default="", compare=False)  # the source line and a caret, if useful
+    severity: str = field(default="error", compare=False)  # "error" | "warning"
+
+    @property
+    def is_error(self) -> bool:
+        """True unless this is only a warning."""
+        return self.severity != "warning"
 
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path else ""
-        text = f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
+        label = "warning: " if not self.is_error else ""
+        text = f"{self.file}:{self.line}:{self.col}: {label}{where}{self.message}"
         return f"{text}\n{self.excerpt}" if self.excerpt else text
+
+
+def errors_in(problems) -> list[Problem]:
+    """The problems that stop a file from loading (warnings left out)."""
+    return [p for p in problems if p.is_error]
 
 
 class FormrulesError(Exception):
@@ -56,7 +72,7 @@ class RuleError(FormrulesError):
     """Rule files are invalid; `problems` lists every mistake, sorted."""
 
     def __init__(self, problems: list[Problem]):
-        self.problems = sorted(problems)
+        self.problems = sorted(errors_in(problems))
         n = len(self.problems)
         head = f"{n} problem{'s' if n != 1 else ''} in the rules"
         super().__init__(head + ":\n" + "\n".join(str(p) for p in self.problems))
@@ -115,7 +131,7 @@ class NotAllowed(FormrulesError):
 
 
 class BatchError(FormrulesError):
-    """A batch cannot be started as asked (unknown task, bad filter, no records)."""
+    """A batch cannot be started as asked (unknown batch, bad filter, no records)."""
 
 
 class RunFailed(FormrulesError):

@@ -1,4 +1,4 @@
-"""Batch runs: a task over many records, one child Run each, `concurrency` at a time, with
+"""Batch runs: a batch def over many records, one child Run each, `concurrency` at a time, with
 progress "n of m", a combined zip, stop_on_error, cancel of the whole batch, and the CLI."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ fields:
   - {name: exported, type: boolean, hidden: true, default: false}
 events:
   submit: []
-tasks:
+batches:
   export:
     title: Export {{ record.name }}
     do:
@@ -61,7 +61,7 @@ tasks:
 
 @pytest.fixture
 def rules_dir(rules_dir):
-    """The test rules plus the ledger form with its tasks."""
+    """The test rules plus the ledger form with its batches."""
     (rules_dir / "ledger.yaml").write_text(LEDGER)
     return rules_dir
 
@@ -84,14 +84,14 @@ def add_records(rt, form, amounts: list[int]) -> list[int]:
     return ids
 
 
-def start(operator, task: str, *, where: str = "", records: list[int] | None = None):
+def start(operator, name: str, *, where: str = "", records: list[int] | None = None):
     """Start a batch from the operator's page; returns the batch id."""
-    page = operator.get(f"/admin/batches/new/ledger/{task}")
+    page = operator.get(f"/admin/batches/new/ledger/{name}")
     assert page.status_code == 200, page.data[:500]
     data = {"csrf_token": tokens(page.data)["csrf_token"], "where": where,
             "scope": "selected" if records else "filter",
             "record": [str(r) for r in records or []]}
-    response = operator.post(f"/admin/batches/new/ledger/{task}", data=data)
+    response = operator.post(f"/admin/batches/new/ledger/{name}", data=data)
     assert response.status_code == 303, response.data[:2000]
     return response.headers["Location"].rsplit("/", 1)[-1]
 
@@ -175,7 +175,7 @@ def test_stop_on_error_cancels_the_remaining_children(operator, rt, form):
     assert calls(rt, "fragile") == ["r00", "r01"]
     assert get_batch(rt, batch_id).status == "stopped"
     reason = [e.detail for e in events_of(rt, runs[3].id) if e.event == "cancel"]
-    assert reason == ["cancelled: an earlier item failed and the task has stop_on_error: true"]
+    assert reason == ["cancelled: an earlier item failed and the batch has stop_on_error: true"]
     assert b"stopped" in operator.get(f"/admin/batches/{batch_id}").data
 
 
@@ -239,9 +239,9 @@ def test_a_lost_hook_does_not_stall_the_batch(operator, rt, form):
     assert get_batch(rt, batch_id).status == "done"
 
 
-def test_tasks_run_from_the_cli_and_wait_for_it(rt, form, subprocess_env):
+def test_batches_run_from_the_cli_and_wait_for_it(rt, form, subprocess_env):
     add_records(rt, form, [1, 6, 7, 2])
-    cli = subprocess.Popen([sys.executable, "-m", "formrules.cli", "tasks", "run", "ledger",
+    cli = subprocess.Popen([sys.executable, "-m", "formrules.cli", "batches", "run", "ledger",
                             "export_fast", "--where", "record.amount > 5", "--wait"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=subprocess_env, cwd=ROOT)
@@ -255,16 +255,31 @@ def test_tasks_run_from_the_cli_and_wait_for_it(rt, form, subprocess_env):
             cli.kill()
     assert cli.returncode == 0, err
     assert "2 record(s), 3 at a time" in err and "2 of 2 finished (100%)" in err
-    assert "batch done: 2 done" in err
+    assert "batch done: 2 done" in err and "`formrules tasks` is now" not in err
     with rt.store.session() as s:
         assert batch.progress(s, s.get(Batch, batch_id))["text"] == "2 of 2"
     assert sorted(calls(rt, "fast")) == ["r01", "r02"]
 
-    unknown = subprocess.run([sys.executable, "-m", "formrules.cli", "tasks", "run", "ledger",
-                              "nope"], capture_output=True, text=True, env=subprocess_env,
-                             cwd=ROOT, timeout=120)
+    unknown = subprocess.run([sys.executable, "-m", "formrules.cli", "batches", "run", "ledger",
+                              "export_fats"], capture_output=True, text=True,
+                             env=subprocess_env, cwd=ROOT, timeout=120)
     assert unknown.returncode == 1
-    assert "error: form ledger has no task 'nope'" in unknown.stderr
+    assert ("error: form ledger has no batch 'export_fats' (did you mean 'export_fast'?)"
+            in unknown.stderr)
+
+
+def test_the_old_tasks_command_still_works_and_says_it_is_deprecated(rt, form,
+                                                                    subprocess_env):
+    listed = subprocess.run([sys.executable, "-m", "formrules.cli", "tasks", "list"],
+                            capture_output=True, text=True, env=subprocess_env, cwd=ROOT,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert "ledger export_fast  Export quickly  (concurrency 3)" in listed.stdout
+    assert "`formrules tasks` is now `formrules batches`" in listed.stderr
+    hidden = subprocess.run([sys.executable, "-m", "formrules.cli", "--help"],
+                            capture_output=True, text=True, env=subprocess_env, cwd=ROOT,
+                            timeout=120)
+    assert "batches" in hidden.stdout and " tasks " not in hidden.stdout
 
 
 def test_an_operator_batch_is_not_shown_on_the_submitters_waiting_page(app, operator, rt):

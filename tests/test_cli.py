@@ -222,3 +222,18 @@ def test_every_way_of_starting_a_worker_keeps_info_log_lines(
     assert out.returncode == 0, out.stderr
     assert runs_of(rt, token)[0].status == "done"
     assert "events/submit/0/background/do/0: Logged for Ann" in out.stderr, out.stderr
+
+
+def test_check_shows_a_warning_and_still_exits_0(tmp_path):
+    (tmp_path / "old.yaml").write_text("form: old\ntasks:\n  export: {do: [{log: x}]}\n")
+    result = run_cli("check", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        f"{tmp_path}/old.yaml:2:1: warning: tasks: `tasks:` is now `batches:`; rename it",
+        f"1 form(s) OK in {tmp_path}: old (1 warning)"]
+    both = tmp_path / "both.yaml"
+    both.write_text("form: both\nbatches: {}\ntasks: {}\n")
+    result = run_cli("check", str(tmp_path))
+    assert result.returncode == 1
+    assert (f"{both}:3:1: tasks: a file has either `batches:` or the old `tasks:`, not both; "
+            "move these into `batches:`") in result.stdout

@@ -36,11 +36,11 @@ from formrules.errors import Cancelled, PermanentError, RetryableError
 from formrules.language import sandbox
 from formrules.language.checker import DEFER_KEYS, KINDS
 from formrules.language.loader import (
+    BATCH_KEYS,
     EVENTS,
     FIELD_KEYS,
     FORM_KEYS,
     SCHEDULE_KEYS,
-    TASK_KEYS,
     parse_form,
 )
 from formrules.language.tree import FIELD_TYPES, DeferNode, Form
@@ -350,7 +350,7 @@ def mappings(value):
 def used_keys() -> dict[str, set]:
     """Which keys and values the valid examples use, by where they are used."""
     used: dict[str, set] = {k: set() for k in (
-        "node", "defer", "retry", "field", "type", "form", "task", "schedule", "event",
+        "node", "defer", "retry", "field", "type", "form", "batch", "schedule", "event",
         "await", "on_change", "catch_up", "backoff")}
     for kind, data in valid_data():
         if kind == "options":
@@ -375,8 +375,8 @@ def used_keys() -> dict[str, set]:
             if isinstance(m.get("fields"), list):
                 used["field"] |= {k for f in m["fields"] for k in f}
                 used["type"] |= {f.get("type", "string") for f in m["fields"]}
-            if isinstance(m.get("tasks"), dict):
-                used["task"] |= {k for t in m["tasks"].values() for k in t}
+            if isinstance(m.get("batches"), dict):
+                used["batch"] |= {k for t in m["batches"].values() for k in t}
             if isinstance(m.get("schedules"), list):
                 used["schedule"] |= {k for s in m["schedules"] for k in s}
                 used["catch_up"] |= {s.get("catch_up") for s in m["schedules"]}
@@ -450,10 +450,10 @@ def test_every_top_level_key_field_option_and_type_is_documented_and_used():
         assert mentioned(event) and event in used["event"], event
 
 
-def test_tasks_and_schedules_options_are_documented_and_used():
+def test_batches_and_schedules_options_are_documented_and_used():
     used = used_keys()
-    for key in TASK_KEYS:
-        assert mentioned(key) and key in used["task"], key
+    for key in BATCH_KEYS:
+        assert mentioned(key) and key in used["batch"], key
     for key in SCHEDULE_KEYS:
         assert mentioned(key) and key in used["schedule"], key
     assert {"latest", "none"} <= used["catch_up"]

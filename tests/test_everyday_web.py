@@ -21,7 +21,7 @@ fields:
   - {name: name, type: string, required: true}
 events:
   submit: []
-tasks:
+batches:
   export:
     title: Export {{ record.name }}
     do: [{report: {filename: "{{ record.name }}.txt", content: "{{ record.name }}"}}]
@@ -30,7 +30,7 @@ tasks:
 
 @pytest.fixture
 def rules_dir(rules_dir):
-    """The page-test forms and a form with a batch task."""
+    """The page-test forms and a form with a batch."""
     (rules_dir / "ledger.yaml").write_text(LEDGER)
     return add_web_rules(rules_dir)
 
@@ -43,7 +43,7 @@ def test_the_tab_icon_is_served_and_linked(client):
 
 
 def run_batch(operator, rt) -> str:
-    """Two ledger records, then the export task over both, worked to the end."""
+    """Two ledger records, then the export batch over both, worked to the end."""
     for name in ("Ann", "Bob"):
         token_of(submit(operator, "ledger", {"name": name}))
     page = operator.get("/admin/batches/new/ledger/export")

@@ -135,3 +135,28 @@ def test_diagnostics_completion_and_hover_over_stdio(client, tmp_path):
     assert hover["contents"]["value"] == (  # the reference's paragraph, docs/rules.md
         "**log** `{message!, level}`\n\nWrites a line to the log of the process running it "
         "(the web app inline, the worker in a Run), prefixed with the node path.")
+
+
+def test_the_old_batches_key_is_a_warning_and_batch_options_complete(client, tmp_path):
+    uri = (tmp_path / "trip.yaml").as_uri()
+    old = FORM + "tasks:\n  export:\n    do: [{log: x}]\n"
+    client.send("textDocument/didOpen", {"textDocument": {
+        "uri": uri, "languageId": "yaml", "version": 1, "text": old}}, request=False)
+    (warning,) = client.diagnostics(1)
+    assert warning["message"] == "tasks: `tasks:` is now `batches:`; rename it"
+    assert warning["severity"] == 2  # Warning, not Error
+    assert warning["range"]["start"] == {"line": 7, "character": 0}
+
+    typing = FORM + "batches:\n  export:\n    do: [{log: x}]\n    \n"
+    client.send("textDocument/didChange", {"textDocument": {"uri": uri, "version": 2},
+                                           "contentChanges": [{"text": typing}]}, request=False)
+    assert client.diagnostics(2) == []
+    options = client.request("textDocument/completion", {"textDocument": {"uri": uri},
+                             "position": {"line": 10, "character": 4}})
+    assert [item["label"] for item in options["items"]] == \
+        ["title", "do", "retry", "timeout", "on_error", "concurrency", "stop_on_error",
+         "started_by"]
+    top = client.request("textDocument/completion", {"textDocument": {"uri": uri},
+                         "position": {"line": 11, "character": 0}})
+    labels = [item["label"] for item in top["items"]]
+    assert "batches" in labels and "schedules" in labels and "tasks" not in labels

@@ -19,7 +19,7 @@ FILE = "rules/gen.yaml"
 KEYS = ["form", "title", "fields", "events", "submit", "update", "background", "delay",
         "do", "on_error", "if", "then", "else", "set", "log", "send_email", "progress",
         "name", "type", "for", "at", "retry", "attempts", "backoff", "flag", "await",
-        "timeout", "tasks", "schedules", "cron", "message", "after_submit", "default",
+        "timeout", "batches", "tasks", "schedules", "cron", "message", "after_submit", "default",
         "choices", "max_length", "to", "subject", "body", "<<"]
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),

@@ -315,12 +315,12 @@ def test_retry_mistakes():
     ]
 
 
-def test_task_and_schedule_mistakes():
+def test_batch_and_schedule_mistakes():
     assert problems("""\
         form: booking
         fields:
           - {name: status, type: string}
-        tasks:
+        batches:
           Export: {do: []}
           archive: {title: Archive}
           remind: {do: [], concurrency: 0, stop_on_error: "yes", retries: 2}
@@ -329,12 +329,12 @@ def test_task_and_schedule_mistakes():
           - {name: nightly, cron: "0 2 * * *", catch_up: all, do: []}
           - {cron: "0 2 * * *"}
         """) == [
-        "rules/booking.yaml:5:3: tasks/Export: a task name is lowercase letters, digits and "
-        "'_'",
-        "rules/booking.yaml:6:3: tasks/archive: a task needs a 'do:' list of nodes",
-        "rules/booking.yaml:7:33: tasks/remind: expected a whole number >= 1, got 0",
-        "rules/booking.yaml:7:51: tasks/remind: expected true or false, got str 'yes'",
-        "rules/booking.yaml:7:58: tasks/remind: unknown task option 'retries' (did you mean "
+        "rules/booking.yaml:5:3: batches/Export: a batch name is lowercase letters, digits "
+        "and '_'",
+        "rules/booking.yaml:6:3: batches/archive: a batch needs a 'do:' list of nodes",
+        "rules/booking.yaml:7:33: batches/remind: expected a whole number >= 1, got 0",
+        "rules/booking.yaml:7:51: batches/remind: expected true or false, got str 'yes'",
+        "rules/booking.yaml:7:58: batches/remind: unknown batch option 'retries' (did you mean "
         "'retry'?)",
         "rules/booking.yaml:9:27: schedules/0: 'cron' must be a cron string like "
         "'0 2 * * *', got 'every night'",
@@ -343,6 +343,47 @@ def test_task_and_schedule_mistakes():
         "rules/booking.yaml:10:50: schedules/1: 'catch_up' must be latest or none",
         "rules/booking.yaml:11:5: schedules/2: a schedule needs a 'do:' list of nodes",
     ]
+
+
+def test_the_old_tasks_key_still_loads_with_a_warning():
+    text = """\
+        form: booking
+        fields:
+          - {name: status, type: string}
+        tasks:
+          export: {do: [{log: "{{ record.status }}"}], concurrency: 2}
+        """
+    form, found = parse_form(textwrap.dedent(text), "rules/booking.yaml")
+    assert [str(p) for p in found] == [
+        "rules/booking.yaml:4:1: warning: tasks: `tasks:` is now `batches:`; rename it"]
+    assert [p.severity for p in found] == ["warning"] and not found[0].is_error
+    assert form is not None and form.batches["export"].concurrency == 2
+    assert form.batches["export"].do[0].path == "batches/export/do/0"
+    # Mistakes under the old key are reported as under the new one.
+    assert problems(text.replace("concurrency: 2", "concurrency: 0"))[1] == (
+        "rules/booking.yaml:5:61: batches/export: expected a whole number >= 1, got 0")
+
+
+def test_both_batch_keys_in_one_file_is_an_error():
+    assert problems("""\
+        form: booking
+        batches:
+          export: {do: []}
+        tasks:
+          archive: {do: []}
+        """) == ["rules/booking.yaml:4:1: tasks: a file has either `batches:` or the old "
+                 "`tasks:`, not both; move these into `batches:`"]
+
+
+def test_a_misspelt_batches_key_is_not_pointed_at_the_old_name():
+    assert problems("form: booking\nbatch: {}\n") == [
+        "rules/booking.yaml:2:1: unknown form option 'batch' (did you mean 'batches'?)"]
+
+
+def test_a_directory_with_the_old_key_loads_and_check_says_why(tmp_path):
+    (tmp_path / "old.yaml").write_text("form: old\ntasks:\n  export: {do: []}\n")
+    ruleset = load_rules(tmp_path)  # a warning does not stop a file from loading
+    assert list(ruleset.form("old").batches) == ["export"]
 
 
 BROKEN = {
@@ -512,3 +553,25 @@ def test_a_yaml_syntax_error_is_said_in_plain_words_with_the_line_and_a_caret():
     assert found[0].startswith("rules/booking.yaml:3:3: not valid YAML: this line is not "
                                "indented like the lines of the list")
     assert found[0].endswith("\n      type: string\n      ^")
+
+
+def test_started_by_is_checked_with_positions():
+    assert problems("""\
+        form: booking
+        batches:
+          a: {do: [], started_by: [users, operator]}
+          b: {do: [], started_by: everyone}
+          c: {do: [], started_by: []}
+        """) == [
+        "rules/booking.yaml:3:35: batches/a: unknown starter 'operator' in 'started_by' "
+        "(did you mean 'operators'?); expected operators or users",
+        "rules/booking.yaml:4:27: batches/b: unknown starter 'everyone' in 'started_by'; "
+        "expected operators or users",
+        "rules/booking.yaml:5:27: batches/c: 'started_by' must be operators, users or a "
+        "list of them, got []",
+    ]
+    form, found = parse_form("form: f\nbatches:\n  a: {do: [], started_by: users}\n"
+                             "  b: {do: []}\n", "f.yaml")
+    assert not found
+    assert form.batches["a"].started_by == ("users",)
+    assert form.batches["b"].started_by == ("operators",)

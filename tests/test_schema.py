@@ -102,7 +102,9 @@ CHECKER_REJECTS = [
     ("form: a\nevents: {submit: [{background: {do: [], retry: {backoff: [1m], base: 5s}}}]}\n",
      "is not valid"),
     ("form: a\nschedules: [{do: []}]\n", "'cron' is a required property"),
-    ("form: a\ntasks: {Bad: {do: []}}\n", "does not match"),
+    ("form: a\nbatches: {Bad: {do: []}}\n", "does not match"),
+    ("form: a\ntasks: {Bad: {do: []}}\n", "does not match"),  # the old key, still read
+    ("form: a\nbatches: {b: {do: [], started_by: [user]}}\n", "is not valid"),
 ]
 
 

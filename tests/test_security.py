@@ -70,8 +70,8 @@ def test_api_tokens_cannot_download_operator_files(client, rt):
     (run,) = runs_of(rt, token)
     with rt.store.session() as s:
         api_token = tokens.create(s, "robot")
-        batch_run = Run(record_id=run.record_id, form_id="demo", owner="user:9", kind="task",
-                        node_path="tasks/export", title="Export", snapshot={})
+        batch_run = Run(record_id=run.record_id, form_id="demo", owner="user:9", kind="batch",
+                        node_path="batches/export", title="Export", snapshot={})
         s.add(batch_run)
         s.flush()
         s.add(ResultFile(id="f" * 32, run_id=batch_run.id, owner="user:9",

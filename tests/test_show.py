@@ -44,7 +44,7 @@ events:
     - delay:
         {title: Recheck, for: 1h30m, do: [{log: again}],
          retry: {attempts: 4, backoff: exponential, base: 1m, max: 1h}}
-tasks:
+batches:
   relabel: {title: Relabel, concurrency: 3, stop_on_error: true, do: [{log: relabel}]}
 schedules:
   - {name: nightly, cron: '0 2 * * *', timezone: Europe/Paris, for_each: "not record.sent",
@@ -82,8 +82,9 @@ def test_show_prints_every_node_with_its_path(tmp_path):
         "exponential from 1m up to 1h",
         "    events/update/0/delay/do/0  log message",
         "",
-        "tasks/relabel  task 'Relabel': concurrency 3, stop on error; no retries",
-        "  tasks/relabel/do/0  log message",
+        "batches/relabel  batch 'Relabel': concurrency 3, stop on error; started by "
+        "operators; no retries",
+        "  batches/relabel/do/0  log message",
         "",
         "schedules/0  schedule 'nightly': cron '0 2 * * *' Europe/Paris; for each record "
         "where not record.sent; catch_up latest",

@@ -76,3 +76,29 @@ def test_carried_update_variables_are_typed():
 def test_waits_after_each_attempt(attempt, waits):
     snap = Snapshot(raw={}, fields={}, intervals=(10, 60, 60))
     assert snap.waits_after(attempt, 4) == waits
+
+
+OLD_TASKS_FORM = """
+form: s
+title: S
+fields:
+  - {name: note, type: string}
+tasks:
+  export:
+    title: Export {{ record.note }}
+    do:
+      - http_request:
+          url: "https://example.com/{{ record.note }}"
+          save: {note: "{{ response.status }}"}
+"""
+
+
+def test_a_snapshot_stored_when_batches_were_tasks_still_loads():
+    """A batch child started before the rename: node path `tasks/<name>`, kind "task"."""
+    form, problems = parse_form(OLD_TASKS_FORM, "s.yaml")
+    assert [p.severity for p in problems] == ["warning"]
+    stored = {VERSION_KEY: 2, "raw": form.batches["export"].raw, "fields": {"note": "string"},
+              "intervals": [], "timeout": None, "form_title": "S"}
+    node = Snapshot.load(stored).node("tasks/export")  # `response` is allowed there too
+    assert node.path == "tasks/export" and node.title == "Export {{ record.note }}"
+    assert node.do[0].path == "tasks/export/do/0"

@@ -1,6 +1,6 @@
 """One builder of template variables: `{{ form.title }}`, `{{ record.x }}` and `{{ run.x }}`
 mean the same in a sync action, a worker step, a Delay's title, `after_submit`, a preview
-and a batch; and a task is named the same way on every batch page."""
+and a batch; and a batch is named the same way on every page."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ fields:
   - {name: name, type: string, required: true}
   - {name: inline, type: string, hidden: true}
   - {name: deferred, type: string, hidden: true}
-  - {name: in_task, type: string, hidden: true}
+  - {name: in_batch, type: string, hidden: true}
   - {name: done, type: boolean, hidden: true, default: false}
 events:
   submit:
@@ -33,11 +33,11 @@ events:
         flag: done
         do:
           - set: {deferred: "{{ form.title }}/{{ form.id }}/{{ run.title }}"}
-tasks:
+batches:
   export_row:
     title: Export row {{ record.name }}
     do:
-      - set: {in_task: "{{ form.title }}/{{ record.name }}"}
+      - set: {in_batch: "{{ form.title }}/{{ record.name }}"}
 after_submit:
   message: "{{ form.title }}: {{ record.deferred }}"
 """
@@ -70,7 +70,7 @@ def test_preview_names_the_form(rt):
     assert "FAILS" not in text
 
 
-def test_a_task_is_named_the_same_on_every_batch_page(operator, client, rt):
+def test_a_batch_is_named_the_same_on_every_batch_page(operator, client, rt):
     token = token_of(submit(client, "titled", {"name": "Bo"}))
     work(rt)
     listing = operator.get("/admin/batches").data.decode()
@@ -86,7 +86,7 @@ def test_a_task_is_named_the_same_on_every_batch_page(operator, client, rt):
         assert s.get(Batch, batch_id).title == "Export row"
         (child,) = s.scalars(select(Run).where(Run.batch_id == batch_id))
         assert child.title == "Export row Bo"  # the child names its record
-    assert record_of(rt, token).data["in_task"] == "Book the boat/Bo"
+    assert record_of(rt, token).data["in_batch"] == "Book the boat/Bo"
     shown = operator.get(f"/admin/batches/{batch_id}").data.decode()
     assert "<h1>Export row <span" in shown and "{{" not in shown
     assert "Export row" in operator.get("/admin/batches").data.decode()

@@ -236,7 +236,7 @@ def report(ctx: Context, filename: str, columns: list | None = None, rows: list 
         if records == "all":
             if ctx.all_records is None:
                 raise PermanentError("report: records: all needs a worker (use it inside "
-                                     "background, delay, a task or a schedule)")
+                                     "background, delay, a batch or a schedule)")
             rows = ctx.all_records()
         else:
             rows = [ctx.data]

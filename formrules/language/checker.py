@@ -68,6 +68,12 @@ class Checker:
         pos = pos or Pos(self.file, 1, 1)
         self.problems.append(Problem(pos.file, pos.line, pos.col, path, message))
 
+    def warn(self, pos: Pos | None, path: str, message: str) -> None:
+        """Record a warning at `pos`: shown by `check` and the editor, the file still loads."""
+        pos = pos or Pos(self.file, 1, 1)
+        self.problems.append(Problem(pos.file, pos.line, pos.col, path, message,
+                                     severity="warning"))
+
     @staticmethod
     def key_pos(mapping: Any, key: Any) -> Pos | None:
         """Where `key` is written in `mapping`."""
@@ -80,10 +86,12 @@ class Checker:
             return container.item_pos[key] if key < len(container.item_pos) else container.pos
         return getattr(container, "value_pos", {}).get(key) or getattr(container, "pos", None)
 
-    def known_keys(self, mapping: Map, allowed, path: str, what: str) -> None:
-        """Report keys of `mapping` not in `allowed`, with a suggestion."""
+    def known_keys(self, mapping: Map, allowed, path: str, what: str,
+                   deprecated=()) -> None:
+        """Report keys of `mapping` not in `allowed`, with a suggestion (never one of the
+        `deprecated` keys, which are accepted and reported by their caller)."""
         for key in mapping:
-            if key not in allowed:
+            if key not in allowed and key not in deprecated:
                 self.error(self.key_pos(mapping, key), path,
                            f"unknown {what} option '{key}'{did_you_mean(key, allowed)}")
 
@@ -451,9 +459,10 @@ def _only_in(name: str, path: str) -> str | None:
     if name == "error" and "/on_error" not in path:
         return "in on_error branches"
     if name == "run" and "/do/" not in path and "/on_error" not in path:
-        return "inside a Run (the `do:` of background, delay, tasks and schedules)"
+        return "inside a Run (the `do:` of background, delay, batches and schedules)"
+    # "tasks/": the path of batch Runs started before batches were called batches
     if name == "response" and not path.startswith("events/") and \
-            not path.startswith(("tasks/", "schedules/")):
+            not path.startswith(("batches/", "tasks/", "schedules/")):
         return "in http_request's save"
     return None
 

@@ -12,25 +12,27 @@ from typing import Any
 
 from croniter import croniter
 
-from formrules.errors import Problem, RuleError
+from formrules.errors import Problem, RuleError, errors_in
 from formrules.language import retention
 from formrules.language.checker import Checker, did_you_mean
 from formrules.language.source import Map, load_yaml, plain
 from formrules.language.tree import (
     FIELD_TYPES,
+    STARTERS,
+    BatchDef,
     DeferNode,
     FieldDef,
     Form,
     RuleSet,
     ScheduleDef,
-    TaskDef,
 )
 from formrules.language.values import to_storage
 
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 FORM_ID = re.compile(r"^[a-z][a-z0-9_-]*$")
-FORM_KEYS = ("form", "title", "description", "fields", "events", "after_submit", "tasks",
+FORM_KEYS = ("form", "title", "description", "fields", "events", "after_submit", "batches",
              "schedules", "retention")
+OLD_BATCHES_KEY = "tasks"  # what `batches:` was called; still read, with a warning
 FIELD_KEYS = ("name", "type", "label", "help", "required", "min", "max", "max_length",
               "choices", "default", "hidden")
 EVENTS = ("submit", "update")
@@ -40,9 +42,9 @@ DEFAULT_MAX_LENGTH = {"string": 1000, "email": 254, "text": 20_000}
 RESERVED_FIELD_NAMES = frozenset(n for n in dir(dict) if not n.startswith("_"))
 # Body keys the JSON API takes for itself (docs/api.md): a field of that name would be hidden.
 API_FIELD_NAMES = frozenset({"callback_url"})
-# A task or a schedule runs as a Background: these keys mean what they mean there.
+# A batch or a schedule runs as a Background: these keys mean what they mean there.
 RUN_KEYS = ("title", "do", "retry", "timeout", "on_error")
-TASK_KEYS = (*RUN_KEYS, "concurrency", "stop_on_error")
+BATCH_KEYS = (*RUN_KEYS, "concurrency", "stop_on_error", "started_by")
 SCHEDULE_KEYS = (*RUN_KEYS, "name", "cron", "timezone", "for_each", "catch_up")
 CATCH_UP_VALUES = ("latest", "none")
 
@@ -50,7 +52,7 @@ CATCH_UP_VALUES = ("latest", "none")
 def load_rules(directory: str | Path) -> RuleSet:
     """Load and validate every form in `directory`; raise RuleError listing all problems."""
     ruleset, problems = check_rules(directory)
-    if problems:
+    if errors_in(problems):
         raise RuleError(problems)
     return ruleset
 
@@ -93,7 +95,7 @@ def parse_form(text: str, file: str) -> tuple[Form | None, list[Problem]]:
 
 
 def _form(c: Checker, raw: Map) -> Form:
-    c.known_keys(raw, FORM_KEYS, "", "form")
+    c.known_keys(raw, FORM_KEYS, "", "form", deprecated=(OLD_BATCHES_KEY,))
     form_id = raw.get("form")
     if "form" not in raw:
         c.error(raw.pos, "form", "a rule file starts with 'form: <id>', like 'form: room_booking'")
@@ -127,7 +129,7 @@ def _form(c: Checker, raw: Map) -> Form:
         description=c.text(raw.get("description", ""), c.value_pos(raw, "description"),
                            "description", template=False),
         fields=fields, events=events, after_submit_message=message, file=c.file,
-        tasks=_tasks(c, raw.get("tasks"), c.value_pos(raw, "tasks")),
+        batches=_batches(c, raw),
         schedules=_schedules(c, raw.get("schedules"), c.value_pos(raw, "schedules")),
         retention=_retention(c, raw.get("retention"), c.value_pos(raw, "retention"))
         if "retention" in raw else {},
@@ -257,31 +259,65 @@ def _number(value: Any) -> float | None:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _tasks(c: Checker, value: Any, pos) -> dict[str, TaskDef]:
-    if value is None or c.mapping(value, pos, "tasks", "tasks") is None:
+def _batches(c: Checker, raw: Map) -> dict[str, BatchDef]:
+    key = "batches"
+    if OLD_BATCHES_KEY in raw:
+        if "batches" in raw:
+            c.error(c.key_pos(raw, OLD_BATCHES_KEY), OLD_BATCHES_KEY,
+                    "a file has either `batches:` or the old `tasks:`, not both; "
+                    "move these into `batches:`")
+            return _batch_defs(c, raw.get("batches"), c.value_pos(raw, "batches"))
+        c.warn(c.key_pos(raw, OLD_BATCHES_KEY), OLD_BATCHES_KEY,
+               "`tasks:` is now `batches:`; rename it")
+        key = OLD_BATCHES_KEY
+    return _batch_defs(c, raw.get(key), c.value_pos(raw, key))
+
+
+def _batch_defs(c: Checker, value: Any, pos) -> dict[str, BatchDef]:
+    if value is None or c.mapping(value, pos, "batches", "batches") is None:
         return {}
     out = {}
     for name, body in value.items():
-        path = f"tasks/{name}"
+        path = f"batches/{name}"
         if not isinstance(name, str) or not NAME.match(name):
-            c.error(c.key_pos(value, name), path, "a task name is lowercase letters, "
+            c.error(c.key_pos(value, name), path, "a batch name is lowercase letters, "
                                                   "digits and '_'")
             continue
-        body = c.mapping(body, c.value_pos(value, name), path, "a task")
+        body = c.mapping(body, c.value_pos(value, name), path, "a batch")
         if body is None:
             continue
-        c.known_keys(body, TASK_KEYS, path, "task")
+        c.known_keys(body, BATCH_KEYS, path, "batch")
         vp = lambda k: c.value_pos(body, k)  # noqa: E731
         if "do" not in body:
-            c.error(c.key_pos(value, name), path, "a task needs a 'do:' list of nodes")
+            c.error(c.key_pos(value, name), path, "a batch needs a 'do:' list of nodes")
         node = _background(c, body, path, c.key_pos(value, name), name)
-        out[name] = TaskDef(
+        out[name] = BatchDef(
             name=name, title=node.title, do=node.do,
             concurrency=c.integer(body.get("concurrency", 1), vp("concurrency"), path, 1),
             stop_on_error=c.boolean(body.get("stop_on_error", False), vp("stop_on_error"), path),
             retry=node.retry, raw=node.raw,
+            started_by=_starters(c, body.get("started_by", ["operators"]), vp("started_by"),
+                                 path),
         )
     return out
+
+
+def _starters(c: Checker, value: Any, pos, path: str) -> tuple[str, ...]:
+    """`started_by`: one of STARTERS, or a list of them."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        c.error(pos, path, "'started_by' must be operators, users or a list of them, got "
+                           f"{value!r}")
+        return ("operators",)
+    out: list[str] = []
+    for i, who in enumerate(items):
+        where = c.value_pos(value, i) if isinstance(value, list) else pos
+        if who not in STARTERS:
+            c.error(where, path, f"unknown starter {who!r} in 'started_by'"
+                                 f"{did_you_mean(who, STARTERS)}; expected operators or users")
+        elif who not in out:
+            out.append(who)
+    return tuple(out) or ("operators",)
 
 
 def _schedules(c: Checker, value: Any, pos) -> tuple[ScheduleDef, ...]:
@@ -330,7 +366,7 @@ def _schedules(c: Checker, value: Any, pos) -> tuple[ScheduleDef, ...]:
 
 
 def _background(c: Checker, body: Map, path: str, pos, title: str) -> DeferNode:
-    """A task's or schedule's tree, validated as the Background its Runs execute.
+    """A batch's or schedule's tree, validated as the Background its Runs execute.
 
     The node's `raw` (`{"background": {...}}`) is the snapshot each Run carries, so the
     worker rebuilds it with `rebuild_defer` like any other deferred node.
@@ -342,7 +378,7 @@ def _background(c: Checker, body: Map, path: str, pos, title: str) -> DeferNode:
     args.setdefault("title", title)
     args.setdefault("do", [])  # a missing 'do:' is reported by the caller, in its words
     args.setdefault("retry", False)  # once, unless the author asks for retries
-    args["await"] = False  # nobody waits on a page for a task or a schedule
+    args["await"] = False  # nobody waits on a page for a batch or a schedule
     return c.defer_node("background", args, pos, pos, path, {"background": args})
 
 

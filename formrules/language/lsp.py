@@ -5,7 +5,8 @@ What a JSON Schema cannot give an editor:
   durations...) as you type, at the line and column `formrules check` reports;
 - completion: field names after `record.`, `old.` and `changed.` (and `form.`/`run.`
   names) inside templates and expressions; action names and node kinds where a node
-  starts; an action's arguments inside its mapping;
+  starts; an action's arguments inside its mapping; a batch's options under
+  `batches: <name>:`; a form's top-level keys at the start of a line;
 - hover: an action's or option's reference text (docs/rules.md, else the docstring).
 """
 
@@ -20,7 +21,7 @@ from pygls.lsp.server import LanguageServer
 
 from formrules.actions import registry as actions
 from formrules.language.checker import DEFER_KEYS, KINDS, PROGRESS_KEYS, RETRY_KEYS
-from formrules.language.loader import parse_form
+from formrules.language.loader import BATCH_KEYS, FORM_KEYS, OLD_BATCHES_KEY, parse_form
 from formrules.language.variables import FORM_NAMES, RUN_NAMES
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "rules.md"
@@ -29,6 +30,8 @@ NODE_START = re.compile(r"^\s*-\s+(\w*)$")
 FLOW_ACTION = re.compile(r"-\s+(\w+):\s*\{[^}]*$")
 BLOCK_OWNER = re.compile(r"^(\s*)-?\s*(\w+):\s*$")
 WORD = re.compile(r"\w+")
+TOP_LEVEL = re.compile(r"^\w*$")
+BATCH = "batches/<name>"  # `_owner` of the lines under `batches: <name>:`
 
 server = LanguageServer("formrules", "1", text_document_sync_kind=types.TextDocumentSyncKind.Full)
 _fields: dict[str, list[str]] = {}  # per document: the last field names that parsed
@@ -49,7 +52,9 @@ def diagnostics(text: str, file: str) -> list[types.Diagnostic]:
         where = f"{p.path}: " if p.path else ""
         out.append(types.Diagnostic(
             range=types.Range(types.Position(line, col), types.Position(line, end)),
-            message=f"{where}{p.message}", severity=types.DiagnosticSeverity.Error,
+            message=f"{where}{p.message}",
+            severity=types.DiagnosticSeverity.Error if p.is_error
+            else types.DiagnosticSeverity.Warning,
             source="formrules"))
     return out
 
@@ -75,6 +80,9 @@ def completions(text: str, line: int, character: int, file: str) -> list[types.C
                                               detail=_signature(spec),
                                               documentation=_doc_of(spec)))
         return items
+    if TOP_LEVEL.match(before):
+        return [types.CompletionItem(label=key, kind=types.CompletionItemKind.Property,
+                                     detail="form key") for key in FORM_KEYS]
     owner = _owner(lines, line, before)
     if owner is None:
         return []
@@ -114,18 +122,31 @@ def _owner(lines: list[str], line: int, before: str) -> str | None:
     flow = FLOW_ACTION.search(before)
     if flow:
         return flow.group(1)
-    indent = len(before) - len(before.lstrip())
-    for above in reversed(lines[:line]):
-        match = BLOCK_OWNER.match(above)
-        stripped = above.lstrip(" -")
+    found = _enclosing(lines, line, len(before) - len(before.lstrip()))
+    if found is None:
+        return None
+    index, name = found
+    outer = _enclosing(lines, index, len(lines[index]) - len(lines[index].lstrip(" -")))
+    if outer is not None and outer[1] in ("batches", OLD_BATCHES_KEY):
+        return BATCH
+    return name
+
+
+def _enclosing(lines: list[str], line: int, indent: int) -> tuple[int, str | None] | None:
+    """The nearest line above `line` indented less than `indent`, and the key it opens."""
+    for index in range(line - 1, -1, -1):
+        above = lines[index]
         if not above.strip():
             continue
-        if len(above) - len(stripped) < indent:
-            return match.group(2) if match else None
+        if len(above) - len(above.lstrip(" -")) < indent:
+            match = BLOCK_OWNER.match(above)
+            return index, match.group(2) if match else None
     return None
 
 
 def _options(owner: str) -> list[str]:
+    if owner == BATCH:
+        return list(BATCH_KEYS)
     if owner in DEFER_KEYS:
         return list(DEFER_KEYS[owner])
     if owner == "progress":

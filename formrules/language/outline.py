@@ -27,15 +27,16 @@ AWAITED = {"true": "awaited", "false": "not awaited",
 
 
 def outline(form: Form) -> list[str]:
-    """The lines of `formrules show`: header, fields, then every tree, task and schedule."""
+    """The lines of `formrules show`: header, fields, then every tree, batch and schedule."""
     lines = [f"form {form.id}: {form.title}", f"file: {form.file}"]
     lines.append("fields: " + (", ".join(_field(f) for f in form.fields) or "none"))
     for event, nodes in form.events.items():
         lines += ["", f"events/{event}", *_nodes(nodes, 1)]
-    for task in form.tasks.values():
-        lines += ["", f"tasks/{task.name}  task {task.title!r}: concurrency {task.concurrency}"
-                      f"{', stop on error' if task.stop_on_error else ''}; "
-                      f"{retry_text(task.retry)}", *_nodes(task.do, 1)]
+    for batch in form.batches.values():
+        lines += ["", f"batches/{batch.name}  batch {batch.title!r}: concurrency "
+                      f"{batch.concurrency}{', stop on error' if batch.stop_on_error else ''}; "
+                      f"started by {' and '.join(batch.started_by)}; "
+                      f"{retry_text(batch.retry)}", *_nodes(batch.do, 1)]
     for index, schedule in enumerate(form.schedules):
         each = f"; for each record where {schedule.for_each}" if schedule.for_each else ""
         lines += ["", f"schedules/{index}  schedule {schedule.name!r}: cron "

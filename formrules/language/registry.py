@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from formrules.errors import Problem
+from formrules.errors import Problem, errors_in
 from formrules.language.loader import parse_form
 from formrules.language.tree import Form, RuleSet
 
@@ -144,7 +144,8 @@ class RuleRegistry:
         if known is not None and known.digest == digest:
             known.signature = signature  # touched, not changed
             return False
-        form, problems = parse_form(text, name)
+        form, found = parse_form(text, name)
+        problems = errors_in(found)
         previous = known.good if known is not None else None
         if problems or form is None:
             self._files[name] = _File(signature, digest, previous, tuple(problems))
@@ -154,6 +155,8 @@ class RuleRegistry:
                         kept, problems[0] if problems else "unusable")
             return True
         self._files[name] = _File(signature, digest, form)
+        for warning in found:  # deprecated spellings: served, and said once per change
+            log.warning("rules: %s", warning)
         if known is None:
             log.info("rules: %s loaded (form '%s')", name, form.id)
         else:

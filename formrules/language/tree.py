@@ -18,6 +18,9 @@ from formrules.language.source import Pos
 _TEMPLATE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.S)  # a Jinja part of a title
 FIELD_TYPES = ("string", "text", "email", "integer", "decimal", "boolean", "date",
                "datetime", "choice")
+# Who may start a batch from the pages (`started_by:`): operators over any records, users
+# over records of their own (from My tasks).
+STARTERS = ("operators", "users")
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,8 @@ class DeferNode(Node):
 
 
 @dataclass(frozen=True)
-class TaskDef:
-    """A named tree an operator runs over selected records (`tasks:`)."""
+class BatchDef:
+    """A named tree run over many selected records, one Run each (`batches:`)."""
 
     name: str
     title: str
@@ -139,13 +142,14 @@ class TaskDef:
     concurrency: int = 1
     stop_on_error: bool = False
     retry: RetryPolicy = NO_RETRY
+    started_by: tuple[str, ...] = ("operators",)  # some of STARTERS
     raw: Any = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
         """Its name where no one record is meant (lists, headings, the batch): the title
         without its templates ("Export booking {{ record.requester }}" reads "Export
-        booking"), or the task's name when nothing is left."""
+        booking"), or the batch's name when nothing is left."""
         text = " ".join(_TEMPLATE.sub(" ", self.title).split()).strip(" :,;-–—")
         return text or self.name.replace("_", " ").capitalize()
 
@@ -166,7 +170,7 @@ class ScheduleDef:
 
 @dataclass(frozen=True)
 class Form:
-    """One rule file: a form, its event trees, tasks and schedules."""
+    """One rule file: a form, its event trees, batches and schedules."""
 
     id: str
     title: str
@@ -175,7 +179,7 @@ class Form:
     events: dict[str, tuple[Node, ...]]
     after_submit_message: str | None
     file: str
-    tasks: dict[str, TaskDef] = field(default_factory=dict)
+    batches: dict[str, BatchDef] = field(default_factory=dict)
     schedules: tuple[ScheduleDef, ...] = ()
     # `retention:`: how long its finished Runs are kept, by status (None: forever); a
     # status left out takes the deployment's default (`formrules.language.retention`).

@@ -1,15 +1,17 @@
-"""Batch runs: one task over many records, a child Run per record, `concurrency` at a time.
+"""Batch runs: one batch def over many records, a child Run per record, `concurrency` at a time.
 
-    start(s, form, task, ...)   a Batch row and one *waiting* child Run per record
+    start(s, form, name, ...)   a Batch row and one *waiting* child Run per record (by an
+                                operator over any records, or by a user over their own)
     advance(rt, batch_id)       promote waiting children to queued up to `concurrency` and
                                 dispatch them; finish the batch when nothing is left
     cancel(rt, batch_id, who)   waiting and pending children cancelled, running ones stopped
     progress(s, batch)          "n of m", percent, counts
+    current_items(s, batch)     the children running now, for "the current item's progress"
     results_zip(s, batch)       every child's result files in one zip
 
 Waiting children are not pending, so the reconciler leaves them alone; `advance` runs when
 a child ends (the job's hook) and on every reconciler pass, so a lost hook cannot stall a
-batch. A child runs like a Background whose snapshot is the task's (`tasks/<name>`).
+batch. A child runs like a Background whose snapshot is the batch def's (`batches/<name>`).
 """
 
 from __future__ import annotations
@@ -50,11 +52,14 @@ WAITING = RunStatus.WAITING
 
 
 def matching_records(s: Session, form: Form, *, record_ids: list[int] | None = None,
-                     where: str | None = None) -> list[Record]:
-    """The form's records, optionally only `record_ids`, filtered by the `where` expression."""
+                     where: str | None = None, owner: str | None = None) -> list[Record]:
+    """The form's records, optionally only `record_ids` (and only `owner`'s), filtered by
+    the `where` expression."""
     query = select(Record).where(Record.form_id == form.id).order_by(Record.id)
     if record_ids is not None:
         query = query.where(Record.id.in_(record_ids))
+    if owner is not None:
+        query = query.where(Record.owner == owner)
     records = list(s.scalars(query))
     if not where:
         return records
@@ -75,21 +80,39 @@ def matching_records(s: Session, form: Form, *, record_ids: list[int] | None = N
     return out
 
 
-def start(s: Session, form: Form, task_name: str, *, owner: str, settings,
-          record_ids: list[int] | None = None, where: str | None = None) -> Batch:
-    """Create the batch and its waiting children in `s`; call `advance` after commit."""
-    task = form.tasks.get(task_name)
-    if task is None:
-        raise BatchError(f"form {form.id} has no task '{task_name}'"
-                         f"{did_you_mean(task_name, form.tasks)}")
-    records = matching_records(s, form, record_ids=record_ids, where=where)
+def start(s: Session, form: Form, name: str, *, owner: str, settings,
+          record_ids: list[int] | None = None, where: str | None = None,
+          starter: str | None = None) -> Batch:
+    """Create the batch and its waiting children in `s`; call `advance` after commit.
+
+    `starter` is who starts it from the pages, checked against the def's `started_by`:
+    "operators" (any records), or "users" (`record_ids` only, every one `owner`'s own:
+    one that is not refuses the whole batch). None is the CLI, which may start any.
+    """
+    definition = form.batches.get(name)
+    if definition is None:
+        raise BatchError(f"form {form.id} has no batch '{name}'"
+                         f"{did_you_mean(name, form.batches)}")
+    if starter is not None and starter not in definition.started_by:
+        raise BatchError(f"{starter} cannot start the batch '{name}' of form {form.id}")
+    self_service = starter == "users"
+    if self_service:
+        wanted = set(record_ids or ())
+        if not wanted or where:
+            raise BatchError("select the records to run it on")
+        records = matching_records(s, form, record_ids=sorted(wanted), owner=owner)
+        if len(records) != len(wanted):  # never say whose the others are, or if they exist
+            raise BatchError("some of the selected records are not yours to use")
+    else:
+        records = matching_records(s, form, record_ids=record_ids, where=where)
     if not records:
         raise BatchError("no records match: nothing to run")
-    node = rebuild_defer(task.raw, f"tasks/{task.name}", form.field_types)
+    node = rebuild_defer(definition.raw, f"batches/{definition.name}", form.field_types)
     # A title naming the record ("Export {{ record.name }}") is for the children.
-    batch = Batch(form_id=form.id, task=task.name, title=task.label, owner=owner,
-                  total=len(records), concurrency=task.concurrency,
-                  stop_on_error=task.stop_on_error, status=BatchStatus.RUNNING.value)
+    batch = Batch(form_id=form.id, name=definition.name, title=definition.label, owner=owner,
+                  total=len(records), concurrency=definition.concurrency,
+                  stop_on_error=definition.stop_on_error, self_service=self_service,
+                  status=BatchStatus.RUNNING.value)
     s.add(batch)
     s.flush()
     now = utcnow()
@@ -97,7 +120,7 @@ def start(s: Session, form: Form, task_name: str, *, owner: str, settings,
         variables = form_variables(form, record.data)
         run = new_run(node, form_id=form.id, field_types=form.field_types, owner=owner,
                       variables=variables, record_id=record.id, now=now,
-                      tz=settings.timezone, kind="task", batch_id=batch.id, waiting=True)
+                      tz=settings.timezone, kind="batch", batch_id=batch.id, waiting=True)
         s.add(run)
     return batch
 
@@ -126,7 +149,7 @@ def advance(rt: Runtime, batch_id: str) -> int:
                 and counts.get(RunStatus.DEAD):
             batch.status = BatchStatus.STOPPING.value
             cancelled = _stop_pending(s, batch_id, "cancelled: an earlier item failed and "
-                                                   "the task has stop_on_error: true")
+                                                   "the batch has stop_on_error: true")
             counts = _counts(s, batch_id)
         active = sum(counts.get(st, 0) for st in ACTIVE)
         free = batch.concurrency - active
@@ -219,6 +242,13 @@ def progress(s: Session, batch: Batch) -> dict[str, Any]:
     return {"finished": finished, "total": total, "counts": counts,
             "percent": int(100 * parts / total) if total else 100,
             "text": f"{finished} of {total}", "ended": batch.finished_at is not None}
+
+
+def current_items(s: Session, batch: Batch) -> list[Run]:
+    """The children started and not ended (at most `concurrency` of them), record order."""
+    return list(s.scalars(select(Run).where(Run.batch_id == batch.id,
+                                            Run.status.in_(sorted(ACTIVE)))
+                          .order_by(Run.record_id, Run.id).limit(max(batch.concurrency, 1))))
 
 
 def results_zip(s: Session, batch: Batch) -> tuple[bytes, int]:

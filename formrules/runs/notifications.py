@@ -31,6 +31,7 @@ def batch_ended(s: Session, batch: Batch, counts: dict[str, int]) -> None:
     """Tell a batch's owner how it ended: one notice for all its records."""
     done, failed = counts.get(RunStatus.DONE, 0), counts.get(RunStatus.DEAD, 0)
     level = "success" if batch.status == "done" else "error"
-    s.add(Notification(owner=batch.owner, level=level, message=(
+    s.add(Notification(owner=batch.owner, level=level,
+                       batch_id=batch.id if batch.self_service else None, message=(
         f"{batch.title}: {batch.status}; {done} of {batch.total} done"
         + (f", {failed} failed" if failed else ""))[:500]))

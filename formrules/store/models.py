@@ -115,7 +115,7 @@ CHECKPOINT_KINDS = (EventKind.CHECKPOINT.value, "done")
 
 
 class BatchStatus(enum.StrEnum):
-    """Where a batch (a task run over many records) is; not a Run status."""
+    """Where a batch (a tree run over many records) is; not a Run status."""
 
     RUNNING = "running"
     STOPPING = "stopping"  # a child failed and stop_on_error: the rest are cancelled
@@ -178,7 +178,8 @@ class Run(Base):
                                                   index=True)
     form_id: Mapped[str] = mapped_column(String(100), index=True)
     owner: Mapped[str] = mapped_column(String(100), index=True)
-    kind: Mapped[str] = mapped_column(String(20))  # background | delay | task | schedule
+    # background | delay | batch | schedule (migration 0003 renamed "task" to "batch")
+    kind: Mapped[str] = mapped_column(String(20))
     node_path: Mapped[str] = mapped_column(String(300))
     title: Mapped[str] = mapped_column(String(300))
     snapshot: Mapped[dict[str, Any]] = mapped_column(JSON)  # the subtree it started with
@@ -278,6 +279,9 @@ class Notification(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner: Mapped[str] = mapped_column(String(100), index=True)
     run_id: Mapped[str | None] = mapped_column(String(32))
+    # A batch its owner started over their own records: the notice links to its page and
+    # shows on every page (an operator's batch notice has none and stays on theirs).
+    batch_id: Mapped[str | None] = mapped_column(String(32))
     record_token: Mapped[str | None] = mapped_column(String(64))
     level: Mapped[str] = mapped_column(String(20), default="info")  # info | success | error
     message: Mapped[str] = mapped_column(String(500))
@@ -296,18 +300,22 @@ class ApiToken(Base):
 
 
 class Batch(Base):
-    """A task run over many records: one child Run per record."""
+    """A batch def run over many records: one child Run per record."""
 
     __tablename__ = "batches"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     form_id: Mapped[str] = mapped_column(String(100))
-    task: Mapped[str] = mapped_column(String(100))
+    # The batch def's name (`batches: {name: ...}`); the column keeps its first name.
+    name: Mapped[str] = mapped_column("task", String(100))
     title: Mapped[str] = mapped_column(String(300))
     owner: Mapped[str] = mapped_column(String(100))
     total: Mapped[int] = mapped_column(Integer, default=0)
     concurrency: Mapped[int] = mapped_column(Integer, default=1)
     stop_on_error: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Started by a user over records of their own (`started_by: users`), followed on My
+    # tasks; otherwise an operator's, followed on the operator pages.
+    self_service: Mapped[bool] = mapped_column(Boolean, default=False)
     status: Mapped[str] = mapped_column(String(20), default=BatchStatus.RUNNING.value)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()

@@ -93,13 +93,15 @@ def create_app(test_config: dict[str, Any] | None = None,
         forms,
         headers,
         limits,
+        my_batches,
         ops,
         records,
         sessions,
         tasks,
         updates,
     )
-    for module in (forms, records, tasks, auth, admin, updates, batches, api, ops):
+    for module in (forms, records, tasks, my_batches, auth, admin, updates, batches, api,
+                   ops):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
     from formrules.web.state import rules_health

@@ -1,4 +1,4 @@
-"""Batch runs (`/admin/batches`): run a form's task over selected records, watch, cancel."""
+"""Batch runs (`/admin/batches`): run a form's batch over selected records, watch, cancel."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from formrules.web.state import db, rt, rules
 
 bp = Blueprint("batches", __name__, url_prefix="/admin/batches")
 SHOWN_RECORDS = 500  # records listed for picking; a filter reaches the rest
+OPERATORS = "operators"  # who starts batches here (`started_by:`)
 
 
 class StartForm(FlaskForm):
@@ -52,20 +53,22 @@ def _batch(batch_id: str) -> Batch:
 @bp.get("")
 @operator_required
 def index():
-    """Every batch, newest first, with its progress; and the tasks that can be started."""
+    """Every batch, newest first, with its progress; and the batch defs that can be started."""
     items = list(db().scalars(select(Batch).order_by(Batch.created_at.desc()).limit(100)))
     views = [(b, batches.progress(db(), b)) for b in items]
-    tasks = [(form, task) for form in sorted(rules().forms.values(), key=lambda f: f.title)
-             for task in form.tasks.values()]
-    return render_template("batches/index.html", batches=views, tasks=tasks)
+    defs = [(form, item) for form in sorted(rules().forms.values(), key=lambda f: f.title)
+            for item in form.batches.values() if OPERATORS in item.started_by]
+    return render_template("batches/index.html", batches=views, defs=defs)
 
 
-@bp.route("/new/<form_id>/<task>", methods=("GET", "POST"))
+@bp.route("/new/<form_id>/<name>", methods=("GET", "POST"))
 @operator_required
-def new(form_id: str, task: str):
-    """Pick records (boxes, or a filter) and start the task over them."""
+def new(form_id: str, name: str):
+    """Pick records (boxes, or a filter) and start the batch over them."""
     form = rules().form(form_id) or abort(404)
-    task_def = form.tasks.get(task) or abort(404)
+    definition = form.batches.get(name)
+    if definition is None or OPERATORS not in definition.started_by:
+        abort(404)
     wtf = StartForm()
     error = None
     if wtf.validate_on_submit():
@@ -76,9 +79,9 @@ def new(form_id: str, task: str):
         else:
             try:
                 started = batches.start(
-                    db(), form, task, owner=f"user:{session.get('user_id')}",
+                    db(), form, name, owner=f"user:{session.get('user_id')}",
                     settings=rt().settings, record_ids=ids if scope == "selected" else None,
-                    where=(wtf.where.data or "").strip() or None)
+                    where=(wtf.where.data or "").strip() or None, starter=OPERATORS)
                 db().commit()
             except batches.BatchError as exc:
                 db().rollback()
@@ -91,7 +94,7 @@ def new(form_id: str, task: str):
                                 .order_by(Record.id.desc()).limit(SHOWN_RECORDS)))
     columns = [f for f in form.fields if not f.hidden][:4]
     rows = [(r, typed_record(r.data, form.field_types)) for r in records]
-    return render_template("batches/new.html", form=form, task=task_def, wtf=wtf,
+    return render_template("batches/new.html", form=form, definition=definition, wtf=wtf,
                            rows=rows, columns=columns, error=error,
                            chosen=set(request.form.getlist("record"))), 422 if error else 200
 
@@ -139,6 +142,6 @@ def download(batch_id: str):
     data, count = batches.results_zip(db(), item)
     if not count:
         abort(404)
-    name = f"{item.form_id}-{item.task}-{item.id[:8]}.zip"
+    filename = f"{item.form_id}-{item.name}-{item.id[:8]}.zip"
     return Response(data, mimetype="application/zip", headers={
-        "Content-Disposition": f'attachment; filename="{name}"'})
+        "Content-Disposition": f'attachment; filename="{filename}"'})

@@ -17,7 +17,7 @@ from flask import (
     request,
     url_for,
 )
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from formrules.runs import control
 from formrules.runs.status import files_by_run, run_view
@@ -30,6 +30,7 @@ from formrules.store.models import (
     RunStatus,
     utcnow,
 )
+from formrules.web import my_batches
 from formrules.web.state import current_owner_or_none, db, rt, rules
 
 bp = Blueprint("tasks", __name__)
@@ -92,20 +93,24 @@ def index():
     """The current user's Runs, newest first, grouped by state."""
     groups, views = _my_tasks()
     continued = next((v for v in views if v["id"] == request.args.get("continued")), None)
+    me = current_owner_or_none()
     return render_template("tasks/index.html", groups=groups, total=len(views),
-                           continued=continued)
+                           continued=continued, batches=my_batches.recent(me),
+                           offers=my_batches.offers(me))
 
 
 @bp.get("/tasks/part")
 def part():
     """The task list alone, for tasks.js to refresh in place (304 when unchanged)."""
     groups, views = _my_tasks()
+    batches = my_batches.recent(current_owner_or_none())
     # The tag comes from the data, not the HTML: the HTML's CSRF tokens differ each time.
-    etag = hashlib.sha256(json.dumps(views, sort_keys=True, default=str).encode()).hexdigest()
+    etag = hashlib.sha256(json.dumps([views, batches], sort_keys=True, default=str)
+                          .encode()).hexdigest()
     if request.if_none_match.contains(etag[:32]):
         return Response(status=304, headers={"ETag": f'"{etag[:32]}"'})
     response = make_response(render_template("tasks/_list.html", groups=groups,
-                                             total=len(views)))
+                                             total=len(views), batches=batches))
     response.set_etag(etag[:32])
     response.headers["Cache-Control"] = "no-cache"
     return response
@@ -176,8 +181,9 @@ def inject_notifications() -> dict:
     and how many more), and the unread count for the menu's badge.
 
     A stack of notices above every page hid the page itself. Notices that are not about
-    the person's own submissions (a batch's, which has no Run) show on operator pages only,
-    never above an end user's form; the Notifications page lists everything itself.
+    the person's own work (an operator's batch, which has no Run) show on operator pages
+    only, never above an end user's form; a batch a user started over their own records is
+    their own work. The Notifications page lists everything itself.
     """
     me = current_owner_or_none()
     if me is None:
@@ -188,7 +194,7 @@ def inject_notifications() -> dict:
     if not total or endpoint == "tasks.notifications":
         return {"notice": None, "notice_more": 0, "unread_count": total}
     shown = mine if endpoint.startswith(OPERATOR_PAGES) else \
-        (*mine, Notification.run_id.is_not(None))
+        (*mine, or_(Notification.run_id.is_not(None), Notification.batch_id.is_not(None)))
     notice = db().scalars(select(Notification).where(*shown).order_by(
         Notification.created_at.desc(), Notification.id.desc()).limit(1)).first()
     return {"notice": notice, "notice_more": total - 1 if notice else 0, "unread_count": total}
