@@ -178,7 +178,7 @@ class Run(Base):
                                                   index=True)
     form_id: Mapped[str] = mapped_column(String(100), index=True)
     owner: Mapped[str] = mapped_column(String(100), index=True)
-    # background | delay | batch | schedule (migration 0003 renamed "task" to "batch")
+    # background | delay | batch | schedule (migration 0004 renamed "task" to "batch")
     kind: Mapped[str] = mapped_column(String(20))
     node_path: Mapped[str] = mapped_column(String(300))
     title: Mapped[str] = mapped_column(String(300))
