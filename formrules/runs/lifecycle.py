@@ -322,3 +322,15 @@ def is_pending(run: Run) -> bool:
     """A worker may claim it when due (and no cancel waits for it)."""
     return run.status in PENDING and not run.cancel_requested
 
+
+
+# What deferred work is doing right now, as the form diagram counts it and the Runs list
+# filters it (`?state=`): `waiting` is a Delay or retry not yet due, or a batch child
+# waiting for a slot.
+NOW_STATES: dict[str, frozenset[RunStatus]] = {
+    "queued": frozenset({RunStatus.QUEUED}),
+    "running": RUNNING,
+    "retrying": frozenset({RunStatus.RETRYING}),
+    "waiting": WAITING | {RunStatus.SCHEDULED},
+    "dead": frozenset({RunStatus.DEAD}),
+}
