@@ -19,7 +19,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from formrules.language.tree import ActionNode, DeferNode, Form, IfNode, Node, ProgressNode
+from formrules.language.duration import format_duration
+from formrules.language.tree import (
+    ActionNode,
+    DeferNode,
+    Form,
+    IfNode,
+    Node,
+    ProgressNode,
+    walk,
+)
 
 # Characters written as they are; `*` and `_` are not (labels are Mermaid markdown
 # strings, where they would mean emphasis), nor quotes, backticks, `#`, `<`, `{`, …
@@ -84,8 +93,6 @@ def charts(form: Form, counts: Counts | None = None,
 def deferred_paths(form: Form) -> list[str]:
     """The paths Runs can carry in `form`, in tree order: every background/delay node,
     then each task and schedule (where their Runs' `node_path` points)."""
-    from formrules.language.tree import walk
-
     paths = []
     for nodes in form.events.values():
         paths += [n.path for n in walk(nodes) if isinstance(n, DeferNode)]
@@ -167,7 +174,7 @@ class _Builder:
     def deferred(self, node: DeferNode) -> list[str]:
         if node.kind == "delay":
             when = f" at {node.at}" if node.at else (
-                f" after {int(node.delay_for.total_seconds())}s" if node.delay_for else "")
+                f" after {format_duration(node.delay_for)}" if node.delay_for else "")
         else:
             when = ""
         text = escape(f"{node.kind} {node.title!r}{when}")
