@@ -119,10 +119,12 @@ def impact(directory: str | None) -> None:
     actions.load_modules(settings.actions_modules)
     on_disk, problems = check_rules(directory or settings.rules_dir)
     in_use = current_rules(settings.rules_dir).forms
-    # A broken file is not applied: its form stays at the version in use.
+    # A file with problems is not applied (as live reload does): its form stays at the
+    # version in use.
     broken = {Path(p.file).name for p in problems}
-    kept = {k: f for k, f in in_use.items() if Path(f.file).name in broken}
-    on_disk_forms = {**kept, **on_disk.forms}
+    on_disk_forms = {k: f for k, f in in_use.items() if Path(f.file).name in broken}
+    on_disk_forms.update((k, f) for k, f in on_disk.forms.items()
+                         if Path(f.file).name not in broken)
     rt = _runtime()
     with rt.store.session() as s:
         report = lines(work_out(s, in_use, on_disk_forms))
