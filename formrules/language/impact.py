@@ -119,7 +119,7 @@ def _form(form_id: str, old: Form | None, new: Form | None,
         moved.update(_moves(_keys(old), new_keys))
     used_actions: dict[str, list[str]] = defaultdict(list)
     used_fields: dict[str, list[str]] = defaultdict(list)
-    new_actions = {(n.action) for n in _all_nodes(new)} if new is not None else set()
+    new_actions = {n.action for n in _actions(new)} if new is not None else set()
     new_fields = {f.name for f in new.fields} if new is not None else set()
     for run in sorted(pending, key=lambda r: (r.path, r.id)):
         if _canonical(run.raw) == _canonical(new_raws.get(run.path)):
@@ -185,7 +185,7 @@ def _fields_named(run: PendingRun, node: DeferNode) -> set[str]:
     return {n for n in names if n in run.fields}
 
 
-def _all_nodes(form: Form) -> Iterable[Node]:
+def _actions(form: Form) -> Iterable[ActionNode]:
     for nodes in _trees(form):
         yield from (n for n in walk(nodes) if isinstance(n, ActionNode))
 
@@ -252,12 +252,9 @@ def _moves(old: dict[str, str], new: dict[str, str]) -> dict[str, tuple[str, str
 
 
 def _label(key: str) -> str:
-    kind, _, rest = key.partition(" ")
-    if kind in ("background", "delay"):
-        return f"({key})"
-    if kind == "if":
-        return f"({key})"
-    return f"({kind})"
+    """How a moved node is named: deferred nodes and `if` in full, actions by name."""
+    kind = key.partition(" ")[0]
+    return f"({key})" if kind in ("background", "delay", "if") else f"({kind})"
 
 
 def _shape(form: Form) -> str:

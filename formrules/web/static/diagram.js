@@ -53,7 +53,7 @@
       style.textContent = css;
       svg.insertBefore(style, svg.firstChild);
     });
-    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-label", target.getAttribute("data-label") || "Diagram");
   }
 
   window.mermaid.initialize({
