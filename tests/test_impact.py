@@ -132,7 +132,7 @@ def test_a_pending_run_whose_node_moved_is_matched_by_title_without_the_old_form
     run = pending(old, "events/submit/0/background", "r1", "queued")
     assert rebuild_defer(run.raw, run.path, run.fields).title == "Packing"
     assert lines(compare({"shop": new}, {"shop": new}, [run])) == [
-        "form shop: unchanged",
+        "form shop: in use as on disk",
         "  pending Runs keeping their old tree: 1",
         "    r1  events/submit/0/background  (queued)",
         "  moved: events/submit/0/background -> events/submit/1/background  "
@@ -185,3 +185,26 @@ def test_a_broken_file_is_not_applied_and_keeps_the_version_in_use(
     assert out[0].startswith("No impact")
     assert out[1:] == [f"not applied: {edited}/shop.yaml:10:9: events/submit/0/background: "
                        "unknown background option 'titel' (did you mean 'title'?)"]
+
+
+def test_without_a_folder_the_applied_edit_leaves_the_runs_on_their_old_tree(
+        rt, rules_dir, subprocess_env):
+    """Live reload has applied the edit: the rules in use are those on disk, and only
+    the pending Runs' own trees tell what they will still do."""
+    shop = form(OLD, str(rules_dir / "shop.yaml"))
+    with rt.store.sessions() as s:
+        submit.accept(s, shop, {"name": "Ann", "note": "boots"}, owner="anon:a",
+                      settings=rt.settings)
+    with rt.store.session() as s:
+        ids = dict(s.execute(select(Run.node_path, Run.id).where(Run.form_id == "shop")).all())
+    (rules_dir / "shop.yaml").write_text(NEW)
+    result = CliRunner().invoke(cli, ["impact"], env=subprocess_env)
+    assert result.exit_code == 0, result.output
+    background, delay = ids["events/submit/0/background"], ids["events/submit/1/delay"]
+    assert result.output.splitlines() == [
+        "form shop: in use as on disk",
+        "  pending Runs keeping their old tree: 2",
+        f"    {background}  events/submit/0/background  (queued)",
+        f"    {delay}  events/submit/1/delay  (scheduled)",
+        *[line.format(r2=delay) for line in IMPACT],
+    ]

@@ -84,7 +84,8 @@ def lines(impacts: list[FormImpact]) -> list[str]:
                 "started on another tree."]
     out: list[str] = []
     for impact in impacts:
-        out.append(f"form {impact.form_id}: {impact.change}")
+        change = "in use as on disk" if impact.change == "unchanged" else impact.change
+        out.append(f"form {impact.form_id}: {change}")
         if impact.keeping_old:
             out.append(f"  pending Runs keeping their old tree: {len(impact.keeping_old)}")
             for run in impact.keeping_old[:SHOWN_RUNS]:
