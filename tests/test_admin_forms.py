@@ -26,6 +26,18 @@ def counts_row(page: str, path: str) -> list[str]:
     return re.findall(rf'data-path="{re.escape(path)}" data-state="\w+"[^>]*>(\d+)<', page)
 
 
+def test_the_form_pages_are_for_operators_only(app, client, rt):
+    from tests.web_helpers import login, make_user
+
+    for path in ("/admin/forms", "/admin/forms/later"):
+        response = client.get(path)
+        assert response.status_code == 302 and "/login?next=/admin/forms" in \
+            response.headers["Location"]
+    make_user(rt, "ursula")
+    login(client, "ursula")
+    assert client.get("/admin/forms/later").status_code == 403
+
+
 def test_the_form_page_counts_runs_per_node_and_links_to_them(operator, client, rt):
     for name in ("Ann", "Bob"):
         token_of(submit(client, "later", {"name": name}))  # a Delay an hour out: waiting

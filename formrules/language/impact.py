@@ -122,28 +122,47 @@ def _form(form_id: str, old: Form | None, new: Form | None,
     used_fields: dict[str, list[str]] = defaultdict(list)
     new_actions = {n.action for n in _actions(new)} if new is not None else set()
     new_fields = {f.name for f in new.fields} if new is not None else set()
+    new_canonical = {path: _canonical(raw) for path, raw in new_raws.items()}
+    # Runs of one node version share its subtree: work each distinct one out once.
+    seen: dict[tuple[str, str, str], tuple[tuple[str, str] | None, list[str], list[str]]] = {}
     for run in sorted(pending, key=lambda r: (r.path, r.id)):
-        if _canonical(run.raw) == _canonical(new_raws.get(run.path)):
+        raw = _canonical(run.raw)
+        if raw == new_canonical.get(run.path, _canonical(None)):
             continue  # the tree on disk has this very subtree at this path
         impact.keeping_old.append(run)
-        node = _rebuild(run)
-        if node is None:
-            continue
-        if run.path not in new_raws:  # the node itself may have moved
-            key = _key(node)
-            targets = [p for p, k in new_keys.items() if k == key]
-            if len(targets) == 1 and targets[0] != run.path:
-                moved.setdefault(run.path, (targets[0], _what(node)))
-        for child in walk((node,)):
-            if isinstance(child, ActionNode) and child.action not in new_actions:
-                used_actions[f"action {child.action} at {child.path}"].append(run.id)
-        for name in sorted(_fields_named(run, node)):
-            if name not in new_fields:
-                used_fields[f"field {name}"].append(run.id)
+        key = (run.path, raw, _canonical(run.fields))
+        if key not in seen:
+            seen[key] = _uses(run, new_keys, new_actions, new_fields)
+        target, actions, fields = seen[key]
+        if target is not None:
+            moved.setdefault(run.path, target)
+        for what in actions:
+            used_actions[what].append(run.id)
+        for what in fields:
+            used_fields[what].append(run.id)
     impact.moved = sorted((o, n, what) for o, (n, what) in moved.items())
     impact.removed_in_use = sorted(used_actions.items()) + sorted(used_fields.items())
     impact.schedules = _schedules(old, new)
     return impact
+
+
+def _uses(run: PendingRun, new_keys: dict[str, str], new_actions: set[str],
+          new_fields: set[str]) -> tuple[tuple[str, str] | None, list[str], list[str]]:
+    """For one pending subtree: where its node moved to and what it is (or None), and the
+    actions and fields it uses that the new version no longer has."""
+    node = _rebuild(run)
+    if node is None:
+        return None, [], []
+    target = None
+    if run.path not in new_keys:  # the node itself may have moved
+        targets = [p for p, k in new_keys.items() if k == _key(node)]
+        if len(targets) == 1:
+            target = (targets[0], _what(node))
+    actions = [f"action {child.action} at {child.path}" for child in walk((node,))
+               if isinstance(child, ActionNode) and child.action not in new_actions]
+    fields = [f"field {name}" for name in sorted(_fields_named(run, node))
+              if name not in new_fields]
+    return target, actions, fields
 
 
 def _schedules(old: Form | None, new: Form | None) -> list[str]:
