@@ -310,11 +310,26 @@ def test_operator_pages_in_the_browser(browser, base_url, worker, rt):
         context.close()
 
 
-def test_form_diagram_draws_each_tree_with_live_counts(browser, base_url, worker, rt):
+HOSTILE = """\
+form: hostile
+title: Hostile titles
+fields: [{name: name, type: string}]
+events:
+  submit:
+    - background:
+        title: "<img src=x onerror=alert(1)> **bold** \\"]) click n0 call alert(1)"
+        do: [{log: "<script>alert(1)</script>"}]
+"""
+
+
+def test_form_diagram_draws_each_tree_with_live_counts(browser, base_url, worker, rt,
+                                                        rules_dir):
     """The operator's form page: Mermaid draws the tree (no CSP violation: the browser
     fixture fails on any), the deferred node shows its Runs per state, the counts link
-    to the Runs list filtered to that node, and the outline stays as text."""
+    to the Runs list filtered to that node, and the outline stays as text. Author text
+    that looks like markup or Mermaid syntax is drawn as text."""
     make_user(rt, "olga", operator=True)
+    (rules_dir / "hostile.yaml").write_text(HOSTILE)
     context = browser.new_context(**DESKTOP)
     page = context.new_page()
     try:
@@ -351,6 +366,12 @@ def test_form_diagram_draws_each_tree_with_live_counts(browser, base_url, worker
         assert waiting.inner_text() == "1"
         assert "waiting 1" in page.locator("#diagram-1 svg").text_content()
         shot(page, "admin-form-diagram-delay")
+        page.goto(f"{base_url}/admin/forms/hostile")
+        page.wait_for_selector('#diagrams[data-rendered="true"]', timeout=30000)
+        drawn = page.locator("#diagram-1")
+        assert drawn.locator("svg").count() == 1
+        assert drawn.locator("img, script, strong, b").count() == 0
+        assert "<img src=x onerror=alert(1)> **bold**" in drawn.text_content()
     except Exception:
         shot(page, "failure-form-diagram")
         raise
