@@ -106,6 +106,37 @@ def show(form_id: str, rules_dir: str | None) -> None:
 
 
 @cli.command()
+@click.argument("directory", required=False)
+def impact(directory: str | None) -> None:
+    """What the rules in DIRECTORY (default: the configured rules) change for pending Runs.
+
+    Compares them with the rules the deployment uses (the configured rules directory,
+    each broken file at its last good version) and with the tree each pending Run carries.
+    """
+    from formrules.actions import registry as actions
+    from formrules.language.impact import lines
+    from formrules.language.registry import current_rules
+    from formrules.runs.impact import impact as work_out
+
+    settings = from_env()
+    actions.load_modules(settings.actions_modules)
+    on_disk, problems = check_rules(directory or settings.rules_dir)
+    in_use = current_rules(settings.rules_dir).forms
+    # A file with problems is not applied (as live reload does): its form stays at the
+    # version in use.
+    broken = {Path(p.file).name for p in problems}
+    on_disk_forms = {k: f for k, f in in_use.items() if Path(f.file).name in broken}
+    on_disk_forms.update((k, f) for k, f in on_disk.forms.items()
+                         if Path(f.file).name not in broken)
+    rt = _runtime()
+    with rt.store.session() as s:
+        report = lines(work_out(s, in_use, on_disk_forms))
+    for problem in problems:
+        report.append(f"not applied: {problem}")
+    click.echo("\n".join(report))
+
+
+@cli.command()
 @click.argument("form_id")
 @click.option("--set", "assignments", multiple=True, metavar="FIELD=VALUE",
               help="a field value (repeatable); other fields take their defaults")

@@ -142,3 +142,32 @@ def test_no_page_asks_for_a_missing_file(browser, web):
         assert missing == []
     finally:
         context.close()
+
+
+def test_the_operator_form_pages_are_accessible(browser, web, rt, axe):
+    """The forms list and each example form's diagram page, drawn, pass axe-core too:
+    the diagram is labelled and its counts are a table of links."""
+    from tests.web_helpers import PASSWORD, make_user
+
+    make_user(rt, "olga", operator=True)
+    context = browser.new_context(**DESKTOP)
+    page = context.new_page()
+    found: list[str] = []
+    try:
+        page.goto(f"{web.url}/login?next=/admin/forms")
+        page.get_by_label("User name").fill("olga")
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_url("**/admin/forms")
+        found += axe_problems(page, axe)
+        for form_id in EXAMPLES:
+            page.goto(f"{web.url}/admin/forms/{form_id}")
+            page.wait_for_selector('#diagrams[data-rendered="true"]', timeout=30000)
+            assert page.locator(".diagram svg").count() >= 1
+            found += axe_problems(page, axe)
+        assert found == []
+    except Exception:
+        shot(page, "a11y-admin-forms")
+        raise
+    finally:
+        context.close()

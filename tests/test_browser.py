@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 from werkzeug.serving import make_server
 
-from formrules.store.models import Record
+from formrules.store.models import Record, Run
 from tests.helpers import WorkerProcess, wait_until
 from tests.web_helpers import PASSWORD, add_web_rules, make_user, workers_alive
 
@@ -305,6 +305,75 @@ def test_operator_pages_in_the_browser(browser, base_url, worker, rt):
         phone.close()
     except Exception:
         shot(page, "failure-admin")
+        raise
+    finally:
+        context.close()
+
+
+HOSTILE = """\
+form: hostile
+title: Hostile titles
+fields: [{name: name, type: string}]
+events:
+  submit:
+    - background:
+        title: "<img src=x onerror=alert(1)> **bold** \\"]) click n0 call alert(1)"
+        do: [{log: "<script>alert(1)</script>"}]
+"""
+
+
+def test_form_diagram_draws_each_tree_with_live_counts(browser, base_url, worker, rt,
+                                                        rules_dir):
+    """The operator's form page: Mermaid draws the tree (no CSP violation: the browser
+    fixture fails on any), the deferred node shows its Runs per state, the counts link
+    to the Runs list filtered to that node, and the outline stays as text. Author text
+    that looks like markup or Mermaid syntax is drawn as text."""
+    make_user(rt, "olga", operator=True)
+    (rules_dir / "hostile.yaml").write_text(HOSTILE)
+    context = browser.new_context(**DESKTOP)
+    page = context.new_page()
+    try:
+        for form in ("broken", "later"):  # one Run ends dead, one waits an hour
+            page.goto(f"{base_url}/forms/{form}")
+            page.get_by_label("Name").fill("Dora")
+            page.get_by_role("button", name="Submit").click()
+            page.wait_for_url("**/r/*")
+        with rt.store.session() as s:
+            wait_until(lambda: s.scalar(select(Run.status).where(Run.form_id == "broken"))
+                       == "dead" or s.expire_all(), timeout=60)
+        page.goto(f"{base_url}/login?next=/admin/forms")
+        page.get_by_label("User name").fill("olga")
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_url("**/admin/forms")
+        page.get_by_role("link", name="broken", exact=True).click()
+        page.wait_for_selector('#diagrams[data-rendered="true"]', timeout=30000)
+        svg = page.locator("#diagram-1 svg")
+        assert svg.count() == 1
+        assert "background 'Calling the room service'" in svg.text_content()
+        assert "dead 1" in svg.text_content()
+        dead = page.locator('a[data-path="events/submit/0/background"][data-state="dead"]')
+        assert dead.inner_text() == "1"
+        assert page.locator("pre.outline").inner_text().startswith("form broken: Broken")
+        shot(page, "admin-form-diagram")
+        dead.click()
+        page.wait_for_url(lambda url: "/admin?" in url and "state=dead" in url)
+        assert page.locator("tbody tr").count() == 1
+        assert "Calling the room service" in page.locator("tbody tr").inner_text()
+        page.goto(f"{base_url}/admin/forms/later")
+        page.wait_for_selector('#diagrams[data-rendered="true"]', timeout=30000)
+        waiting = page.locator('a[data-path="events/submit/0/delay"][data-state="waiting"]')
+        assert waiting.inner_text() == "1"
+        assert "waiting 1" in page.locator("#diagram-1 svg").text_content()
+        shot(page, "admin-form-diagram-delay")
+        page.goto(f"{base_url}/admin/forms/hostile")
+        page.wait_for_selector('#diagrams[data-rendered="true"]', timeout=30000)
+        drawn = page.locator("#diagram-1")
+        assert drawn.locator("svg").count() == 1
+        assert drawn.locator("img, script, strong, b").count() == 0
+        assert "<img src=x onerror=alert(1)> **bold**" in drawn.text_content()
+    except Exception:
+        shot(page, "failure-form-diagram")
         raise
     finally:
         context.close()

@@ -63,6 +63,20 @@ def test_healthz_and_readyz_when_all_is_well(client):
     assert ready.json["checks"]["rules"].startswith("ok (")
 
 
+def test_readyz_counts_broken_rule_files_without_naming_them(client, rules_dir):
+    """A broken file keeps the process ready (its last good version, the other forms);
+    the public answer says how many files are broken, not which or why."""
+    (rules_dir / "zz_broken.yaml").write_text("form: zz\ntitle: [unclosed\n")
+
+    def noticed() -> str | None:
+        found = client.get("/readyz").json["checks"]["rules"]
+        return found if "problems" in found else None
+
+    checks = wait_until(noticed, timeout=10)
+    assert checks.startswith("ok (") and checks.endswith("; 1 rule file(s) with problems)")
+    assert "zz_broken" not in client.get("/readyz").get_data(as_text=True)
+
+
 def test_readyz_is_503_with_the_reason_when_redis_is_away(rt):
     """A load balancer takes the process out; the reason names the dependency only."""
     away = rt.settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_port()}/0")

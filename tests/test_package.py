@@ -108,8 +108,15 @@ def _visit_everything(browser: Browser) -> None:
     record_id = re.findall(r'href="/admin/records/(\d+)"', records)[0]
     for path in (f"/admin/records/{record_id}", f"/admin/records/{record_id}/edit",
                  "/admin/dead", "/admin/queues", "/admin/batches",
-                 "/admin/batches/new/room_booking/export_csv"):
+                 "/admin/batches/new/room_booking/export_csv", "/admin/forms"):
         browser.get(path)
+    # The form diagram's scripts, Mermaid's bundle and its licence come from the wheel.
+    diagram = browser.get("/admin/forms/room_booking")
+    scripts = re.findall(r'<script src="(/static/[^"]+)"', diagram)
+    assert "/static/vendor/mermaid.min.js" in scripts, diagram[:2000]
+    for script in scripts:
+        assert len(browser.get(script)) > 1000, script
+    assert "MIT License" in browser.get("/static/vendor/mermaid.LICENSE")
     batch = browser.post_form("/admin/batches/new/room_booking/export_csv",
                               {"scope": "all", "where": ""})
     browser.get(batch)

@@ -80,6 +80,7 @@ class RuleRegistry:
         self.directory = Path(directory)
         self.poll_seconds = poll_seconds
         self._files: dict[str, _File] = {}
+        self._previous: dict[str, Form] = {}  # form id -> the version the last reload replaced
         self._ruleset = RuleSet({}, str(self.directory))
         self._status = RulesStatus(str(self.directory), ())
         self._checked = float("-inf")
@@ -96,6 +97,12 @@ class RuleRegistry:
         """Which files are broken and which forms are in use."""
         self._maybe_refresh(max_age)
         return self._status
+
+    def previous(self, max_age: float | None = None) -> dict[str, Form]:
+        """Form id -> the good version its latest reload in this process replaced (what
+        `formrules impact` and the admin compare the version in use with)."""
+        self._maybe_refresh(max_age)
+        return dict(self._previous)
 
     def _maybe_refresh(self, max_age: float | None) -> None:
         age = self.poll_seconds if max_age is None else max_age
@@ -157,6 +164,8 @@ class RuleRegistry:
         self._files[name] = _File(signature, digest, form)
         for warning in found:  # deprecated spellings: served, and said once per change
             log.warning("rules: %s", warning)
+        if previous is not None and previous.id == form.id:
+            self._previous[form.id] = previous
         if known is None:
             log.info("rules: %s loaded (form '%s')", name, form.id)
         else:

@@ -49,6 +49,16 @@ from formrules.store.models import (
 
 RUNNING = frozenset({RunStatus.RUNNING})
 WAITING = frozenset({RunStatus.WAITING})
+# What deferred work is doing right now, as the form diagram counts it and the Runs list
+# filters it (`?state=`): `waiting` is `scheduled` (a Delay not due yet) or a batch child
+# waiting for a slot.
+NOW_STATES: dict[str, frozenset[RunStatus]] = {
+    "queued": frozenset({RunStatus.QUEUED}),
+    "running": RUNNING,
+    "retrying": frozenset({RunStatus.RETRYING}),
+    "waiting": WAITING | {RunStatus.SCHEDULED},
+    "dead": frozenset({RunStatus.DEAD}),
+}
 
 
 @dataclass(frozen=True)
@@ -328,4 +338,3 @@ def edit_move(s: Session, run: Run, due: datetime, *, reason: str, path: str,
 def is_pending(run: Run) -> bool:
     """A worker may claim it when due (and no cancel waits for it)."""
     return run.status in PENDING and not run.cancel_requested
-

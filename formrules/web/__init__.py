@@ -86,6 +86,7 @@ def create_app(test_config: dict[str, Any] | None = None,
 
     from formrules.web import (
         admin,
+        admin_forms,  # noqa: F401  (adds its views to admin.bp)
         admin_records,  # noqa: F401  (adds its views to admin.bp)
         api,
         auth,

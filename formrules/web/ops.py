@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from formrules.errors import FormrulesError
 from formrules.process import logs, metrics
 from formrules.store import migrate
-from formrules.web.state import rt, rules
+from formrules.web.state import rt, rules, rules_health
 
 bp = Blueprint("ops", __name__)
 log = logging.getLogger("formrules.web.ops")
@@ -68,10 +68,16 @@ def _redis() -> str:
 
 
 def _rules() -> str:
+    """Forms loaded, and how many rule files are broken (a count: /readyz is public, so
+    file names and problems stay on the operator pages)."""
     try:
-        return f"ok ({len(rules().forms)} forms)"
+        forms, status = rules().forms, rules_health()
     except (KeyError, FormrulesError):
         return "not loaded"
+    broken = f"; {len(status.broken)} rule file(s) with problems" if status.broken else ""
+    if not status.ready:
+        return f"not loaded ({len(status.broken)} rule file(s) with problems)"
+    return f"ok ({len(forms)} forms{broken})"
 
 
 @bp.get("/metrics")
