@@ -23,13 +23,14 @@ from formrules.language.tree import (
     RuleSet,
     ScheduleDef,
     TaskDef,
+    TreeDef,
 )
 from formrules.language.values import to_storage
 
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 FORM_ID = re.compile(r"^[a-z][a-z0-9_-]*$")
 FORM_KEYS = ("form", "title", "description", "fields", "events", "after_submit", "tasks",
-             "schedules")
+             "schedules", "trees")
 FIELD_KEYS = ("name", "type", "label", "help", "required", "min", "max", "max_length",
               "choices", "default", "hidden")
 EVENTS = ("submit", "update")
@@ -101,6 +102,10 @@ def _form(c: Checker, raw: Map) -> Form:
         form_id = Path(c.file).stem
     fields = _fields(c, raw.get("fields"), c.value_pos(raw, "fields"))
     c.fields = {f.name: f.type for f in fields}
+    # Named trees first: every node list below may call them, in any order of writing.
+    c.declare_trees(raw.get("trees"), c.value_pos(raw, "trees"))
+    trees = {name: TreeDef(name, c.tree_inputs[name], do, plain(c.trees[name]))
+             for name, do in c.tree_bodies().items()}
     events: dict[str, tuple] = {}
     ev = raw.get("events", {})
     if c.mapping(ev, c.value_pos(raw, "events"), "events", "events") is not None:
@@ -126,6 +131,7 @@ def _form(c: Checker, raw: Map) -> Form:
         fields=fields, events=events, after_submit_message=message, file=c.file,
         tasks=_tasks(c, raw.get("tasks"), c.value_pos(raw, "tasks")),
         schedules=_schedules(c, raw.get("schedules"), c.value_pos(raw, "schedules")),
+        trees=trees,
     )
 
 
@@ -313,13 +319,20 @@ def _background(c: Checker, body: Map, path: str, pos, title: str) -> DeferNode:
     return c.defer_node("background", args, pos, pos, path, {"background": args})
 
 
-def rebuild_defer(raw: dict, path: str, fields: dict[str, str]) -> DeferNode:
+def rebuild_defer(raw: dict, path: str, fields: dict[str, str],
+                  trees: dict[str, Any] | None = None, tree: str | None = None) -> DeferNode:
     """Rebuild a Run's node from the snapshot it was started with (see `DeferNode.raw`).
 
-    `raw` is `{kind: options}` and `path` the node's path. The snapshot passed validation
-    when the Run was created; failing now means the rule language changed incompatibly.
+    `raw` is `{kind: options}` and `path` the node's path; `trees` the named trees its
+    calls reach (as the snapshot carries them) and `tree` the one the node itself sits in,
+    when it was written inside a named tree (its templates may name `inputs.`). The
+    snapshot passed validation when the Run was created; failing now means the rule
+    language changed incompatibly.
     """
     checker = Checker(f"<run {path}>", fields)
+    checker.declare_trees(trees or None, None)
+    if tree is not None:
+        checker.calls.append(tree)
     node = None
     if isinstance(raw, dict) and len(raw) == 1:
         (kind, args), = raw.items()
