@@ -20,6 +20,7 @@ from formrules.language.tree import (
     DeferNode,
     FieldDef,
     Form,
+    InputDef,
     RuleSet,
     ScheduleDef,
     TaskDef,
@@ -320,12 +321,14 @@ def _background(c: Checker, body: Map, path: str, pos, title: str) -> DeferNode:
 
 
 def rebuild_defer(raw: dict, path: str, fields: dict[str, str],
-                  trees: dict[str, Any] | None = None, tree: str | None = None) -> DeferNode:
+                  trees: dict[str, Any] | None = None, tree: str | None = None,
+                  inputs: list[str] | tuple[str, ...] = ()) -> DeferNode:
     """Rebuild a Run's node from the snapshot it was started with (see `DeferNode.raw`).
 
     `raw` is `{kind: options}` and `path` the node's path; `trees` the named trees its
     calls reach (as the snapshot carries them) and `tree` the one the node itself sits in,
-    when it was written inside a named tree (its templates may name `inputs.`). The
+    when it was written inside a named tree (its templates may name `inputs.`, and
+    `inputs` lists the names its call gave, every declared one). The
     snapshot passed validation when the Run was created; failing now means the rule
     language changed incompatibly.
     """
@@ -333,6 +336,7 @@ def rebuild_defer(raw: dict, path: str, fields: dict[str, str],
     checker.declare_trees(trees or None, None)
     if tree is not None:
         checker.calls.append(tree)
+        checker.tree_inputs.setdefault(tree, {n: InputDef(n, "any") for n in inputs})
     node = None
     if isinstance(raw, dict) and len(raw) == 1:
         (kind, args), = raw.items()

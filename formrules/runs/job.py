@@ -415,7 +415,7 @@ class RunWalker(Walker):
         """A trace line naming the tree and its inputs (once: not again on a resume)."""
         if any(n.path in self.ex.done_paths for n in walk(node.body)):
             return
-        detail = f"call tree {node.tree} with {json.dumps(inputs, default=str)}"
+        detail = f"call tree {node.tree} with {json.dumps(inputs, default=str, sort_keys=True)}"
         with self.ex.store.session() as s:
             lifecycle.note(s, lifecycle.hold(s, self.run.id, self.ex.lease), EventKind.CALL,
                            detail[:2000], node.path)

@@ -94,7 +94,8 @@ class Snapshot:
     def node(self, path: str) -> DeferNode:
         """The deferred node, rebuilt (and checked) once per distinct snapshot and path."""
         tree = self.call["tree"] if self.call else None
-        return _rebuild(json.dumps([self.raw, self.fields, path, self.trees, tree],
+        inputs = sorted((self.call or {}).get("inputs") or ())
+        return _rebuild(json.dumps([self.raw, self.fields, path, self.trees, tree, inputs],
                                    sort_keys=True))
 
     def variables(self) -> dict[str, Any]:
@@ -126,5 +127,5 @@ class Snapshot:
 
 @lru_cache(maxsize=512)
 def _rebuild(key: str) -> DeferNode:
-    raw, fields, path, trees, tree = json.loads(key)
-    return rebuild_defer(raw, path, fields, trees, tree)
+    raw, fields, path, trees, tree, inputs = json.loads(key)
+    return rebuild_defer(raw, path, fields, trees, tree, inputs)
