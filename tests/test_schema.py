@@ -71,6 +71,7 @@ BEYOND_A_SCHEMA = (
     "is reserved",
     "is not a valid",
     "duplicate key",  # YAML itself: the editor's YAML parser reports it
+    "unknown tree", "has no input", "call cycle",  # need the file's `trees:`
 )
 
 
@@ -103,6 +104,10 @@ CHECKER_REJECTS = [
      "is not valid"),
     ("form: a\nschedules: [{do: []}]\n", "'cron' is a required property"),
     ("form: a\ntasks: {Bad: {do: []}}\n", "does not match"),
+    ("form: a\nevents: {submit: [{call: {with: {x: 1}}}]}\n", "is not valid"),
+    ("form: a\nevents: {submit: [{try: [], catch: [], finally: []}]}\n", "is not valid"),
+    ("form: a\ntrees: {t: {inputs: {x: {type: text}}, do: []}}\n", "is not valid"),
+    ("form: a\ntrees: {t: {inputs: {}}}\n", "'do' is a required property"),
 ]
 
 
