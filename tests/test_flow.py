@@ -127,12 +127,36 @@ events:
           - record_call: {name: after}
 """
 
+NESTED = """
+form: nested
+title: Nested
+fields:
+  - {name: name, type: string, required: true}
+trees:
+  later:
+    inputs: {who: {type: string, required: true}}
+    do:
+      - background:
+          title: "For {{ inputs.who }}"
+          retry: {attempts: 3, backoff: [1s]}
+          do:
+            - record_call: {name: "later-{{ inputs.who }}"}
+            - try:
+                - explode: {permanent: true, safe: "No {{ inputs.who }} today."}
+              catch:
+                - record_call: {name: "caught-{{ inputs.who }}"}
+events:
+  submit:
+    - call: {tree: later, with: {who: "{{ record.name }}"}}
+"""
+
+
 @pytest.fixture(autouse=True)
 def flow_rules(rules_dir):
     """The forms these tests submit (written before the app or any worker loads rules)."""
     kept = LEDGER.replace("form: ledger", "form: kept").replace(
         "retry: {attempts: 2, backoff: [1s], jitter: 0}", "retry: false")
-    for name, text in {"ledger": LEDGER, "inline": INLINE, "kept": kept,
+    for name, text in {"ledger": LEDGER, "inline": INLINE, "kept": kept, "nested": NESTED,
                        "handler_crash": HANDLER_CRASH}.items():
         (rules_dir / f"{name}.yaml").write_text(text.lstrip())
     return rules_dir
@@ -477,3 +501,18 @@ def test_a_run_in_flight_keeps_its_called_tree_after_the_rule_file_changes(
     assert names(rt)["notify-Kim-2"] == 1 and not any(n.startswith("edited-")
                                                         for n in names(rt))
 
+
+
+def test_a_background_inside_a_called_tree_runs_on_a_worker_with_its_inputs(
+        client, rt, operator):
+    token = token_of(submit(client, "nested", {"name": "Ann"}))
+    work(rt)
+    (run,) = runs_of(rt, token)
+    path = "events/submit/0/call/0/background"
+    assert run.status == RunStatus.DONE and run.node_path == path and run.title == "For Ann"
+    assert run.attempt == 1  # a permanent error is caught at once, whatever `retry:` says
+    assert keys(rt, "later-Ann") == {f"{run.id}:{path}/do/0"}
+    assert keys(rt, "caught-Ann") == {f"{run.id}:{path}/do/1/catch/0"}
+    # Operators see the catch in the trace, with the full error.
+    html = operator.get(f"/admin/runs/{run.id}").get_data(as_text=True)
+    assert "caught" in html and f"{path}/do/1/catch" in html
