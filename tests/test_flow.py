@@ -35,6 +35,7 @@ from tests.helpers import (
     runs_of,
     submit,
     token_of,
+    tokens,
     wait_until,
     work,
 )
@@ -151,12 +152,29 @@ events:
 """
 
 
+TASKY = """
+form: tasky
+title: Tasky
+fields:
+  - {name: name, type: string, required: true}
+trees:
+  greet:
+    inputs: {who: {type: string, required: true}}
+    do: [{record_call: {name: "greet-{{ inputs.who }}"}}]
+tasks:
+  greet_all:
+    title: Greet everyone
+    do: [{call: {tree: greet, with: {who: "{{ record.name }}"}}}]
+"""
+
+
 @pytest.fixture(autouse=True)
 def flow_rules(rules_dir):
     """The forms these tests submit (written before the app or any worker loads rules)."""
     kept = LEDGER.replace("form: ledger", "form: kept").replace(
         "retry: {attempts: 2, backoff: [1s], jitter: 0}", "retry: false")
     for name, text in {"ledger": LEDGER, "inline": INLINE, "kept": kept, "nested": NESTED,
+                       "tasky": TASKY,
                        "handler_crash": HANDLER_CRASH}.items():
         (rules_dir / f"{name}.yaml").write_text(text.lstrip())
     return rules_dir
@@ -516,3 +534,16 @@ def test_a_background_inside_a_called_tree_runs_on_a_worker_with_its_inputs(
     # Operators see the catch in the trace, with the full error.
     html = operator.get(f"/admin/runs/{run.id}").get_data(as_text=True)
     assert "caught" in html and f"{path}/do/1/catch" in html
+
+
+def test_an_operators_task_calls_a_named_tree(client, rt, operator):
+    token = token_of(submit(client, "tasky", {"name": "Bo"}))
+    page = operator.get("/admin/batches/new/tasky/greet_all")
+    assert page.status_code == 200, page.data[:500]
+    started = operator.post("/admin/batches/new/tasky/greet_all", data={
+        "csrf_token": tokens(page.data)["csrf_token"], "where": "", "scope": "filter"})
+    assert started.status_code == 303, started.data[:2000]
+    work(rt)
+    run = next(r for r in runs_of(rt, token) if r.kind == "task")
+    assert run.status == RunStatus.DONE
+    assert keys(rt, "greet-Bo") == {f"{run.id}:tasks/greet_all/do/0/call/0"}

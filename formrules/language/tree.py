@@ -245,6 +245,11 @@ class Form:
         """Field name to type, as stored with each Run's snapshot."""
         return {f.name: f.type for f in self.fields}
 
+    @property
+    def tree_sources(self) -> dict[str, Any]:
+        """Each named tree as written (plain), for rebuilding a task's or schedule's node."""
+        return {name: tree.raw for name, tree in self.trees.items()}
+
 
 @dataclass(frozen=True)
 class RuleSet:

@@ -85,7 +85,8 @@ def start(s: Session, form: Form, task_name: str, *, owner: str, settings,
     records = matching_records(s, form, record_ids=record_ids, where=where)
     if not records:
         raise BatchError("no records match: nothing to run")
-    node = rebuild_defer(task.raw, f"tasks/{task.name}", form.field_types)
+    node = rebuild_defer(task.raw, f"tasks/{task.name}", form.field_types,
+                         form.tree_sources)
     # A title naming the record ("Export {{ record.name }}") is for the children.
     batch = Batch(form_id=form.id, task=task.name, title=task.label, owner=owner,
                   total=len(records), concurrency=task.concurrency,

@@ -4,7 +4,9 @@
       claim the Run (a lease: only one execution may own it) ── not due yet? wait or leave
       for each action of the subtree: skip if checkpointed, else run it, then commit its
       field writes + files + checkpoint in one transaction (lease checked, a requested
-      cancel read and the record re-read in the same one: no step starts after a cancel)
+      cancel read and the record re-read in the same one: no step starts after a cancel);
+      a `call:` walks its tree (steps under the call's path), a `try:` that catches
+      checkpoints the catch with its error field, then runs `catch:` (`RunWalker`)
       success ── set the flag field, status done, notify (a cancel asked for meanwhile wins)
       failure ── retryable and attempts left: status retrying, due after its wait
               └─ otherwise: on_error branch (once), status dead, notify
