@@ -173,6 +173,8 @@ def flow_rules(rules_dir):
     """The forms these tests submit (written before the app or any worker loads rules)."""
     kept = LEDGER.replace("form: ledger", "form: kept").replace(
         "retry: {attempts: 2, backoff: [1s], jitter: 0}", "retry: false")
+    example = Path(__file__).resolve().parents[1] / "rules" / "expense_report.yaml"
+    (rules_dir / "expense_report.yaml").write_text(example.read_text())
     for name, text in {"ledger": LEDGER, "inline": INLINE, "kept": kept, "nested": NESTED,
                        "tasky": TASKY,
                        "handler_crash": HANDLER_CRASH}.items():
@@ -547,3 +549,21 @@ def test_an_operators_task_calls_a_named_tree(client, rt, operator):
     run = next(r for r in runs_of(rt, token) if r.kind == "task")
     assert run.status == RunStatus.DONE
     assert keys(rt, "greet-Bo") == {f"{run.id}:tasks/greet_all/do/0/call/0"}
+
+
+@pytest.mark.slow
+def test_the_expense_example_calls_its_tree_and_goes_on_past_the_ledger(client, rt):
+    token = token_of(submit(client, "expense_report", {
+        "employee": "Ann Lee", "email": "ann@example.com", "amount": "900.00",
+        "category": "Travel", "spent_on": "2026-01-05"}))
+    work(rt)
+    (run,) = runs_of(rt, token)
+    assert run.status == RunStatus.DONE
+    record = record_of(rt, token)
+    # The ledger host is not allowed here: the step's error is caught, the claim goes on.
+    assert record.data["processed"] is True and record.data["route"] == "manager"
+    assert record.data["ledger_error"] == "This form is not allowed to contact that service."
+    trace = events_of(rt, run.id)
+    (call,) = [e for e in trace if e.event == "call"]
+    assert call.detail == 'call tree notify_manager with {"amount": 900.0, "category": "Travel"}'
+    assert f"{BG.replace('/0/', '/1/')}/do/2/then/0/call/0" in {e.path for e in trace}
