@@ -168,6 +168,27 @@ tasks:
 """
 
 
+CANCELLED = """
+form: cancelled_try
+title: Cancelled in a try
+fields:
+  - {name: name, type: string, required: true}
+  - {name: last_error, type: string, hidden: true}
+events:
+  submit:
+    - background:
+        title: Cancelled meanwhile
+        retry: false
+        do:
+          - try:
+              - cancelled_meanwhile: {}
+            catch:
+              - record_call: {name: handler}
+            error_field: last_error
+          - record_call: {name: after}
+"""
+
+
 @pytest.fixture(autouse=True)
 def flow_rules(rules_dir):
     """The forms these tests submit (written before the app or any worker loads rules)."""
@@ -176,7 +197,7 @@ def flow_rules(rules_dir):
     example = Path(__file__).resolve().parents[1] / "rules" / "expense_report.yaml"
     (rules_dir / "expense_report.yaml").write_text(example.read_text())
     for name, text in {"ledger": LEDGER, "inline": INLINE, "kept": kept, "nested": NESTED,
-                       "tasky": TASKY,
+                       "tasky": TASKY, "cancelled_try": CANCELLED,
                        "handler_crash": HANDLER_CRASH}.items():
         (rules_dir / f"{name}.yaml").write_text(text.lstrip())
     return rules_dir
@@ -567,3 +588,15 @@ def test_the_expense_example_calls_its_tree_and_goes_on_past_the_ledger(client, 
     (call,) = [e for e in trace if e.event == "call"]
     assert call.detail == 'call tree notify_manager with {"amount": 900.0, "category": "Travel"}'
     assert f"{BG.replace('/0/', '/1/')}/do/2/then/0/call/0" in {e.path for e in trace}
+
+
+def test_a_cancel_is_never_caught(client, rt):
+    # The step fails (retryably, on the last attempt) right after a cancel was asked for:
+    # the try would catch that error, but the cancel wins and nothing of the catch stays.
+    token = token_of(submit(client, "cancelled_try", {"name": "Kim"}))
+    work(rt)
+    (run,) = runs_of(rt, token)
+    assert run.status == RunStatus.CANCELLED
+    assert names(rt) == Counter()
+    assert not [e for e in events_of(rt, run.id) if e.path.endswith("/catch")]
+    assert record_of(rt, token).data.get("last_error") is None

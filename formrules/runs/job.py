@@ -437,6 +437,8 @@ class RunWalker(Walker):
         path = node.path + CATCH
         with ex.store.session() as s:
             owned = ex.checkpoint(s, run, path, f"caught {error['step']}: {error['message']}")
+            if owned.cancel_requested:  # a cancel asked for meanwhile wins: nothing caught
+                raise Cancelled()
             lifecycle.note(s, owned, EventKind.CAUGHT,
                            "".join(traceback.format_exception(exc)), error["step"])
             if node.error_field and run.record_id is not None:
