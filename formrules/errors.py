@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 
 GENERIC_FAILURE = "Something went wrong while processing this. The team has been told."
 TIMED_OUT = "This took longer than allowed and was stopped."
+# What a `try:` stores for a caught error with no message of formrules' own (an outside
+# service's words never reach users): `The 'http_request' step failed.`
+STEP_FAILED = "The '{step}' step failed."
 
 
 @dataclass(frozen=True, order=True)

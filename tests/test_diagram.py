@@ -103,3 +103,29 @@ def test_author_text_cannot_close_its_label_or_add_lines():
                     "#123;#125;#125;#37;#37; #96;#42;b#42;#96; #60;img src=x#62; #35;1#59;")
     assert not set(text) & set('"`\n<>{}[]#*_%') - {"#"}
     assert escape("a" * 100) == "a" * 79 + "#8230;"  # the ellipsis, escaped too
+
+
+def test_calls_and_tries_show_their_steps():
+    form, problems = parse_form("""\
+form: flow
+fields: [{name: note, type: string}]
+trees:
+  hello: {do: [{log: hi}]}
+events:
+  submit:
+    - call: {tree: hello}
+    - try: [{log: risky}]
+      catch: [{log: caught}]
+      error_field: note
+""", "flow.yaml")
+    assert problems == []
+    lines = charts(form)[0].source.splitlines()
+    assert lines[1:7] == [
+        "  n0[/\"`call hello",
+        "events/submit/0`\"/]",
+        "  n1[\"`log message",
+        "events/submit/0/call/0`\"]",
+        "  n0 -->|runs| n1",
+        "  n2[/\"`try, error in note",
+    ]
+    assert "  n2 -. on error .-> n4" in lines and "  class n4 failure" in lines

@@ -427,6 +427,20 @@ def test_every_node_kind_and_option_is_documented_and_used():
     assert mentioned("recompute") and mentioned("keep")
 
 
+def test_trees_calls_and_try_are_documented_and_used():
+    from formrules.language.checker import CALL_KEYS, INPUT_KEYS, TREE_KEYS, TRY_KEYS
+    from formrules.language.tree import INPUT_TYPES
+
+    used = used_keys()["node"]
+    for key in (*CALL_KEYS, *TREE_KEYS, *INPUT_KEYS, *TRY_KEYS):
+        assert mentioned(key) and key in used, key
+    for itype in INPUT_TYPES:
+        assert mentioned(itype), f"input type '{itype}' is not documented"
+    for name in ("inputs", "error.step", "error.message"):
+        assert f"`{name}" in DOCS_TEXT, name
+    assert "inputs." in "".join(b.text for b in YAML_BLOCKS if not b.all("invalid"))
+
+
 def test_retry_options_are_documented_and_used():
     used = used_keys()
     for option in ("attempts", "backoff", "base", "max", "jitter"):

@@ -42,8 +42,8 @@ def deferred(form) -> bool:
         for node in nodes or []:
             if isinstance(node, DeferNode):
                 return True
-            if any(walk(getattr(node, name, None)) for name in ("then", "otherwise", "do",
-                                                                 "on_error")):
+            if any(walk(getattr(node, name, None)) for name in (
+                    "then", "otherwise", "do", "on_error", "body", "handler")):
                 return True
         return False
     return any(walk(nodes) for nodes in form.events.values())

@@ -136,7 +136,7 @@ def test_variables_used_where_they_are_never_set():
         """) == [
         "rules/booking.yaml:10:11: events/submit/0: 'old' is only set in update events",
         "rules/booking.yaml:11:20: events/submit/0/then/0: 'error' is only set in on_error "
-        "branches",
+        "branches and try's catch",
     ]
 
 

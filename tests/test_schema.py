@@ -71,6 +71,7 @@ BEYOND_A_SCHEMA = (
     "is reserved",
     "is not a valid",
     "duplicate key",  # YAML itself: the editor's YAML parser reports it
+    "unknown tree", "has no input", "call cycle",  # need the file's `trees:`
 )
 
 
@@ -105,6 +106,10 @@ CHECKER_REJECTS = [
     ("form: a\nbatches: {Bad: {do: []}}\n", "does not match"),
     ("form: a\ntasks: {Bad: {do: []}}\n", "does not match"),  # the old key, still read
     ("form: a\nbatches: {b: {do: [], started_by: [user]}}\n", "is not valid"),
+    ("form: a\nevents: {submit: [{call: {with: {x: 1}}}]}\n", "is not valid"),
+    ("form: a\nevents: {submit: [{try: [], catch: [], finally: []}]}\n", "is not valid"),
+    ("form: a\ntrees: {t: {inputs: {x: {type: text}}, do: []}}\n", "is not valid"),
+    ("form: a\ntrees: {t: {inputs: {}}}\n", "'do' is a required property"),
 ]
 
 

@@ -37,7 +37,7 @@ def test_a_new_snapshot_is_versioned_and_round_trips():
     snap = Snapshot.of(node(), {"day": "date"}, {"old": {"day": "2030-01-02"},
                                                "changed": {"day": "2030-02-03"}, "x": {}})
     data = snap.dump()
-    assert data[VERSION_KEY] == VERSION == 2
+    assert data[VERSION_KEY] == VERSION == 3
     assert data["intervals"] == [10, 60, 60] and data["timeout"] == 120
     assert set(data["inputs"]) == {"old", "changed"}
     assert Snapshot.load(data) == snap
@@ -53,7 +53,7 @@ def test_an_unversioned_snapshot_loads_as_version_1():
 
 
 def test_a_snapshot_from_newer_code_is_refused():
-    with pytest.raises(RuleError, match="snapshot version 3 is newer"):
+    with pytest.raises(RuleError, match="snapshot version 4 is newer"):
         Snapshot.load({VERSION_KEY: VERSION + 1, "raw": {}, "fields": {}})
 
 

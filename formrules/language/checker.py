@@ -8,6 +8,7 @@ whole files.
 from __future__ import annotations
 
 import difflib
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -21,13 +22,18 @@ from formrules.language.source import Map, Pos, Seq, plain
 from formrules.language.tree import (
     DEFAULT_RETRY,
     FIELD_TYPES,
+    INPUT_TYPES,
     NO_RETRY,
     ActionNode,
+    CallNode,
     DeferNode,
     IfNode,
+    InputDef,
     Node,
     ProgressNode,
     RetryPolicy,
+    TryNode,
+    walk,
 )
 from formrules.language.variables import FORM_NAMES, RUN_NAMES
 
@@ -37,15 +43,21 @@ DEFER_KEYS = {
     "delay": ("title", "flag", "await", "timeout", "retry", "do", "on_error", "for", "at",
               "on_change", "cancel_if", "when"),
 }
-KINDS = ("if", "background", "delay", "progress")
+KINDS = ("if", "background", "delay", "progress", "call", "try")
 IF_KEYS = ("if", "then", "else")
+TRY_KEYS = ("try", "catch", "error_field")
+CALL_KEYS = ("tree", "with")
+TREE_KEYS = ("inputs", "do")
+INPUT_KEYS = ("type", "required", "default")
+ERROR_FIELD_TYPES = ("string", "text")  # a caught error's message is text
 PROGRESS_KEYS = ("done", "total", "message", "title")
 RETRY_KEYS = ("attempts", "backoff", "base", "max", "jitter")
 AWAIT_VALUES = (True, False, "optional")
 ON_CHANGE_VALUES = ("recompute", "keep")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # Names templates and expressions may use besides the sandbox globals.
-VARIABLES = ("record", "old", "changed", "form", "run", "error", "response", "loop", "range",
-             "true", "false", "none", "True", "False", "None")
+VARIABLES = ("record", "old", "changed", "form", "run", "error", "response", "inputs", "loop",
+             "range", "true", "false", "none", "True", "False", "None")
 
 
 def did_you_mean(word: str, options) -> str:
@@ -61,11 +73,26 @@ class Checker:
         self.file = file
         self.fields: dict[str, str] = dict(fields or {})
         self.problems: list[Problem] = []
+        # Named trees (`trees:`): their raw YAML and declared inputs, for `call:` nodes.
+        self.trees: dict[str, Any] = {}
+        self.tree_inputs: dict[str, dict[str, InputDef]] = {}
+        self.calls: list[str] = []  # the trees being expanded, outermost first
+        self.expanding = 0  # >0 while a call's tree is checked again at its call site
+        self.seen: set[tuple[str, int, int, str]] = set()
 
     # -- reporting ---------------------------------------------------------------------
     def error(self, pos: Pos | None, path: str, message: str) -> None:
-        """Record a problem at `pos` (the file's start when unknown)."""
+        """Record a problem at `pos` (the file's start when unknown).
+
+        A tree's nodes are checked where it is defined and again at each call site (where
+        `old`, `error` or `run` may or may not be set): a problem already reported at the
+        same place with the same words is not reported again.
+        """
         pos = pos or Pos(self.file, 1, 1)
+        key = (pos.file, pos.line, pos.col, message)
+        if self.expanding and key in self.seen:
+            return
+        self.seen.add(key)
         self.problems.append(Problem(pos.file, pos.line, pos.col, path, message))
 
     def warn(self, pos: Pos | None, path: str, message: str) -> None:
@@ -132,6 +159,10 @@ class Checker:
                     attr not in self.fields:
                 self.error(pos, path, f"unknown field '{attr}' in {what}"
                                       f"{did_you_mean(attr, self.fields)}")
+            elif variable == "inputs" and self.calls and \
+                    attr not in (declared := self.tree_inputs.get(self.calls[-1], {})):
+                self.error(pos, path, f"tree '{self.calls[-1]}' has no input '{attr}'"
+                                      f"{did_you_mean(attr, declared)}")
             elif (names := {"form": FORM_NAMES, "run": RUN_NAMES}.get(variable)) and \
                     attr not in names:
                 self.error(pos, path, f"'{variable}' has no '{attr}' in {what} (it has "
@@ -142,6 +173,8 @@ class Checker:
             if name not in VARIABLES and name not in sandbox.GLOBALS:
                 self.error(pos, path, f"unknown name '{name}' in {what}"
                                       f"{did_you_mean(name, VARIABLES + tuple(sandbox.GLOBALS))}")
+            elif name == "inputs" and not self.calls:
+                self.error(pos, path, "'inputs' is only set inside a named tree (trees:)")
             elif not (edit and name in ("old", "changed")) and \
                     (where := _only_in(name, path)) is not None:
                 self.error(pos, path, f"'{name}' is only set {where}")
@@ -212,6 +245,8 @@ class Checker:
             return None
         if "if" in item:
             return self.if_node(item, pos, path)
+        if "try" in item:
+            return self.try_node(item, pos, path)
         if len(item) != 1:
             self.several_keys(item, pos, path)
             return None
@@ -221,8 +256,13 @@ class Checker:
             return self.defer_node(kind, args, kpos, vpos, f"{path}/{kind}", item)
         if kind == "progress":
             return self.progress_node(args, kpos, vpos, path)
+        if kind == "call":
+            return self.call_node(args, kpos, vpos, path)
         if kind in ("then", "else"):
             self.error(kpos, path, f"'{kind}' belongs beside an 'if:' key")
+            return None
+        if kind in ("catch", "error_field"):
+            self.error(kpos, path, f"'{kind}' belongs beside a 'try:' key")
             return None
         spec = actions.get(kind)
         if spec is None:
@@ -274,6 +314,148 @@ class Checker:
         other = self.nodes(item.get("else"), self.value_pos(item, "else"), f"{path}/else")
         return IfNode(path, self.key_pos(item, "if") or pos, test, then, other)
 
+    def try_node(self, item: Map, pos: Pos | None, path: str) -> TryNode:
+        """`try:` with `catch:` and optional `error_field:` beside it (like `if`)."""
+        self.known_keys(item, TRY_KEYS, path, "try")
+        kpos = self.key_pos(item, "try") or pos
+        if "catch" not in item and "error_field" not in item:
+            self.error(kpos, path, "'try' needs a 'catch:' list of nodes (or an 'error_field:' "
+                                   "to store the error in), beside it")
+        if not item.get("try"):
+            self.error(self.value_pos(item, "try"), path,
+                       "'try' takes a non-empty list of nodes")
+        error_field = None
+        if "error_field" in item:
+            vpos = self.value_pos(item, "error_field")
+            error_field = self.field_name(item["error_field"], vpos, path)
+            ftype = self.fields.get(error_field)
+            if ftype is not None and ftype in FIELD_TYPES and ftype not in ERROR_FIELD_TYPES:
+                self.error(vpos, path, f"'error_field' must name a string or text field, "
+                                       f"not {ftype}")
+        body = self.nodes(item.get("try"), self.value_pos(item, "try"), f"{path}/try")
+        handler = self.nodes(item.get("catch"), self.value_pos(item, "catch"), f"{path}/catch")
+        return TryNode(path, kpos, body, handler, error_field)
+
+    def declare_trees(self, value: Any, pos: Pos | None) -> None:
+        """Note every named tree and its inputs (before any node is checked: a tree may
+        call one written after it)."""
+        if value is None or self.mapping(value, pos, "trees", "trees") is None:
+            return
+        for name, body in value.items():
+            path = f"trees/{name}"
+            if not isinstance(name, str) or not _NAME.match(name):
+                self.error(self.key_pos(value, name), path,
+                           "a tree name is lowercase letters, digits and '_'")
+                continue
+            body = self.mapping(body, self.value_pos(value, name), path, "a tree")
+            if body is None:
+                continue
+            self.known_keys(body, TREE_KEYS, path, "tree")
+            if "do" not in body:
+                self.error(self.key_pos(value, name), path, "a tree needs a 'do:' list of nodes")
+            self.trees[name] = body
+            self.tree_inputs[name] = self.inputs(body.get("inputs"),
+                                                 self.value_pos(body, "inputs"), path)
+
+    def inputs(self, value: Any, pos: Pos | None, path: str) -> dict[str, InputDef]:
+        """A tree's `inputs: {name: {type, required, default}}`."""
+        if value is None or self.mapping(value, pos, f"{path}/inputs", "inputs") is None:
+            return {}
+        out: dict[str, InputDef] = {}
+        for name, spec in value.items():
+            ipath = f"{path}/inputs/{name}"
+            if not isinstance(name, str) or not _NAME.match(name):
+                self.error(self.key_pos(value, name), ipath,
+                           "an input name is lowercase letters, digits and '_'")
+                continue
+            if spec is None:
+                spec = {}
+            spec = self.mapping(spec, self.value_pos(value, name), ipath, "an input")
+            if spec is None:
+                continue
+            self.known_keys(spec, INPUT_KEYS, ipath, "input")
+            itype = spec.get("type", "any")
+            if itype not in INPUT_TYPES:
+                self.error(self.value_pos(spec, "type"), ipath,
+                           f"unknown input type '{itype}'{did_you_mean(itype, INPUT_TYPES)}; "
+                           f"expected one of {', '.join(INPUT_TYPES)}")
+                itype = "any"
+            required = self.boolean(spec["required"], self.value_pos(spec, "required"), ipath) \
+                if "required" in spec else False
+            default = plain(spec.get("default"))
+            if default is not None and not _fits(default, itype):
+                self.error(self.value_pos(spec, "default"), ipath,
+                           f"'default' {default!r} is not a {itype}")
+            out[name] = InputDef(name, itype, required, default)
+        return out
+
+    def tree_bodies(self) -> dict[str, tuple[Node, ...]]:
+        """Check each named tree's nodes where it is defined (`trees/<name>/do/…`)."""
+        out = {}
+        for name, body in self.trees.items():
+            self.calls.append(name)
+            out[name] = self.nodes(body.get("do"), self.value_pos(body, "do"),
+                                   f"trees/{name}/do")
+            self.calls.pop()
+        return out
+
+    def call_node(self, args: Any, kpos: Pos | None, vpos: Pos | None, path: str):
+        """`call: {tree: name, with: {input: value}}`: the tree checked again in place."""
+        args = self.mapping(args, vpos, path, "call")
+        if args is None:
+            return None
+        self.known_keys(args, CALL_KEYS, path, "call")
+        name = args.get("tree")
+        tpos = self.value_pos(args, "tree") if "tree" in args else kpos
+        if not isinstance(name, str) or not name:
+            self.error(tpos, path, "'call' needs 'tree:' naming a tree under 'trees:'")
+            return None
+        if name not in self.trees:
+            if "." in name:
+                self.error(tpos, path, f"'{name}': a call names a tree of this file; another "
+                                       f"form's trees cannot be called (copy the tree, or "
+                                       f"move the shared steps into a custom action)")
+            else:
+                known = did_you_mean(name, self.trees) if self.trees \
+                    else " (this file has no 'trees:')"
+                self.error(tpos, path, f"unknown tree '{name}'{known}")
+            return None
+        declared = self.tree_inputs.get(name, {})
+        given = args.get("with")
+        wpos = self.value_pos(args, "with") if "with" in args else kpos
+        if given is None or self.mapping(given, wpos, path, "'with'") is None:
+            given = {}
+        for key, value in given.items():
+            spec = declared.get(key)
+            ipos = self.value_pos(given, key)
+            if spec is None:
+                self.error(self.key_pos(given, key), path,
+                           f"tree '{name}' has no input '{key}'{did_you_mean(key, declared)}")
+            elif isinstance(value, str):
+                self.template(value, ipos, path, expression=False)
+            elif not _fits(plain(value), spec.type):
+                self.error(ipos, path, f"input '{key}' of tree '{name}' must be a "
+                                       f"{spec.type}, got {_kind(value)}")
+            else:
+                self._templates_in(value, ipos, path)
+        for key, spec in declared.items():
+            if spec.required and key not in given:
+                self.error(wpos, path, f"call of tree '{name}' needs input '{key}'")
+        if name in self.calls:
+            cycle = " -> ".join([*self.calls[self.calls.index(name):], name])
+            self.error(tpos, path, f"call cycle: {cycle} (a tree may not call itself, "
+                                   f"directly or through other trees)")
+            return None
+        tree = self.trees[name]
+        self.calls.append(name)
+        self.expanding += 1
+        try:
+            body = self.nodes(tree.get("do"), self.value_pos(tree, "do"), f"{path}/call")
+        finally:
+            self.expanding -= 1
+            self.calls.pop()
+        return CallNode(path, kpos, name, plain(given), body, declared)
+
     def progress_node(self, args: Any, kpos: Pos | None, vpos: Pos | None, path: str):
         """`progress: {done, total, message, title}`."""
         args = self.mapping(args, vpos, path, "progress") or {}
@@ -320,22 +502,27 @@ class Checker:
         flag = args.get("flag")
         if flag is not None:
             self.field_name(flag, pos("flag"), path, boolean=True)
+        do = self.nodes(args.get("do"), pos("do"), f"{path}/do")
+        on_error = self.nodes(args.get("on_error"), pos("on_error"), f"{path}/on_error")
+        # Its Runs carry the trees their calls run, so an edit never changes them.
+        trees = {n.tree: plain(self.trees[n.tree]) for n in walk(do + on_error)
+                 if isinstance(n, CallNode) and n.tree in self.trees}
         return DeferNode(
             path=path, pos=kpos, kind=kind, title=title,
-            do=self.nodes(args.get("do"), pos("do"), f"{path}/do"),
+            do=do,
             flag=flag, awaited=str(awaited).lower(), delay_for=delay_for, at=when_at,
             timeout=self.duration(args["timeout"], pos("timeout"), path)
             if "timeout" in args else None,
             retry=self.retry(args["retry"], pos("retry"), path) if "retry" in args
             else DEFAULT_RETRY,
-            on_error=self.nodes(args.get("on_error"), pos("on_error"), f"{path}/on_error"),
+            on_error=on_error,
             inline_for=self.duration(args["inline_for"], pos("inline_for"), path)
             if "inline_for" in args else None,
             on_change=on_change,
             cancel_if=self.expression(args["cancel_if"], pos("cancel_if"), path, edit=True)
             if "cancel_if" in args else None,
             when=self.expression(args["when"], pos("when"), path) if "when" in args else None,
-            raw=plain(item),
+            raw=plain(item), trees=trees,
         )
 
     def retry(self, value: Any, pos: Pos | None, path: str) -> RetryPolicy:
@@ -452,12 +639,31 @@ def _expression_error(source: str) -> str | None:
     return None
 
 
+def _fits(value: Any, itype: str) -> bool:
+    """Whether a literal (not a template) is a value of an input type."""
+    if itype == "any" or value is None:
+        return True
+    if itype == "boolean":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return {"string": isinstance(value, str | int | float),
+            "number": isinstance(value, int | float),
+            "integer": isinstance(value, int)}[itype]
+
+
 def _only_in(name: str, path: str) -> str | None:
-    """Where `name` is set, when it is not set at `path` (a run there would fail on it)."""
+    """Where `name` is set, when it is not set at `path` (a run there would fail on it).
+
+    A named tree's nodes (`trees/…`) are judged at each call site instead, where the
+    path says whether the call runs in an update event, an on_error branch or a Run.
+    """
+    if path.startswith("trees/"):
+        return None
     if name in ("old", "changed") and not path.startswith("events/update"):
         return "in update events"
-    if name == "error" and "/on_error" not in path:
-        return "in on_error branches"
+    if name == "error" and "/on_error" not in path and "/catch/" not in path:
+        return "in on_error branches and try's catch"
     if name == "run" and "/do/" not in path and "/on_error" not in path:
         return "inside a Run (the `do:` of background, delay, batches and schedules)"
     # "tasks/": the path of batch Runs started before batches were called batches

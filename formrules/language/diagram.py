@@ -5,6 +5,8 @@ state right now: no Flask, no database. One flowchart per tree (`events/submit`,
 `batches/export`, `schedules/0`), so each reads top to bottom on its own:
 
 - an action is a box, `if` a rhombus with `then`/`else` edges, `progress` a stadium;
+- `call` and `try` are parallelograms: the called tree hangs off "runs", a try's steps
+  off "try" and its `catch:` off a dotted "on error" edge;
 - `background`/`delay` (and the batch or schedule itself) are subroutine boxes: their
   `do` hangs off a dotted "later" edge and `on_error` off a dotted "on_error" edge;
 - siblings follow each other with plain arrows, in the order they run.
@@ -22,11 +24,13 @@ from dataclasses import dataclass
 from formrules.language.duration import format_duration
 from formrules.language.tree import (
     ActionNode,
+    CallNode,
     DeferNode,
     Form,
     IfNode,
     Node,
     ProgressNode,
+    TryNode,
     walk,
 )
 
@@ -151,6 +155,14 @@ class _Builder:
                 self.tail.append(f'  click {ident} href "{url}"')
             self.branch(ident, node.do, "later", dotted=True)
             self.branch(ident, node.on_error, "on error", dotted=True, css="failure")
+        elif isinstance(node, CallNode):
+            self.lines.append(f"  {ident}[/{label(escape('call ' + node.tree), path)}/]")
+            self.branch(ident, node.body, "runs")
+        elif isinstance(node, TryNode):
+            text = "try" + (f", error in {node.error_field}" if node.error_field else "")
+            self.lines.append(f"  {ident}[/{label(escape(text), path)}/]")
+            self.branch(ident, node.body, "try")
+            self.branch(ident, node.handler, "on error", dotted=True, css="failure")
         elif isinstance(node, ProgressNode):
             text = f"progress {node.done}/{node.total}" + (
                 f" {node.message}" if node.message else "")

@@ -23,15 +23,17 @@ from formrules.language.tree import (
     DeferNode,
     FieldDef,
     Form,
+    InputDef,
     RuleSet,
     ScheduleDef,
+    TreeDef,
 )
 from formrules.language.values import to_storage
 
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 FORM_ID = re.compile(r"^[a-z][a-z0-9_-]*$")
 FORM_KEYS = ("form", "title", "description", "fields", "events", "after_submit", "batches",
-             "schedules", "retention")
+             "schedules", "retention", "trees")
 OLD_BATCHES_KEY = "tasks"  # what `batches:` was called; still read, with a warning
 FIELD_KEYS = ("name", "type", "label", "help", "required", "min", "max", "max_length",
               "choices", "default", "hidden")
@@ -106,6 +108,10 @@ def _form(c: Checker, raw: Map) -> Form:
         form_id = Path(c.file).stem
     fields = _fields(c, raw.get("fields"), c.value_pos(raw, "fields"))
     c.fields = {f.name: f.type for f in fields}
+    # Named trees first: every node list below may call them, in any order of writing.
+    c.declare_trees(raw.get("trees"), c.value_pos(raw, "trees"))
+    trees = {name: TreeDef(name, c.tree_inputs[name], do, plain(c.trees[name]))
+             for name, do in c.tree_bodies().items()}
     events: dict[str, tuple] = {}
     ev = raw.get("events", {})
     if c.mapping(ev, c.value_pos(raw, "events"), "events", "events") is not None:
@@ -133,6 +139,7 @@ def _form(c: Checker, raw: Map) -> Form:
         schedules=_schedules(c, raw.get("schedules"), c.value_pos(raw, "schedules")),
         retention=_retention(c, raw.get("retention"), c.value_pos(raw, "retention"))
         if "retention" in raw else {},
+        trees=trees,
     )
 
 
@@ -382,13 +389,23 @@ def _background(c: Checker, body: Map, path: str, pos, title: str) -> DeferNode:
     return c.defer_node("background", args, pos, pos, path, {"background": args})
 
 
-def rebuild_defer(raw: dict, path: str, fields: dict[str, str]) -> DeferNode:
+def rebuild_defer(raw: dict, path: str, fields: dict[str, str],
+                  trees: dict[str, Any] | None = None, tree: str | None = None,
+                  inputs: list[str] | tuple[str, ...] = ()) -> DeferNode:
     """Rebuild a Run's node from the snapshot it was started with (see `DeferNode.raw`).
 
-    `raw` is `{kind: options}` and `path` the node's path. The snapshot passed validation
-    when the Run was created; failing now means the rule language changed incompatibly.
+    `raw` is `{kind: options}` and `path` the node's path; `trees` the named trees its
+    calls reach (as the snapshot carries them) and `tree` the one the node itself sits in,
+    when it was written inside a named tree (its templates may name `inputs.`, and
+    `inputs` lists the names its call gave, every declared one). The
+    snapshot passed validation when the Run was created; failing now means the rule
+    language changed incompatibly.
     """
     checker = Checker(f"<run {path}>", fields)
+    checker.declare_trees(trees or None, None)
+    if tree is not None:
+        checker.calls.append(tree)
+        checker.tree_inputs.setdefault(tree, {n: InputDef(n, "any") for n in inputs})
     node = None
     if isinstance(raw, dict) and len(raw) == 1:
         (kind, args), = raw.items()

@@ -7,6 +7,7 @@ What a JSON Schema cannot give an editor:
   names) inside templates and expressions; action names and node kinds where a node
   starts; an action's arguments inside its mapping; a batch's options under
   `batches: <name>:`; a form's top-level keys at the start of a line;
+  the file's named trees after `tree:` in a `call:`;
 - hover: an action's or option's reference text (docs/rules.md, else the docstring).
 """
 
@@ -32,9 +33,11 @@ BLOCK_OWNER = re.compile(r"^(\s*)-?\s*(\w+):\s*$")
 WORD = re.compile(r"\w+")
 TOP_LEVEL = re.compile(r"^\w*$")
 BATCH = "batches/<name>"  # `_owner` of the lines under `batches: <name>:`
+TREE_NAME = re.compile(r"\btree:\s*['\"]?(\w*)$")  # `call: {tree: <here>` or a block `tree:`
 
 server = LanguageServer("formrules", "1", text_document_sync_kind=types.TextDocumentSyncKind.Full)
 _fields: dict[str, list[str]] = {}  # per document: the last field names that parsed
+_trees: dict[str, list[str]] = {}  # per document: the last named trees that parsed
 
 
 def diagnostics(text: str, file: str) -> list[types.Diagnostic]:
@@ -42,6 +45,7 @@ def diagnostics(text: str, file: str) -> list[types.Diagnostic]:
     form, problems = parse_form(text, file)
     if form is not None:
         _fields[file] = [f.name for f in form.fields]
+        _trees[file] = list(form.trees)
     lines = text.splitlines()
     out = []
     for p in problems:
@@ -72,6 +76,11 @@ def completions(text: str, line: int, character: int, file: str) -> list[types.C
         kind = types.CompletionItemKind.Field
         return [types.CompletionItem(label=n, kind=kind, detail=f"{variable}.{n}")
                 for n in names]
+    if TREE_NAME.search(before):
+        _field_names("\n".join(lines[:line] + [""] + lines[line + 1:]), file)
+        return [types.CompletionItem(label=n, kind=types.CompletionItemKind.Function,
+                                     detail="named tree (trees:)") for n in
+                _trees.get(file) or re.findall(r"^  ([a-z]\w*):", _trees_block(text), re.M)]
     if NODE_START.match(before):
         items = [types.CompletionItem(label=k, kind=types.CompletionItemKind.Keyword,
                                       detail="node kind") for k in KINDS]
@@ -114,7 +123,14 @@ def _field_names(text: str, file: str) -> list[str]:
     form, _ = parse_form(text, file)
     if form is not None:
         _fields[file] = [f.name for f in form.fields]
+        _trees[file] = list(form.trees)
     return _fields.get(file) or re.findall(r"\bname:\s*([a-z]\w*)", text)
+
+
+def _trees_block(text: str) -> str:
+    """The lines of a top-level `trees:` mapping (for names when the file does not parse)."""
+    match = re.search(r"^trees:\s*\n((?:[ \t]+.*\n?|\s*\n)*)", text, re.M)
+    return match.group(1) if match else ""
 
 
 def _owner(lines: list[str], line: int, before: str) -> str | None:

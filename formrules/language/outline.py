@@ -13,6 +13,7 @@ from typing import Any
 from formrules.language.duration import format_duration
 from formrules.language.tree import (
     ActionNode,
+    CallNode,
     DeferNode,
     FieldDef,
     Form,
@@ -20,6 +21,7 @@ from formrules.language.tree import (
     Node,
     ProgressNode,
     RetryPolicy,
+    TryNode,
 )
 
 AWAITED = {"true": "awaited", "false": "not awaited",
@@ -30,6 +32,10 @@ def outline(form: Form) -> list[str]:
     """The lines of `formrules show`: header, fields, then every tree, batch and schedule."""
     lines = [f"form {form.id}: {form.title}", f"file: {form.file}"]
     lines.append("fields: " + (", ".join(_field(f) for f in form.fields) or "none"))
+    for tree in form.trees.values():
+        inputs = ", ".join(f"{i.name} ({i.type}{', required' if i.required else ''})"
+                           for i in tree.inputs.values()) or "no inputs"
+        lines += ["", f"trees/{tree.name}  tree: {inputs}", *_nodes(tree.do, 1)]
     for event, nodes in form.events.items():
         lines += ["", f"events/{event}", *_nodes(nodes, 1)]
     for batch in form.batches.values():
@@ -75,6 +81,11 @@ def _nodes(nodes: tuple[Node, ...], depth: int) -> list[str]:
         elif isinstance(node, DeferNode):
             out += _nodes(node.do, depth + 1)
             out += _nodes(node.on_error, depth + 1)
+        elif isinstance(node, CallNode):
+            out += _nodes(node.body, depth + 1)
+        elif isinstance(node, TryNode):
+            out += _nodes(node.body, depth + 1)
+            out += _nodes(node.handler, depth + 1)
     return out
 
 
@@ -87,6 +98,12 @@ def _describe(node: Node) -> str:
         return f"progress {done}/{total}" + (f" {node.message!r}" if node.message else "")
     if isinstance(node, DeferNode):
         return _defer(node)
+    if isinstance(node, CallNode):
+        given = ", ".join(f"{k}: {v}" for k, v in node.inputs.items())
+        return f"call tree {node.tree}" + (f" with {given}" if given else "")
+    if isinstance(node, TryNode):
+        stored = f"; error to {node.error_field}" if node.error_field else ""
+        return f"try {len(node.body)} node(s); catch {len(node.handler)} node(s){stored}"
     if isinstance(node, ActionNode):
         return f"{node.action}{_args(node.args)}"
     return type(node).__name__

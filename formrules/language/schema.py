@@ -21,11 +21,15 @@ from formrules.actions import registry as actions
 from formrules.language import duration, retention
 from formrules.language.checker import (
     AWAIT_VALUES,
+    CALL_KEYS,
     DEFER_KEYS,
     IF_KEYS,
+    INPUT_KEYS,
     ON_CHANGE_VALUES,
     PROGRESS_KEYS,
     RETRY_KEYS,
+    TREE_KEYS,
+    TRY_KEYS,
 )
 from formrules.language.loader import (
     BATCH_KEYS,
@@ -38,7 +42,7 @@ from formrules.language.loader import (
     OLD_BATCHES_KEY,
     SCHEDULE_KEYS,
 )
-from formrules.language.tree import FIELD_TYPES, STARTERS
+from formrules.language.tree import FIELD_TYPES, INPUT_TYPES, STARTERS
 
 DIALECT = "http://json-schema.org/draft-07/schema#"  # what yaml-language-server reads best
 COMMITTED = "docs/formrules.schema.json"  # built-in actions only; see `formrules schema`
@@ -188,6 +192,16 @@ def rules_schema(registered: dict[str, actions.ActionSpec] | None = None) -> dic
     node_kinds = [
         _object(IF_KEYS, {"if": EXPRESSION, "then": NODES, "else": NODES},
                 required=("if", "then"), description="Take `then:` or `else:` by an expression"),
+        _object(TRY_KEYS, {"try": NODES, "catch": NODES,
+                           "error_field": {"type": "string", "pattern": NAME.pattern}},
+                required=("try",), description="Run `try:`; if a step fails, store its safe "
+                "message, run `catch:` and go on"),
+        {"type": "object", "additionalProperties": False, "required": ["call"],
+         "description": "Run a named tree (`trees:`) here, with inputs",
+         "properties": {"call": _object(CALL_KEYS, {
+             "tree": {"type": "string", "pattern": NAME.pattern},
+             "with": {"type": "object", "propertyNames": {"pattern": NAME.pattern}}},
+             required=("tree",))}},
         _defer("background"),
         _defer("delay"),
         {"type": "object", "additionalProperties": False, "required": ["progress"],
@@ -212,6 +226,17 @@ def rules_schema(registered: dict[str, actions.ActionSpec] | None = None) -> dic
                       "anyOf": [{"$ref": "#/definitions/period"},
                                 _object(retention.STATUSES, dict.fromkeys(
                                     retention.STATUSES, {"$ref": "#/definitions/period"}))]},
+        "trees": {"type": ["object", "null"], "propertyNames": {"pattern": NAME.pattern},
+                  "description": "Named trees that `call:` nodes run with inputs",
+                  "additionalProperties": _object(TREE_KEYS, {
+                      "do": NODES,
+                      "inputs": {"type": ["object", "null"],
+                                 "propertyNames": {"pattern": NAME.pattern},
+                                 "additionalProperties": {"anyOf": [{"type": "null"}, _object(
+                                     INPUT_KEYS, {"type": {"enum": list(INPUT_TYPES)},
+                                                  "required": {"type": "boolean"},
+                                                  "default": {}})]}}},
+                      required=("do",))},
     }
     retry = _object(RETRY_KEYS, {
         "attempts": {"type": "integer", "minimum": 1},

@@ -76,6 +76,59 @@ class ProgressNode(Node):
 
 
 @dataclass(frozen=True)
+class InputDef:
+    """One declared input of a named tree."""
+
+    name: str
+    type: str  # one of INPUT_TYPES
+    required: bool = False
+    default: Any = None
+
+
+INPUT_TYPES = ("string", "number", "integer", "boolean", "any")
+
+
+@dataclass(frozen=True)
+class CallNode(Node):
+    """`- call: {tree: name, with: {input: value}}`: a named tree (`trees:`), inlined.
+
+    `body` is the tree's nodes validated again under this node's path (`<path>/call/0`,
+    …), so checkpoints and idempotency keys name each call site's steps apart.
+    `inputs` are the `with:` values as written (templates and literals), evaluated in
+    the caller's context when the call runs.
+    """
+
+    tree: str
+    inputs: dict[str, Any]
+    body: tuple[Node, ...]
+    params: dict[str, InputDef] = field(default_factory=dict)  # the tree's declared inputs
+
+
+@dataclass(frozen=True)
+class TryNode(Node):
+    """`- try: [steps]` with `catch: [steps]` (and `error_field:`): a per-step error port.
+
+    An error in `body` that is not a cancel is caught (on a worker, a retryable one only
+    once the Run's attempts are used up), its safe message is stored and `handler` runs;
+    the tree then goes on after this node.
+    """
+
+    body: tuple[Node, ...]
+    handler: tuple[Node, ...]
+    error_field: str | None = None
+
+
+@dataclass(frozen=True)
+class TreeDef:
+    """A named, reusable tree (`trees:`) that `call:` nodes run with inputs."""
+
+    name: str
+    inputs: dict[str, InputDef]
+    do: tuple[Node, ...]
+    raw: Any = field(default=None, compare=False, repr=False)  # plain, for Run snapshots
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     """How often and how far apart a failing deferred node is tried."""
 
@@ -130,6 +183,8 @@ class DeferNode(Node):
     cancel_if: str | None = None
     when: str | None = None
     raw: Any = field(default=None, compare=False, repr=False)  # plain snapshot for the Run
+    # The named trees its `call:` nodes reach ({name: plain tree}), carried by its Runs.
+    trees: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -184,6 +239,7 @@ class Form:
     # `retention:`: how long its finished Runs are kept, by status (None: forever); a
     # status left out takes the deployment's default (`formrules.language.retention`).
     retention: dict[str, timedelta | None] = field(default_factory=dict)
+    trees: dict[str, TreeDef] = field(default_factory=dict)
 
     def field(self, name: str) -> FieldDef | None:
         """The field called `name`, or None."""
@@ -193,6 +249,11 @@ class Form:
     def field_types(self) -> dict[str, str]:
         """Field name to type, as stored with each Run's snapshot."""
         return {f.name: f.type for f in self.fields}
+
+    @property
+    def tree_sources(self) -> dict[str, Any]:
+        """Each named tree as written (plain), for rebuilding a batch's or schedule's node."""
+        return {name: tree.raw for name, tree in self.trees.items()}
 
 
 @dataclass(frozen=True)
@@ -208,12 +269,17 @@ class RuleSet:
 
 
 def walk(nodes: tuple[Node, ...]):
-    """Every node in a tree, depth first, including those under if/defer nodes."""
+    """Every node in a tree, depth first, including those under if/defer/call/try nodes."""
     for node in nodes:
         yield node
         if isinstance(node, IfNode):
             yield from walk(node.then)
             yield from walk(node.otherwise)
+        elif isinstance(node, CallNode):
+            yield from walk(node.body)
+        elif isinstance(node, TryNode):
+            yield from walk(node.body)
+            yield from walk(node.handler)
         elif isinstance(node, DeferNode):
             yield from walk(node.do)
             yield from walk(node.on_error)

@@ -107,7 +107,8 @@ def start(s: Session, form: Form, name: str, *, owner: str, settings,
         records = matching_records(s, form, record_ids=record_ids, where=where)
     if not records:
         raise BatchError("no records match: nothing to run")
-    node = rebuild_defer(definition.raw, f"batches/{definition.name}", form.field_types)
+    node = rebuild_defer(definition.raw, f"batches/{definition.name}", form.field_types,
+                         form.tree_sources)
     # A title naming the record ("Export {{ record.name }}") is for the children.
     batch = Batch(form_id=form.id, name=definition.name, title=definition.label, owner=owner,
                   total=len(records), concurrency=definition.concurrency,

@@ -9,7 +9,6 @@ children, with checkpoints around each action.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -18,9 +17,19 @@ from sqlalchemy.orm import Session
 
 from formrules.actions import registry as actions
 from formrules.actions.context import Context
-from formrules.errors import PermanentError
+from formrules.errors import GENERIC_FAILURE, STEP_FAILED, ActionError, Cancelled, PermanentError
 from formrules.language import sandbox
-from formrules.language.tree import ActionNode, DeferNode, Form, IfNode, Node, ProgressNode
+from formrules.language.tree import (
+    ActionNode,
+    CallNode,
+    DeferNode,
+    Form,
+    IfNode,
+    Node,
+    ProgressNode,
+    TryNode,
+)
+from formrules.language.variables import call_inputs
 from formrules.runs import lifecycle
 from formrules.runs.snapshot import Snapshot
 from formrules.store.models import Record, Run, new_id, new_token, utcnow
@@ -62,20 +71,106 @@ def test(node: IfNode, variables: dict[str, Any]) -> bool:
                              "This form's rules could not be evaluated.") from exc
 
 
-def walk(nodes: tuple[Node, ...], variables: Callable[[], dict[str, Any]],
-         on_action: Callable[[ActionNode], None], on_defer: Callable[[DeferNode], None],
-         on_progress: Callable[[ProgressNode], None]) -> None:
-    """Visit nodes in order, choosing `if` branches against fresh variables."""
-    for node in nodes:
-        if isinstance(node, ActionNode):
-            on_action(node)
-        elif isinstance(node, IfNode):
-            branch = node.then if test(node, variables()) else node.otherwise
-            walk(branch, variables, on_action, on_defer, on_progress)
-        elif isinstance(node, DeferNode):
-            on_defer(node)
-        elif isinstance(node, ProgressNode):
-            on_progress(node)
+class Walker:
+    """Visits nodes in order: `if` branches against fresh variables, `call:` walks its tree
+    with `inputs`, `try:` catches; what an action, a deferred node or a progress node does
+    is the subclass's (inline at submit, a checkpointed step on a worker, …).
+
+    `scope` holds the variables a place in the tree adds to the record's: `inputs` inside
+    a called tree, `error` in a catch handler or an on_error branch.
+    """
+
+    def __init__(self, tree: str | None = None):
+        self.calls: list[str] = [tree] if tree else []  # the named trees we are inside
+        self.current: Node | None = None  # the node running (the failing one, on error)
+
+    # -- what the subclass decides ------------------------------------------------------
+    def variables(self, scope: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def action(self, node: ActionNode, scope: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def defer(self, node: DeferNode, scope: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def progress(self, node: ProgressNode, scope: dict[str, Any]) -> None:
+        """A `progress:` node; nothing to report outside a Run."""
+
+    def enter_call(self, node: CallNode, inputs: dict[str, Any]) -> None:
+        """A call starts (a worker writes a trace line)."""
+
+    def catches(self, exc: Exception) -> bool:
+        """Whether a `try:` catches `exc`; a cancel never is."""
+        return not isinstance(exc, Cancelled)
+
+    def caught(self, node: TryNode, error: dict[str, str], exc: Exception,
+               scope: dict[str, Any]) -> None:
+        """Keep a caught error (its field written) before the handler runs."""
+
+    def resumed_catch(self, node: TryNode) -> dict[str, str] | None:
+        """The error an earlier attempt caught here (its handler is what is left)."""
+        return None
+
+    # -- the walk -----------------------------------------------------------------------
+    def walk(self, nodes: tuple[Node, ...], scope: dict[str, Any]) -> None:
+        for node in nodes:
+            self.current = node
+            if isinstance(node, ActionNode):
+                self.action(node, scope)
+            elif isinstance(node, IfNode):
+                branch = node.then if test(node, self.variables(scope)) else node.otherwise
+                self.walk(branch, scope)
+            elif isinstance(node, CallNode):
+                inputs = call_inputs(node, self.variables(scope))
+                self.enter_call(node, inputs)
+                self.calls.append(node.tree)
+                try:
+                    # The tree sees its own inputs; the caller's `error` stays visible.
+                    self.walk(node.body, {**scope, "inputs": inputs})
+                finally:
+                    self.calls.pop()
+            elif isinstance(node, TryNode):
+                self.attempt(node, scope)
+            elif isinstance(node, DeferNode):
+                self.defer(node, scope)
+            elif isinstance(node, ProgressNode):
+                self.progress(node, scope)
+
+    def attempt(self, node: TryNode, scope: dict[str, Any]) -> None:
+        """`try:`: the body; on an error it catches, keep the error, run the handler."""
+        error = self.resumed_catch(node)
+        if error is None:
+            try:
+                self.walk(node.body, scope)
+                return
+            except Exception as exc:  # noqa: BLE001 — `catches` decides, else re-raised
+                if not self.catches(exc):
+                    raise
+                failed = self.current or node
+                error = {"message": safe_message(exc, failed), "step": failed.path}
+                self.caught(node, error, exc, scope)
+        self.walk(node.handler, {**scope, "error": error})
+
+    @property
+    def tree(self) -> str | None:
+        """The named tree the walk is in now, if any."""
+        return self.calls[-1] if self.calls else None
+
+
+def safe_message(exc: BaseException, node: Node) -> str:
+    """What a `try:` stores for `exc`: formrules' own message for users, else which step
+    failed. Never the exception's text (an outside service's words, a traceback)."""
+    if isinstance(exc, ActionError) and exc.safe_message != GENERIC_FAILURE:
+        return exc.safe_message
+    if isinstance(node, ActionNode):
+        step = node.action
+    elif isinstance(node, DeferNode):
+        step = node.kind
+    else:
+        step = {IfNode: "if", CallNode: "call", ProgressNode: "progress",
+                TryNode: "try"}.get(type(node), "step")
+    return STEP_FAILED.format(step=step)
 
 
 def due_time(node: DeferNode, variables: dict[str, Any], now: datetime, tz: str) -> datetime:
@@ -100,11 +195,12 @@ def due_time(node: DeferNode, variables: dict[str, Any], now: datetime, tz: str)
 def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner: str,
             variables: dict[str, Any], record_id: int | None, now: datetime, tz: str,
             kind: str | None = None, inputs: dict[str, dict[str, Any]] | None = None,
-            waiting: bool = False, **extra: Any) -> Run:
+            waiting: bool = False, call: dict[str, Any] | None = None, **extra: Any) -> Run:
     """A Run row for a deferred node; the snapshot carries the subtree it started with.
 
     `inputs` are an update event's `old` and `changed` (stored forms), carried so the
-    worker sees them too; `waiting`: a batch child that waits for a free slot.
+    worker sees them too; `waiting`: a batch child that waits for a free slot; `call`:
+    the named tree the node is written in and that call's inputs (`inputs.` in it).
     """
     due = due_time(node, variables, now, tz).astimezone(UTC)
     try:
@@ -115,13 +211,19 @@ def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner
         title = node.title
     # Templates inside the Run name the form as it was when the work was started.
     snapshot = Snapshot.of(node, field_types, inputs,
-                           form_title=(variables.get("form") or {}).get("title")).dump()
+                           form_title=(variables.get("form") or {}).get("title"),
+                           call=call).dump()
     return lifecycle.born(Run(
         id=new_id(), record_id=record_id, form_id=form_id, owner=owner, kind=kind or node.kind,
         node_path=node.path, title=title[:300], snapshot=snapshot,
         awaited=node.awaited, flag=node.flag, due_at=due, max_attempts=node.retry.attempts,
         created_at=now, **extra,
     ), waiting=waiting)
+
+
+def call_of(tree: str | None, scope: dict[str, Any]) -> dict[str, Any] | None:
+    """What a Run started inside a named tree carries of its call (see `Snapshot.call`)."""
+    return {"tree": tree, "inputs": scope.get("inputs") or {}} if tree else None
 
 
 # Inline actions that only change the record being written (or log): a submit tree made
@@ -136,6 +238,10 @@ def _pure(nodes: tuple[Node, ...]) -> bool:
         if isinstance(node, ActionNode) and node.action not in PURE_ACTIONS:
             return False
         if isinstance(node, IfNode) and not (_pure(node.then) and _pure(node.otherwise)):
+            return False
+        if isinstance(node, CallNode) and not _pure(node.body):
+            return False
+        if isinstance(node, TryNode) and not (_pure(node.body) and _pure(node.handler)):
             return False
     return True
 
@@ -177,18 +283,33 @@ def run_inline(session: Session, form: Form, record: Record, nodes: tuple[Node, 
     runs: list[Run] = []
     now = utcnow()
 
-    def on_action(node: ActionNode) -> None:
-        ctx.path = node.path
-        call_action(node, ctx)
+    class Inline(Walker):
+        def variables(self, scope: dict[str, Any]) -> dict[str, Any]:
+            return {**ctx.variables(), **scope}
 
-    def on_defer(node: DeferNode) -> None:
-        # Not added to the session yet: a record inserted after the walk gives its id first.
-        runs.append(new_run(node, form_id=form.id, field_types=form.field_types,
-                            owner=record.owner, variables=ctx.variables(),
-                            record_id=record.id, now=now, tz=settings.timezone,
-                            inputs=inputs))
+        def action(self, node: ActionNode, scope: dict[str, Any]) -> None:
+            ctx.path = node.path
+            ctx.extra = {**extra, **scope}
+            try:
+                call_action(node, ctx)
+            finally:
+                ctx.extra = dict(extra)
 
-    walk(nodes, ctx.variables, on_action, on_defer, lambda node: None)
+        def defer(self, node: DeferNode, scope: dict[str, Any]) -> None:
+            # Not added to the session yet: a record inserted after the walk gives its id.
+            runs.append(new_run(node, form_id=form.id, field_types=form.field_types,
+                                owner=record.owner, variables=self.variables(scope),
+                                record_id=record.id, now=now, tz=settings.timezone,
+                                inputs=inputs, call=call_of(self.tree, scope)))
+
+        def caught(self, node: TryNode, error: dict[str, str], exc: Exception,
+                   scope: dict[str, Any]) -> None:
+            # Inline there are no retries: the error is caught at once (docs/rules.md).
+            log.info("%s: caught %s: %s", node.path, error["step"], exc)
+            if node.error_field:
+                ctx.set(node.error_field, error["message"])
+
+    Inline().walk(nodes, {})
     if ctx.updates:
         record.data = {**record.data, **ctx.updates}
     if record.id is None:

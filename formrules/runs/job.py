@@ -4,7 +4,9 @@
       claim the Run (a lease: only one execution may own it) ── not due yet? wait or leave
       for each action of the subtree: skip if checkpointed, else run it, then commit its
       field writes + files + checkpoint in one transaction (lease checked, a requested
-      cancel read and the record re-read in the same one: no step starts after a cancel)
+      cancel read and the record re-read in the same one: no step starts after a cancel);
+      a `call:` walks its tree (steps under the call's path), a `try:` that catches
+      checkpoints the catch with its error field, then runs `catch:` (`RunWalker`)
       success ── set the flag field, status done, notify (a cancel asked for meanwhile wins)
       failure ── retryable and attempts left: status retrying, due after its wait
               └─ otherwise: on_error branch (once), status dead, notify
@@ -22,6 +24,7 @@ Nothing here imports the web layer.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -45,11 +48,11 @@ from formrules.errors import (
     TimedOut,
 )
 from formrules.language.sandbox import evaluate, render
-from formrules.language.tree import ActionNode, DeferNode, ProgressNode
+from formrules.language.tree import ActionNode, CallNode, DeferNode, ProgressNode, TryNode, walk
 from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
 from formrules.runs import lifecycle, observe, pause
-from formrules.runs.engine import call_action, new_run, walk
+from formrules.runs.engine import Walker, call_action, call_of, new_run
 from formrules.runs.snapshot import Snapshot
 from formrules.store.db import lock_record
 from formrules.store.models import (
@@ -66,6 +69,7 @@ from formrules.store.models import (
 log = logging.getLogger("formrules.runs.job")
 EARLY_WAIT_LIMIT = 5.0  # RQ's scheduler may fire a little early: wait that out in place
 LOST_WORKER = "This task stopped unexpectedly several times."
+CATCH = "/catch"  # a `try:` node's path + this: the checkpoint of an error it caught
 
 
 def execute_run(run_id: str) -> str:
@@ -100,6 +104,8 @@ class Execution:
         self.snapshot = Snapshot(raw={}, fields={})  # loaded once the Run is claimed
         self.data: dict[str, Any] = {}  # the record as of our last transaction
         self.done_paths: set[str] = set()  # checkpointed steps, this attempt's and earlier
+        self.caught: dict[str, str] = {}  # `<try>/catch` checkpoints: path -> detail
+        self.dying = False  # in the on_error branch: a `try:` there catches at once
         self.current_path = ""  # the step running (or that ran last)
 
     # -- ownership ---------------------------------------------------------------------
@@ -110,8 +116,11 @@ class Execution:
             with self.store.session() as s:
                 run = lifecycle.claim(s, self.run_id, self.lease, now)
                 if run is not None:
-                    self.done_paths = set(s.scalars(select(RunEvent.path).where(
-                        RunEvent.run_id == run.id, RunEvent.event.in_(CHECKPOINT_KINDS))))
+                    done = s.execute(select(RunEvent.path, RunEvent.detail).where(
+                        RunEvent.run_id == run.id, RunEvent.event.in_(CHECKPOINT_KINDS))).all()
+                    self.done_paths = {path for path, _ in done}
+                    self.caught = {path: detail or "" for path, detail in done
+                                   if path.endswith(CATCH)}
                     self.data = self.read_record(s, run)
                     return run
                 run = s.get(Run, self.run_id)
@@ -237,42 +246,8 @@ class Execution:
                 select(Record.data).where(Record.form_id == form_id).order_by(Record.id))]
 
     def steps(self, run: Run, nodes, **extra: Any) -> None:
-        """Walk the subtree; each action is a checkpointed step."""
-        def variables() -> dict[str, Any]:
-            return self.context(run, "", **extra).variables()
-
-        def on_action(node: ActionNode) -> None:
-            if node.path in self.done_paths:
-                return  # completed by an earlier attempt: never run twice
-            self.step(run, node, **extra)
-            self.done_paths.add(node.path)
-
-        def on_defer(node: DeferNode) -> None:
-            if node.path in self.done_paths:
-                return
-            if self.cancelled():
-                raise Cancelled()
-            child = new_run(node, form_id=run.form_id, field_types=self.snapshot.fields,
-                            owner=run.owner, variables=variables(),
-                            record_id=run.record_id, now=utcnow(),
-                            tz=self.settings.timezone, parent_id=run.id,
-                            inputs=self.snapshot.inputs)
-            with self.store.session() as s:
-                # The owner as of now: a login may have adopted this Run meanwhile.
-                child.owner = self.checkpoint(s, run, node.path, f"started run {child.id}").owner
-                s.add(child)
-            self.pending_children.append(child)
-            self.done_paths.add(node.path)
-
-        def on_progress(node: ProgressNode) -> None:
-            vars_ = variables()
-            done = evaluate(str(node.done), vars_) if node.done is not None else None
-            total = evaluate(str(node.total), vars_) if node.total is not None else None
-            message = render(node.message, vars_) if node.message else None
-            title = render(node.title, vars_) if node.title else None
-            self.progress(run, done, total, message, force=True, title=title)
-
-        walk(nodes, variables, on_action, on_defer, on_progress)
+        """Walk the subtree; each action is a checkpointed step (see `RunWalker`)."""
+        RunWalker(self, run).walk(nodes, extra)
 
     def step(self, run: Run, node: ActionNode, **extra: Any) -> None:
         """Run one action, then commit its effects with its checkpoint: one transaction."""
@@ -375,6 +350,7 @@ class Execution:
     def dead(self, run: Run, node: DeferNode | None, exc: BaseException, safe: str) -> None:
         """Run the on_error branch once, then mark the Run dead and tell its owner."""
         self.deadline = float("inf")  # the error port must run even after a timeout
+        self.dying = True
         if node is not None and node.on_error:
             error = {"message": safe, "detail": str(exc), "type": type(exc).__name__}
             try:
@@ -388,3 +364,97 @@ class Execution:
                                    f"{node.path}/on_error")
         with self.store.session() as s:
             lifecycle.die(s, run.id, self.lease, run.attempt)
+
+
+class RunWalker(Walker):
+    """The walk of one Run's subtree on a worker: each action a checkpointed step, a
+    deferred node a child Run, a call a trace line, a caught error a checkpoint.
+
+    A `try:` catches a retryable error only on the Run's last attempt (earlier, the Run
+    retries as its `retry:` says and resumes at the failed step); a permanent error at
+    once; a cancel, a timeout or a lost lease never. The catch is checkpointed at
+    `<try path>/catch` with the error field's write, so after a crash the handler resumes
+    (its completed steps skipped) and the body is not tried again.
+    """
+
+    def __init__(self, ex: Execution, run: Run):
+        super().__init__(ex.snapshot.call["tree"] if ex.snapshot.call else None)
+        self.ex = ex
+        self.run = run
+
+    def variables(self, scope: dict[str, Any]) -> dict[str, Any]:
+        return self.ex.context(self.run, "", **scope).variables()
+
+    def action(self, node: ActionNode, scope: dict[str, Any]) -> None:
+        if node.path in self.ex.done_paths:
+            return  # completed by an earlier attempt: never run twice
+        self.ex.step(self.run, node, **scope)
+        self.ex.done_paths.add(node.path)
+
+    def defer(self, node: DeferNode, scope: dict[str, Any]) -> None:
+        ex, run = self.ex, self.run
+        if node.path in ex.done_paths:
+            return
+        if ex.cancelled():
+            raise Cancelled()
+        child = new_run(node, form_id=run.form_id, field_types=ex.snapshot.fields,
+                        owner=run.owner, variables=self.variables(scope),
+                        record_id=run.record_id, now=utcnow(), tz=ex.settings.timezone,
+                        parent_id=run.id, inputs=ex.snapshot.inputs,
+                        call=call_of(self.tree, scope))
+        with ex.store.session() as s:
+            # The owner as of now: a login may have adopted this Run meanwhile.
+            child.owner = ex.checkpoint(s, run, node.path, f"started run {child.id}").owner
+            s.add(child)
+        ex.pending_children.append(child)
+        ex.done_paths.add(node.path)
+
+    def progress(self, node: ProgressNode, scope: dict[str, Any]) -> None:
+        vars_ = self.variables(scope)
+        done = evaluate(str(node.done), vars_) if node.done is not None else None
+        total = evaluate(str(node.total), vars_) if node.total is not None else None
+        message = render(node.message, vars_) if node.message else None
+        title = render(node.title, vars_) if node.title else None
+        self.ex.progress(self.run, done, total, message, force=True, title=title)
+
+    def enter_call(self, node: CallNode, inputs: dict[str, Any]) -> None:
+        """A trace line naming the tree and its inputs (once: not again on a resume)."""
+        if any(n.path in self.ex.done_paths for n in walk(node.body)):
+            return
+        detail = f"call tree {node.tree} with {json.dumps(inputs, default=str, sort_keys=True)}"
+        with self.ex.store.session() as s:
+            lifecycle.note(s, lifecycle.hold(s, self.run.id, self.ex.lease), EventKind.CALL,
+                           detail[:2000], node.path)
+
+    def catches(self, exc: Exception) -> bool:
+        ex = self.ex
+        if isinstance(exc, Cancelled | LeaseLost | TimedOut) or ex.cancel_seen.is_set() \
+                or type(exc).__name__ == "JobTimeoutException":
+            return False
+        retryable = exc.retryable if isinstance(exc, ActionError) \
+            else not isinstance(exc, RuleError)
+        return not retryable or ex.dying or self.run.attempt >= self.run.max_attempts
+
+    def caught(self, node: TryNode, error: dict[str, str], exc: Exception,
+               scope: dict[str, Any]) -> None:
+        ex, run = self.ex, self.run
+        path = node.path + CATCH
+        with ex.store.session() as s:
+            owned = ex.checkpoint(s, run, path, f"caught {error['step']}: {error['message']}")
+            if owned.cancel_requested:  # a cancel asked for meanwhile wins: nothing caught
+                raise Cancelled()
+            lifecycle.note(s, owned, EventKind.CAUGHT,
+                           "".join(traceback.format_exception(exc)), error["step"])
+            if node.error_field and run.record_id is not None:
+                record = lock_record(s, run.record_id)
+                record.data = {**record.data, node.error_field: error["message"]}
+                ex.data = dict(record.data)
+        ex.done_paths.add(path)
+        ex.current_path = ""
+
+    def resumed_catch(self, node: TryNode) -> dict[str, str] | None:
+        detail = self.ex.caught.get(node.path + CATCH)
+        if detail is None:
+            return None
+        step, _, message = detail.removeprefix("caught ").partition(": ")
+        return {"message": message, "step": step}

@@ -19,13 +19,16 @@ from formrules.language.duration import format_duration
 from formrules.language.outline import retry_text
 from formrules.language.tree import (
     ActionNode,
+    CallNode,
     DeferNode,
     Form,
     IfNode,
     Node,
     ProgressNode,
+    TryNode,
 )
 from formrules.language.values import typed_record
+from formrules.language.variables import call_inputs
 from formrules.runs import engine
 from formrules.store.models import utcnow
 
@@ -92,6 +95,35 @@ def _node(node: Node, ctx: Context, lines: list[Line], depth: int, now: datetime
         lines.append(Line(node.path, f"if {node.test} -> {str(result).lower()}: "
                                      f"{taken} ({len(branch)} node(s))", depth))
         _nodes(branch, ctx, lines, depth + 1, now, settings, deferred)
+    elif isinstance(node, CallNode):
+        inputs = call_inputs(node, ctx.variables())
+        given = ", ".join(f"{k} = {v!r}" for k, v in inputs.items())
+        lines.append(Line(node.path, f"call tree {node.tree}" + (f" with {given}" if given
+                                                                 else ""), depth))
+        outer = ctx.extra
+        ctx.extra = {**outer, "inputs": inputs}
+        try:
+            _nodes(node.body, ctx, lines, depth + 1, now, settings, deferred)
+        finally:
+            ctx.extra = outer
+    elif isinstance(node, TryNode):
+        stored = f", its message stored in {node.error_field}" if node.error_field else ""
+        lines.append(Line(node.path, f"try {len(node.body)} node(s); on an error: catch "
+                                     f"{len(node.handler)} node(s){stored}, then go on",
+                          depth))
+        body: list[Line] = []
+        _nodes(node.body, ctx, body, depth + 1, now, settings, deferred)
+        lines.extend(body)
+        failed = next((line for line in body if line.text.startswith("FAILS")), None)
+        if failed is not None:  # the preview saw a step fail: show the handler it runs
+            lines.append(Line(f"{node.path}/catch", f"catch: {failed.path} failed", depth + 1))
+            outer = ctx.extra
+            ctx.extra = {**outer, "error": {"message": "(the step's safe message)",
+                                            "step": failed.path}}
+            try:
+                _nodes(node.handler, ctx, lines, depth + 2, now, settings, deferred)
+            finally:
+                ctx.extra = outer
     elif isinstance(node, ActionNode) and node.action == "set":
         ctx.path = node.path
         engine.call_action(node, ctx)

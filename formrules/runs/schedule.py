@@ -103,7 +103,8 @@ def fire_one(rt: Runtime, form: Form, index: int, schedule: ScheduleDef,
 def _runs(s, form: Form, index: int, schedule: ScheduleDef, slot: datetime, now: datetime,
           settings) -> list[Run]:
     """The slot's Runs: one, or one per record matching `for_each` (read inside the claim)."""
-    node = rebuild_defer(schedule.raw, f"schedules/{index}", form.field_types)
+    node = rebuild_defer(schedule.raw, f"schedules/{index}", form.field_types,
+                         form.tree_sources)
     types = form.field_types
     if schedule.for_each is None:
         targets: list[Record | None] = [None]

@@ -130,7 +130,9 @@ def apply_policies(s: Session, record: Record, old: dict[str, Any], edit: Edit, 
         variables = template_variables(
             form_id=run.form_id, form_title=form_title_of(run), field_types=types,
             data=record.data, old=typed_record(old, types),
-            changed={k: typed(v, types.get(k, "string")) for k, v in edit.changed.items()})
+            changed={k: typed(v, types.get(k, "string")) for k, v in edit.changed.items()},
+            # A Delay written in a named tree may name its call's `inputs.` here too.
+            **{k: v for k, v in snapshot.variables().items() if k == "inputs"})
         if node.cancel_if and _matches(s, run, node, variables):
             reason = (f"cancelled: {names} changed at {stamp} ({who}); "
                       f"cancel_if {node.cancel_if!r} is true")

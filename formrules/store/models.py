@@ -108,6 +108,8 @@ class EventKind(enum.StrEnum):
     RESCHEDULE = "reschedule"  # an edit moved its due time
     SCHEDULE = "schedule"  # started by a schedule slot
     NOTE = "note"
+    CALL = "call"  # a `call:` started its named tree (the detail names it and its inputs)
+    CAUGHT = "caught"  # a `try:` caught this error (full detail, for operators)
 
 
 # Checkpoints written before checkpoints had their own kind (still honoured on resume).
