@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from formrules.language.fieldtypes import REGISTRY
 from formrules.language.source import Pos
 
 _TEMPLATE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.S)  # a Jinja part of a title
-FIELD_TYPES = ("string", "text", "email", "integer", "decimal", "boolean", "date",
-               "datetime", "choice")
+FIELD_TYPES = tuple(REGISTRY)  # the registered field types (formrules.language.fieldtypes)
 
 
 @dataclass(frozen=True)

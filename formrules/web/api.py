@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, g, jsonify, request, url_for
@@ -22,6 +21,7 @@ from sqlalchemy import select
 from werkzeug.datastructures import MultiDict
 
 from formrules.errors import ActionError
+from formrules.language.fieldtypes import field_type
 from formrules.language.tree import Form
 from formrules.runs import submit, updates
 from formrules.runs.status import record_status
@@ -62,7 +62,6 @@ def authenticate():
 
 
 IDEMPOTENCY_KEY_MAX = 200  # characters, as the OpenAPI document says
-TEXT_TYPES = ("string", "text", "email", "choice", "date", "datetime")
 
 
 def _json_object():
@@ -71,18 +70,6 @@ def _json_object():
     except RecursionError:  # nesting deeper than the parser's stack: not a form's values
         return None
     return body if isinstance(body, dict) else None
-
-
-def _not_text(value: str) -> bool:
-    """True for strings that cannot be stored as text: lone surrogates (from a JSON
-    `\\ud800`), which UTF-8 cannot encode, and NUL, which PostgreSQL refuses."""
-    if "\x00" in value:
-        return True
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _formdata(form: Form, values: dict[str, Any]) -> tuple[MultiDict, dict[str, list[str]]]:
@@ -96,36 +83,14 @@ def _formdata(form: Form, values: dict[str, Any]) -> tuple[MultiDict, dict[str, 
             errors[name] = ["This field is set by the form's rules, not by clients."]
         elif isinstance(value, dict | list):
             errors[name] = ["Expected a single value."]
-        elif fd.type == "boolean":
-            if value is not None and not isinstance(value, bool):
-                errors[name] = ["Expected true or false."]
-            elif value:
-                data.add(name, "y")
-        elif value is None:
-            continue  # empty: `required` decides whether that is allowed
-        elif isinstance(value, bool):
-            errors[name] = [f"Expected a {fd.type} value, not true or false."]
-        elif fd.type in TEXT_TYPES and not isinstance(value, str):
-            errors[name] = ["Expected a string."]  # as the OpenAPI document says
-        elif fd.type in ("integer", "decimal") and not isinstance(value, int | float):
-            errors[name] = [f"Not a valid {fd.type} value."]  # a JSON number, not a string
-        elif isinstance(value, str) and _not_text(value):
-            errors[name] = ["Contains characters that are not valid text."]
-        elif fd.type == "datetime":
-            try:
-                moment = datetime.fromisoformat(value)
-                if moment.tzinfo is not None:  # the HTML field is UTC wall time, minutes
-                    moment = moment.astimezone(UTC).replace(tzinfo=None)
-            except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out
-                errors[name] = ["Not a valid datetime value (ISO 8601, e.g. "
-                                "2025-05-01T09:30:00+02:00, between the years 1 and 9999)."]
-                continue
-            data.add(name, moment.isoformat(timespec="minutes"))
-        elif fd.type == "integer" and isinstance(value, float):
-            # JSON Schema counts 3.0 as an integer; a fraction stays an error below.
-            data.add(name, str(int(value)) if value.is_integer() else str(value))
         else:
-            data.add(name, str(value))
+            try:
+                posted = field_type(fd.type).from_json(value)
+            except ValueError as exc:
+                errors[name] = [str(exc)]
+                continue
+            if posted is not None:  # None: empty, and `required` decides about that
+                data.add(name, posted)
     return data, errors
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from formrules.language.fieldtypes import field_type
 from formrules.language.tree import FieldDef, Form, RuleSet
 
 JSON = "application/json"
@@ -19,28 +20,7 @@ def _content(schema: dict[str, Any]) -> dict[str, Any]:
 
 def field_schema(fd: FieldDef) -> dict[str, Any]:
     """A field's JSON Schema, as the API accepts it."""
-    schema: dict[str, Any] = {
-        "string": {"type": "string"}, "text": {"type": "string"},
-        "email": {"type": "string", "format": "email"},
-        "integer": {"type": "integer"}, "decimal": {"type": "number"},
-        "boolean": {"type": "boolean"},
-        "date": {"type": "string", "format": "date"},
-        "datetime": {"type": "string", "format": "date-time"},
-        "choice": {"type": "string", "enum": list(fd.choices)},
-    }[fd.type]
-    if fd.min is not None:
-        schema["minimum"] = fd.min
-    if fd.max is not None:
-        schema["maximum"] = fd.max
-    if fd.max_length and fd.type in ("string", "text", "email"):
-        schema["maxLength"] = fd.max_length
-    if fd.required and fd.type in ("string", "text", "email"):
-        schema["minLength"] = 1  # and not only blanks, as the form requires
-        schema["pattern"] = r"\S"
-    if fd.required and fd.type == "boolean":
-        schema["const"] = True  # a required box (say, "I agree") must be ticked
-    if not fd.required and fd.type != "boolean":  # empty is allowed: send null
-        schema = {"anyOf": [schema, {"type": "null"}]}
+    schema = field_type(fd.type).json_schema(fd)
     schema["title"] = fd.label
     if fd.help:
         schema["description"] = fd.help
