@@ -10,8 +10,12 @@ with. Adding a type is one class here and, for a new widget, one line in
 
 from __future__ import annotations
 
+import mimetypes
+import re
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -43,6 +47,14 @@ class FieldType:
     text: ClassVar[bool] = False  # free text: blank is empty, NUL refused
     default_max_length: ClassVar[int | None] = None
     json_kind: ClassVar[str] = "string"  # the JSON value the API takes: string/number/…
+    editable: ClassVar[bool] = True  # False: set at submit only (not on edit pages, PATCH)
+    upload: ClassVar[bool] = False  # True: the value comes as a file (multipart)
+
+    def parse_options(self, item: dict[str, Any],
+                      report: Callable[[str, str], None]) -> dict[str, Any]:
+        """This type's own options of a field's mapping as `FieldDef` keyword arguments;
+        `report(key, message)` reports a mistake at that option's value."""
+        return {}
 
     # -- stored and typed forms ----------------------------------------------------
     def to_storage(self, value: Any) -> Any:
@@ -285,10 +297,147 @@ class ChoiceType(FieldType):
         return {"type": "string", "enum": list(fd.choices)}
 
 
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB)?\s*$", re.I)
+SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
+ACCEPT_ENTRY = re.compile(r"^(\.[a-z0-9]+|[a-z]+/(\*|[a-z0-9][a-z0-9.+-]*))$")
+STORAGE_KEY = re.compile(r"^[0-9a-f]{32}$")
+UPLOAD_KEYS = ("name", "size", "type", "key")
+
+
+def parse_size(value: Any) -> int:
+    """`5MB`, `500 KB`, `1.5GB` or a number of bytes as bytes (KB = 1024 bytes)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = SIZE.match(value) if isinstance(value, str) else None
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f"expected a size like 5MB, 500KB or a number of bytes, got {value!r}")
+    return int(float(match[1]) * SIZE_UNITS[(match[2] or "B").upper()])
+
+
+def format_size(size: int) -> str:
+    """Bytes as people read them: `5 MB`, `300 KB`, `12 bytes`."""
+    for unit in ("GB", "MB", "KB"):
+        if size >= SIZE_UNITS[unit]:
+            amount = size / SIZE_UNITS[unit]
+            return f"{amount:.1f}".rstrip("0").rstrip(".") + f" {unit}"
+    return f"{size} bytes"
+
+
+def guess_type(filename: str) -> str:
+    """The content type a file name says (by its extension)."""
+    return mimetypes.guess_type(filename, strict=False)[0] or "application/octet-stream"
+
+
+# Content that must start with these bytes when the name says this type: a cheap sniff
+# that stops a renamed file from passing an `accept:` list by its extension alone.
+MAGIC = {"application/pdf": (b"%PDF-",), "image/png": (b"\x89PNG\r\n\x1a\n",),
+         "image/jpeg": (b"\xff\xd8\xff",), "image/gif": (b"GIF87a", b"GIF89a"),
+         "application/zip": (b"PK\x03\x04",)}
+
+
+def looks_like(mime: str, head: bytes) -> bool:
+    """Whether the first bytes of a file agree with the type its name says."""
+    if mime in MAGIC:
+        return head.startswith(MAGIC[mime])
+    if mime.startswith("text/") or mime in ("application/json", "text/csv"):
+        if b"\x00" in head:
+            return False
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:  # a character cut at the end of `head` is fine
+            return exc.start >= len(head) - 3
+    return True
+
+
+class FileType(FieldType):
+    """An uploaded file. Stored as metadata `{name, size, type, key}`; the bytes are kept
+    under a random storage key (`formrules.store.uploads`), never under a user's name."""
+
+    name, widget, json_kind = "file", "file", "object"
+    options = ("max_size", "accept")
+    editable = False  # a file comes with the submit; edits and PATCH keep it
+    upload = True
+    default_max_size = 10 * 1024 ** 2
+
+    def parse_options(self, item: dict[str, Any],
+                      report: Callable[[str, str], None]) -> dict[str, Any]:
+        out: dict[str, Any] = {"max_size": self.default_max_size, "accept": ()}
+        if "max_size" in item:
+            try:
+                out["max_size"] = parse_size(item["max_size"])
+            except ValueError as exc:
+                report("max_size", str(exc))
+        if "accept" in item:
+            accept = item["accept"]
+            if not isinstance(accept, list) or not accept:
+                report("accept", "'accept' is a non-empty list of content types and "
+                                 "extensions, like [text/csv, .csv]")
+                return out
+            for entry in accept:
+                text = str(entry).strip().lower()
+                if not ACCEPT_ENTRY.match(text):
+                    hint = f" (did you mean '.{text}'?)" if re.fullmatch(r"[a-z0-9]+", text) \
+                        else ""
+                    report("accept", f"'accept' entry {entry!r} is neither a content type "
+                                     f"(text/csv, image/*) nor an extension (.csv){hint}")
+            out["accept"] = tuple(str(e).strip().lower() for e in accept)
+        return out
+
+    def to_storage(self, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        if isinstance(value, dict) and STORAGE_KEY.match(str(value.get("key", ""))):
+            return {k: value.get(k) for k in UPLOAD_KEYS}
+        raise ValueError("a file is uploaded with the form; it cannot be set to a value")
+
+    def default_problem(self, value: Any, choices: Any) -> str | None:
+        return "a file field has no 'default': files come with the form"
+
+    def upload_problem(self, fd: FieldDef, filename: str, size: int,
+                       head: bytes) -> str | None:
+        """What is wrong with an uploaded file for `fd` (None: it is accepted)."""
+        if fd.max_size is not None and size > fd.max_size:
+            return f"The file is larger than {format_size(fd.max_size)}."
+        if fd.accept and not self.accepts(fd, filename, head):
+            return f"This type of file is not accepted here (allowed: {', '.join(fd.accept)})."
+        return None
+
+    def accepts(self, fd: FieldDef, filename: str, head: bytes) -> bool:
+        """The name's extension or the type it says is in `accept`, and the content agrees
+        with that type. The browser's claimed type is not trusted: anyone can send any."""
+        suffix = PurePosixPath(filename.lower()).suffix
+        mime = guess_type(filename)
+        listed = any(a == suffix if a.startswith(".") else
+                     (mime.startswith(a[:-1]) if a.endswith("/*") else mime == a)
+                     for a in fd.accept)
+        return listed and looks_like(mime, head)
+
+    def problem(self, fd: FieldDef, stored: Any) -> str | None:
+        if self.empty(stored):
+            return "This field is required." if fd.required else None
+        if fd.max_size is not None and int(stored.get("size") or 0) > fd.max_size:
+            return f"The file is larger than {format_size(fd.max_size)}."
+        return None
+
+    def from_json(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        raise ValueError("Send files as multipart/form-data (see the API documentation).")
+
+    def json_schema(self, fd: FieldDef) -> dict[str, Any]:
+        # A multipart part: the file's bytes (OpenAPI 3.1 names binary this way).
+        return {"type": "string", "contentMediaType": "application/octet-stream"}
+
+
 REGISTRY: dict[str, FieldType] = {t.name: t for t in (
     StringType(), TextType(), EmailType(), IntegerType(), DecimalType(), BooleanType(),
-    DateType(), DateTimeType(), ChoiceType(),
+    DateType(), DateTimeType(), ChoiceType(), FileType(),
 )}
+
+
+def is_upload(value: Any) -> bool:
+    """Whether a stored value is an uploaded file's metadata."""
+    return isinstance(value, dict) and STORAGE_KEY.match(str(value.get("key", ""))) is not None
 
 
 def field_type(name: str) -> FieldType:

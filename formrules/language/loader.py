@@ -190,8 +190,10 @@ def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
         max_length = kind.default_max_length if kind is not None else None
         if "max_length" in item:
             max_length = c.integer(item["max_length"], vp("max_length"), path, minimum=1)
+        own = kind.parse_options(item, lambda key, message: c.error(vp(key), path, message)) \
+            if kind is not None else {}
         out.append(FieldDef(
-            name=name, type=ftype,
+            name=name, type=ftype, **own,
             label=c.text(item.get("label", name.replace("_", " ").capitalize()), vp("label"),
                          path, template=False),
             help=c.text(item.get("help", ""), vp("help"), path, template=False),

@@ -35,6 +35,8 @@ class FieldDef:
     choices: tuple[str, ...] = ()
     default: Any = None
     hidden: bool = False
+    max_size: int | None = None  # file: most bytes accepted
+    accept: tuple[str, ...] = ()  # file: content types and extensions accepted
 
 
 @dataclass(frozen=True)

@@ -18,19 +18,20 @@ from typing import Any
 
 from flask import Blueprint, g, jsonify, request, url_for
 from sqlalchemy import select
-from werkzeug.datastructures import MultiDict
+from werkzeug.datastructures import CombinedMultiDict, MultiDict
 
 from formrules.errors import ActionError
-from formrules.language.fieldtypes import field_type
+from formrules.language.fieldtypes import field_type, is_upload
 from formrules.language.tree import Form
 from formrules.runs import submit, updates
 from formrules.runs.status import record_status
-from formrules.store import tokens
+from formrules.store import tokens, uploads
 from formrules.store.models import Record, ResultFile, Run
 from formrules.web import csrf, openapi
 from formrules.web.formbuilder import form_class, record_values
 from formrules.web.records import file_response
 from formrules.web.state import db, rt, rules
+from formrules.web.uploads import upload_response
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 csrf.exempt(bp)
@@ -104,6 +105,24 @@ def _validate(form: Form, values: dict[str, Any]):
     return wtf, errors
 
 
+def _validate_multipart(form: Form):
+    """A multipart body (files, and other fields as an HTML form posts them) through the
+    form's WTForms class: (wtf, field errors)."""
+    errors: dict[str, list[str]] = {}
+    for name in {*request.form, *request.files}:
+        fd = form.field(name)
+        if fd is None:
+            errors[name] = ["There is no such field."]
+        elif fd.hidden:
+            errors[name] = ["This field is set by the form's rules, not by clients."]
+    formdata = CombinedMultiDict([request.files, request.form])
+    wtf = form_class(form)(formdata=formdata, meta={"csrf": False})
+    if not wtf.validate():
+        for name, messages in wtf.errors.items():
+            errors.setdefault(name, list(messages))
+    return wtf, errors
+
+
 def _invalid(errors: dict[str, list[str]]):
     return error(422, "invalid", "Some fields are not valid; see 'fields'.", fields=errors)
 
@@ -153,22 +172,30 @@ def create(form_id: str):
     if len(request.headers.get("Idempotency-Key", "").strip()) > IDEMPOTENCY_KEY_MAX:
         return error(400, "bad_request",
                      f"An Idempotency-Key is at most {IDEMPOTENCY_KEY_MAX} characters.")
-    values = _json_object()
-    if values is None:
-        return error(400, "bad_request", "Send a JSON object of field values.")
-    wtf, errors = _validate(form, values)
+    if request.mimetype == "multipart/form-data":  # a form with files (docs/api.md)
+        wtf, errors = _validate_multipart(form)
+    else:
+        values = _json_object()
+        if values is None:
+            return error(400, "bad_request", "Send a JSON object of field values.")
+        wtf, errors = _validate(form, values)
     if errors:
         return _invalid(errors)
-    stored = record_values(form, wtf)
-    fingerprint = _fingerprint(stored)
+    settings = rt().settings
+    stored = record_values(form, wtf, settings=settings)
+    # An upload's storage key is new each time: a repeat is recognised by its content.
+    fingerprint = _fingerprint({k: {"name": v["name"], "size": v["size"]} if is_upload(v)
+                                else v for k, v in stored.items()})
     try:
         done = submit.accept(db(), form, stored, owner=f"api:{g.api_token.name}",
-                             settings=rt().settings, submit_key=_idempotency_key(form),
+                             settings=settings, submit_key=_idempotency_key(form),
                              fingerprint=fingerprint)
     except ActionError as exc:
+        uploads.remove(settings, uploads.in_data(stored))
         log.warning("api: form %s: submit failed: %s", form.id, exc)
         return error(500, "action_failed", exc.safe_message)
     if done.duplicate:  # the same request again: same record (or 422 if the body differs)
+        uploads.remove(settings, uploads.in_data(stored))
         return _repeat(done.record, form, fingerprint)
     submit.dispatch(rt().dispatcher, done)
     body = _body(done.record, form)
@@ -223,6 +250,15 @@ def patch(token: str):
     body = _body(edit.record, form)
     body["changed"] = sorted(edit.changed)
     return jsonify(body)
+
+
+@bp.get("/records/<token>/files/<name>")
+def upload(token: str, name: str):
+    """A file uploaded with a record, for the API client that submitted it."""
+    found = _record(token)
+    if found is None or found.owner != f"api:{g.api_token.name}":
+        return error(404, "not_found", "There is no such file.")
+    return upload_response(found, name)
 
 
 @bp.get("/files/<file_id>")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -9,6 +10,8 @@ from decimal import Decimal
 from typing import Any
 
 from flask_wtf import FlaskForm
+from flask_wtf.file import FileField, FileRequired
+from werkzeug.datastructures import FileStorage
 from wtforms import (
     BooleanField,
     DateField,
@@ -31,12 +34,14 @@ from wtforms.validators import (
     NumberRange,
     Optional,
     Regexp,
+    StopValidation,
     ValidationError,
 )
 
 from formrules.language.fieldtypes import field_type
 from formrules.language.tree import FieldDef, Form
 from formrules.language.values import to_storage
+from formrules.store import uploads
 
 SUBMIT_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
@@ -63,6 +68,34 @@ def _choices(fd: FieldDef) -> list[SelectChoice]:
     return blank + [SelectChoice(c) for c in fd.choices]
 
 
+def _upload_check(fd: FieldDef):
+    """The file type's size and `accept:` checks on an uploaded file, before it is saved."""
+    kind = field_type(fd.type)
+
+    def check(form, field) -> None:
+        upload = field.data
+        if not isinstance(upload, FileStorage) or not upload.filename:
+            return
+        stream = upload.stream
+        stream.seek(0, os.SEEK_END)
+        size = stream.tell()
+        stream.seek(0)
+        head = stream.read(2048)
+        stream.seek(0)
+        problem = kind.upload_problem(fd, upload.filename, size, head)
+        if problem:
+            raise StopValidation(problem)
+
+    return check
+
+
+def _file(fd: FieldDef, kwargs: dict[str, Any]) -> Field:
+    first = FileRequired("This field is required.") if fd.required else Optional()
+    return FileField(validators=[first, _upload_check(fd)],
+                     render_kw={"accept": ",".join(fd.accept)} if fd.accept else None,
+                     **kwargs)
+
+
 def _decimal_default(fd: FieldDef) -> dict[str, Any]:
     return {} if fd.default is None else {"default": Decimal(str(fd.default))}
 
@@ -87,6 +120,7 @@ WIDGETS: dict[str, Callable[[FieldDef, list, dict[str, Any]], Field]] = {
                                                      **kw),
     # SelectField itself refuses values outside `choices` ("Not a valid choice.").
     "select": lambda fd, v, kw: SelectField(choices=_choices(fd), validators=v, **kw),
+    "file": lambda fd, v, kw: _file(fd, kw),
 }
 
 
@@ -130,17 +164,29 @@ def _build_class(form: Form, include_hidden: bool) -> type[FlaskForm]:
         "submit_key": HiddenField(validators=[Optional(), Regexp(SUBMIT_KEY)]),
     }
     for fd in form.fields:
+        if include_hidden and not field_type(fd.type).editable:
+            continue  # an upload comes with the submit; an edit keeps it as it is
         if not fd.hidden:
             attrs[fd.name] = _field(fd)
-        elif include_hidden:
+        elif include_hidden and field_type(fd.type).editable:
             note = "Hidden from users; normally set by the form's rules."
             attrs[fd.name] = _field(replace(fd, required=False,
                                             help=f"{fd.help} {note}".strip()))
     return type(f"Form_{form.id}{'_all' if include_hidden else ''}", (FlaskForm,), attrs)
 
 
-def record_values(form: Form, wtf: FlaskForm | None, data: dict[str, Any] | None = None):
-    """Every field's stored value: defaults, then what the user (or API client) sent."""
+def has_files(form: Form) -> bool:
+    """Whether a form takes uploads (its page posts multipart/form-data)."""
+    return any(field_type(fd.type).upload for fd in form.fields if not fd.hidden)
+
+
+def record_values(form: Form, wtf: FlaskForm | None, data: dict[str, Any] | None = None,
+                  *, settings=None):
+    """Every field's stored value: defaults, then what the user (or API client) sent.
+
+    Uploaded files are saved now (under `settings`' upload folder); a caller whose submit
+    then fails removes them again (`uploads.remove(settings, uploads.in_data(values))`).
+    """
     values: dict[str, Any] = {}
     for fd in form.fields:
         if wtf is not None and not fd.hidden:
@@ -149,5 +195,8 @@ def record_values(form: Form, wtf: FlaskForm | None, data: dict[str, Any] | None
             value = data[fd.name]
         else:
             value = fd.default
+        if isinstance(value, FileStorage):
+            value = uploads.save(settings, value.stream, value.filename) \
+                if value.filename else None
         values[fd.name] = to_storage(value, fd.type)
     return values
