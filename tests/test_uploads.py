@@ -17,6 +17,7 @@ from formrules.store import tokens
 from formrules.store.models import Record, ResultFile, Run
 from tests.helpers import record_of, submit, token_of, wait_until
 from tests.helpers import tokens as form_tokens
+from tests.web_helpers import login, make_user
 
 UPLOAD = """
 form: upload
@@ -136,11 +137,28 @@ def test_a_csv_upload_is_imported_in_the_background_and_only_its_owner_downloads
         ("people.csv", PEOPLE)]
 
     # Downloads: the owner and operators; anyone else (another browser) gets 404.
+    assert f'href="/r/{token}/files/contacts" download>people.csv<'.encode() in \
+        client.get(f"/r/{token}").data
     own = client.get(f"/r/{token}/files/contacts")
     assert own.status_code == 200 and own.data == PEOPLE
     assert own.headers["Content-Disposition"].startswith("attachment")
     assert own.headers["X-Content-Type-Options"] == "nosniff"
     assert app.test_client().get(f"/r/{token}/files/contacts").status_code == 404
+    make_user(rt, "bob")
+    bob = app.test_client()
+    assert login(bob, "bob").status_code == 303
+    assert bob.get(f"/r/{token}/files/contacts").status_code == 404
+    assert b"/files/contacts" not in bob.get(f"/r/{token}").data  # nor a link to it
+
+    # An operator's edit keeps the upload (files come with the submit only).
+    record = record_of(rt, token)
+    edit = operator.get(f"/admin/records/{record.id}/edit")
+    assert edit.status_code == 200 and b'type="file"' not in edit.data
+    saved = operator.post(f"/admin/records/{record.id}/edit", data={
+        **form_tokens(edit.data), "version": str(record.version),
+        "email": "new@example.com", "imported": "2"})
+    assert saved.status_code == 303, saved.data[:2000]
+    assert record_of(rt, token).data["contacts"] == meta
     assert client.get(f"/r/{token}/files/email").status_code == 404  # not a file field
     assert operator.get(f"/r/{token}/files/contacts").data == PEOPLE
 
@@ -202,6 +220,9 @@ def test_the_api_takes_files_as_multipart_and_serves_them_to_their_client_only(
     token = created.json["token"]
     assert api.get(f"/api/records/{token}/files/sheet", headers=mine).data == b"a,b\n1,2\n"
     assert api.get(f"/api/records/{token}/files/sheet", headers=other).status_code == 404
+    patched = api.patch(f"/api/records/{token}", headers=mine, json={"sheet": "other.csv"})
+    assert patched.status_code == 422
+    assert record_of(rt, token).data["sheet"] == created.json["record"]["sheet"]
     wrong = api.post("/api/forms/small", headers=mine,
                      data={"sheet": (io.BytesIO(b"MZ"), "x.exe"), "nope": "1"})
     assert wrong.status_code == 422 and set(wrong.json["fields"]) == {"sheet", "nope"}
