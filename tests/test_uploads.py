@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from openapi_spec_validator import validate as validate_openapi
 from sqlalchemy import select
 
 from formrules.language.fieldtypes import REGISTRY, format_size, parse_size
@@ -232,6 +233,7 @@ def test_the_api_takes_files_as_multipart_and_serves_them_to_their_client_only(
     assert huge.json["fields"] == {"sheet": ["The file is too large: at most 1 KB."]}
 
     document = api.get("/api/openapi.json").json
+    validate_openapi(document)  # still valid OpenAPI 3.1 with the multipart body
     body = document["paths"]["/api/forms/small"]["post"]["requestBody"]["content"]
     assert body["multipart/form-data"]["schema"] == {"$ref": "#/components/schemas/small.multipart"}
     assert document["components"]["schemas"]["small.multipart"]["properties"]["sheet"][

@@ -175,11 +175,6 @@ def _build_class(form: Form, include_hidden: bool) -> type[FlaskForm]:
     return type(f"Form_{form.id}{'_all' if include_hidden else ''}", (FlaskForm,), attrs)
 
 
-def has_files(form: Form) -> bool:
-    """Whether a form takes uploads (its page posts multipart/form-data)."""
-    return any(field_type(fd.type).upload for fd in form.fields if not fd.hidden)
-
-
 def record_values(form: Form, wtf: FlaskForm | None, data: dict[str, Any] | None = None,
                   *, settings=None):
     """Every field's stored value: defaults, then what the user (or API client) sent.
