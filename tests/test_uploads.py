@@ -49,12 +49,40 @@ fields:
     assert [str(p) for p in problems] == [
         "upload.yaml:3:41: fields/0: expected a size like 5MB, 500KB or a number of bytes, "
         "got 'lots'",
-        "upload.yaml:3:55: fields/0: 'accept' entry 'csv' is neither a content type "
+        "upload.yaml:3:56: fields/0: 'accept' entry 'csv' is neither a content type "
         "(text/csv, image/*) nor an extension (.csv) (did you mean '.csv'?)",
         "upload.yaml:4:32: fields/1: 'accept' goes with type: file (not string)",
         "upload.yaml:5:45: fields/2: 'max_length' goes with type: string, text or email "
         "(not file)",
         "upload.yaml:5:38: fields/2: a file field has no 'default': files come with the form",
+    ]
+
+
+def test_actions_name_file_fields_and_the_checker_says_when_they_do_not():
+    text = """form: upload
+fields:
+  - {name: sheet, type: file}
+  - {name: email, type: email}
+  - {name: count, type: integer}
+  - {name: secret, type: file, hidden: true}
+events:
+  submit:
+    - background:
+        do:
+          - import_csv: {file: email, count_into: cuont}
+          - send_email: {to: a@example.com, subject: s, body: b, attach: [sheet, shet]}
+          - send_email: {to: a@example.com, subject: s, body: b, attach: sheet}
+"""
+    _, problems = parse_form(text, "upload.yaml")
+    assert [str(p) for p in problems] == [
+        "upload.yaml:6:40: fields/3: a file field cannot be hidden: files come with the "
+        "form, rules cannot set them",
+        "upload.yaml:11:32: events/submit/0/background/do/0: 'import_csv' option 'file': "
+        "'email' is not a file field (it is email)",
+        "upload.yaml:11:51: events/submit/0/background/do/0: unknown field 'cuont' "
+        "(did you mean 'count'?)",
+        "upload.yaml:12:82: events/submit/0/background/do/1: unknown field 'shet' "
+        "(did you mean 'sheet'?)",
     ]
 
 

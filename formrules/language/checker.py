@@ -424,12 +424,14 @@ class Checker:
             self.error(pos, path, f"'{action}' option '{key}' expects {expects}, "
                                   f"got {_kind(value)}")
         elif kind in ("field", "file"):
-            for name in value if isinstance(value, list) else [value]:
-                self.field_name(name, pos, path)
+            names = enumerate(value) if isinstance(value, list) else [(None, value)]
+            for i, name in names:
+                where = pos if i is None else self.value_pos(value, i) or pos
+                self.field_name(name, where, path)
                 declared = REGISTRY.get(self.fields.get(name, ""))
                 if kind == "file" and declared is not None and not declared.upload:
-                    self.error(pos, path, f"'{action}' option '{key}': '{name}' is not a "
-                                          f"file field (it is {self.fields[name]})")
+                    self.error(where, path, f"'{action}' option '{key}': '{name}' is not a "
+                                            f"file field (it is {self.fields[name]})")
         elif kind == "duration":
             self.duration(value, pos, path)
         else:

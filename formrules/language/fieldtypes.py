@@ -51,9 +51,10 @@ class FieldType:
     upload: ClassVar[bool] = False  # True: the value comes as a file (multipart)
 
     def parse_options(self, item: dict[str, Any],
-                      report: Callable[[str, str], None]) -> dict[str, Any]:
+                      report: Callable[..., None]) -> dict[str, Any]:
         """This type's own options of a field's mapping as `FieldDef` keyword arguments;
-        `report(key, message)` reports a mistake at that option's value."""
+        `report(key, message, index=None)` reports a mistake at that option's value (or at
+        its list item `index`)."""
         return {}
 
     # -- stored and typed forms ----------------------------------------------------
@@ -360,8 +361,11 @@ class FileType(FieldType):
     default_max_size = 10 * 1024 ** 2
 
     def parse_options(self, item: dict[str, Any],
-                      report: Callable[[str, str], None]) -> dict[str, Any]:
+                      report: Callable[..., None]) -> dict[str, Any]:
         out: dict[str, Any] = {"max_size": self.default_max_size, "accept": ()}
+        if item.get("hidden") is True:
+            report("hidden", "a file field cannot be hidden: files come with the form, "
+                             "rules cannot set them")
         if "max_size" in item:
             try:
                 out["max_size"] = parse_size(item["max_size"])
@@ -373,13 +377,13 @@ class FileType(FieldType):
                 report("accept", "'accept' is a non-empty list of content types and "
                                  "extensions, like [text/csv, .csv]")
                 return out
-            for entry in accept:
+            for i, entry in enumerate(accept):
                 text = str(entry).strip().lower()
                 if not ACCEPT_ENTRY.match(text):
                     hint = f" (did you mean '.{text}'?)" if re.fullmatch(r"[a-z0-9]+", text) \
                         else ""
                     report("accept", f"'accept' entry {entry!r} is neither a content type "
-                                     f"(text/csv, image/*) nor an extension (.csv){hint}")
+                                     f"(text/csv, image/*) nor an extension (.csv){hint}", i)
             out["accept"] = tuple(str(e).strip().lower() for e in accept)
         return out
 

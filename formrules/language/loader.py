@@ -190,8 +190,11 @@ def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
         max_length = kind.default_max_length if kind is not None else None
         if "max_length" in item:
             max_length = c.integer(item["max_length"], vp("max_length"), path, minimum=1)
-        own = kind.parse_options(item, lambda key, message: c.error(vp(key), path, message)) \
-            if kind is not None else {}
+        def report(key: str, message: str, index: int | None = None) -> None:
+            at = c.value_pos(item[key], index) if index is not None else None
+            c.error(at or vp(key), path, message)
+
+        own = kind.parse_options(item, report) if kind is not None else {}
         out.append(FieldDef(
             name=name, type=ftype, **own,
             label=c.text(item.get("label", name.replace("_", " ").capitalize()), vp("label"),
