@@ -268,3 +268,21 @@ def test_the_api_takes_files_as_multipart_and_serves_them_to_their_client_only(
         "contentMediaType"] == "application/octet-stream"
     assert "sheet" not in document["components"]["schemas"]["small.input"]["properties"]
     assert "413" in document["paths"]["/api/forms/small"]["post"]["responses"]
+
+
+@pytest.mark.integration  # runs the CLI in a subprocess
+def test_preview_stands_in_a_file_by_its_name(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FORMRULES_INSTANCE": str(tmp_path / "i")}
+    result = subprocess.run(
+        [sys.executable, "-m", "formrules.cli", "preview", "contacts_import", "--rules",
+         str(ROOT / "rules"), "--set", "email=ann@example.com", "--set", "contacts=people.csv"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith(
+        "events/submit/0/background: background 'Importing people.csv' runs at once")
+    assert "'body': 'Your file people.csv (0 bytes) is imported;" in result.stdout
+    assert not (tmp_path / "i" / "uploads").exists()  # nothing read, nothing stored

@@ -72,6 +72,10 @@ class FieldType:
         """The stored value as expressions see it."""
         return stored
 
+    def from_text(self, text: str) -> Any:
+        """A value typed on the command line (`formrules preview --set`), stored."""
+        return self.to_storage(text)
+
     # -- validation ----------------------------------------------------------------
     def empty(self, stored: Any) -> bool:
         """True when a stored value counts as not filled in (for `required`)."""
@@ -396,6 +400,10 @@ class FileType(FieldType):
 
     def default_problem(self, value: Any, choices: Any) -> str | None:
         return "a file field has no 'default': files come with the form"
+
+    def from_text(self, text: str) -> Any:
+        # A preview stands in a file by its name: nothing is read, nothing is stored.
+        return {"name": text, "size": 0, "type": guess_type(text), "key": "0" * 32}
 
     def upload_problem(self, fd: FieldDef, filename: str, size: int,
                        head: bytes) -> str | None:
