@@ -229,6 +229,12 @@ def test_wrong_and_too_large_files_get_field_messages_and_nothing_is_stored(
     assert _files_on_disk(rt) == []
     ok = _post_small(client, b"a,b\n1,2\n", "fine.csv")
     assert ok.status_code == 303 and len(_files_on_disk(rt)) == 1
+    # The same submit again (a double click): the same record, and no second copy kept.
+    fields = form_tokens(client.get("/forms/small").data)
+    first, again = (client.post("/forms/small", data={
+        **fields, "sheet": (io.BytesIO(b"a,b\n3,4\n"), "twice.csv")}) for _ in range(2))
+    assert first.headers["Location"] == again.headers["Location"]
+    assert len(_files_on_disk(rt)) == 2
 
 
 def test_the_api_takes_files_as_multipart_and_serves_them_to_their_client_only(

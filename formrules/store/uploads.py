@@ -50,6 +50,8 @@ def save(settings: Settings, stream: IO[bytes], filename: str) -> dict[str, Any]
     target = path_of(settings, meta)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(key + ".part")
+    if stream.seekable():  # from the start, also when a request is run a second time
+        stream.seek(0)
     with open(partial, "wb") as out:
         shutil.copyfileobj(stream, out, 1024 * 1024)
     os.replace(partial, target)  # whole or not at all

@@ -194,6 +194,9 @@ def create(form_id: str):
         uploads.remove(settings, uploads.in_data(stored))
         log.warning("api: form %s: submit failed: %s", form.id, exc)
         return error(500, "action_failed", exc.safe_message)
+    except Exception:  # nothing was stored: neither are its files
+        uploads.remove(settings, uploads.in_data(stored))
+        raise
     if done.duplicate:  # the same request again: same record (or 422 if the body differs)
         uploads.remove(settings, uploads.in_data(stored))
         return _repeat(done.record, form, fingerprint)

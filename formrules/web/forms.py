@@ -44,6 +44,9 @@ def show(form_id: str):
         log.warning("form %s: submit failed: %s", form.id, exc)
         return render_template("forms/form.html", form=form, wtf=wtf,
                                error=exc.safe_message), 500
+    except Exception:  # nothing was stored: neither are its files
+        uploads.remove(settings, uploads.in_data(values))
+        raise
     if done.duplicate:  # the first submit's record keeps its own copies of the files
         uploads.remove(settings, uploads.in_data(values))
     else:
