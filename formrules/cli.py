@@ -156,6 +156,7 @@ def preview(form_id: str, assignments: tuple[str, ...], event: str,
     Delay runs, each retry if a step keeps failing, and which schedule slots fire.
     """
     from formrules.actions import registry as actions
+    from formrules.language.fieldtypes import field_type
     from formrules.language.loader import load_rules
     from formrules.language.values import to_storage
     from formrules.runs.preview import preview as preview_tree
@@ -174,7 +175,7 @@ def preview(form_id: str, assignments: tuple[str, ...], event: str,
             raise FormrulesError(f"--set {assignment!r}: expected FIELD=VALUE with one of "
                                  + ", ".join(f.name for f in form.fields))
         try:
-            values[field.name] = to_storage(raw, field.type)
+            values[field.name] = field_type(field.type).from_text(raw)
         except ValueError as exc:
             raise FormrulesError(f"--set {assignment!r}: {exc}") from exc
     start = _simulated_start(at, settings.timezone) or _utcnow()

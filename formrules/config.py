@@ -17,6 +17,7 @@ class Settings:
 
     rules_dir: str = "rules"
     instance_dir: str = "instance"
+    upload_dir: str = ""  # uploaded files; empty: `uploads` in the instance folder
     database_url: str = ""  # empty: SQLite file in the instance folder
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue: str = "formrules"
@@ -68,6 +69,11 @@ class Settings:
         return Path(self.instance_dir) / "outbox"
 
     @property
+    def uploads_dir(self) -> Path:
+        """Where uploaded files are kept (FORMRULES_UPLOAD_DIR, or instance/uploads)."""
+        return Path(self.upload_dir) if self.upload_dir else Path(self.instance_dir) / "uploads"
+
+    @property
     def sqlalchemy_url(self) -> str:
         """DATABASE_URL, or the default SQLite file in the instance folder."""
         url = self.database_url or f"sqlite:///{Path(self.instance_dir).resolve()}/formrules.db"
@@ -82,6 +88,7 @@ class Settings:
 
 _ENV = {
     "rules_dir": "FORMRULES_RULES", "instance_dir": "FORMRULES_INSTANCE",
+    "upload_dir": "FORMRULES_UPLOAD_DIR",
     "database_url": "DATABASE_URL", "redis_url": "REDIS_URL", "queue": "FORMRULES_QUEUE",
     "secret_key": "SECRET_KEY", "actions_modules": "FORMRULES_ACTIONS",
     "smtp_host": "SMTP_HOST", "smtp_port": "SMTP_PORT", "smtp_user": "SMTP_USER",

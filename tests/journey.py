@@ -49,7 +49,9 @@ SHORTER = {
     "room_booking.yaml": [('at: "record.date - days(1)"', 'at: "now() + seconds(60)"')],
     "newsletter.yaml": [("for: 30s", "for: 60s")],
     "expense_report.yaml": [],
+    "contacts_import.yaml": [],
 }
+FIXTURES = ROOT / "tests" / "fixtures"  # what people upload into file fields
 EXAMPLES = sorted(name.removesuffix(".yaml") for name in SHORTER)
 
 
@@ -76,7 +78,9 @@ def answers(form_id: str, who: str) -> dict[str, str]:
                          "attendees": "4"},
         "expense_report": {"employee": who, "email": email, "amount": "42.50",
                            "category": "Travel", "spent_on": date.today().isoformat(),
-                           "notes": "Taxi to the airport"},
+                           "notes": "Taxi to the airport",
+                           "receipt": str(FIXTURES / "receipt.pdf")},
+        "contacts_import": {"email": email, "contacts": str(FIXTURES / "contacts.csv")},
         "newsletter": {"name": who, "email": email, "topics": "Engineering"},
     }[form_id]
 
@@ -175,6 +179,8 @@ def fill(page, values: dict[str, str]) -> None:
         box = page.locator(f'[name="{name}"]')
         if box.evaluate("e => e.tagName") == "SELECT":
             box.select_option(value)
+        elif box.evaluate("e => e.type") == "file":  # the value is the file to upload
+            box.set_input_files(value)
         else:
             box.fill(value)
 

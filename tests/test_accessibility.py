@@ -58,6 +58,8 @@ def type_into_focused(page, value: str) -> None:
         page.keyboard.type(f"{month}{day}{year}")
     elif kind == "select-one":  # type-ahead picks the option starting with these letters
         page.keyboard.type(value)
+    elif kind == "file":  # the file chooser is the system's: Playwright answers it
+        page.locator(":focus").set_input_files(value)
     else:
         page.keyboard.press("Control+A")
         page.keyboard.type(value)

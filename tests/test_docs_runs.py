@@ -34,6 +34,9 @@ TYPED = {"string": "Atlas", "text": "Some notes", "email": "ann@example.com",
          "integer": "4", "decimal": "900.00", "date": (date.today() + timedelta(days=3))
          .isoformat(), "datetime": (date.today() + timedelta(days=3)).isoformat() + "T10:00",
          "boolean": "y"}
+# What a person uploads into a file field: a CSV, or a PDF where CSV is not accepted.
+CSV_UPLOAD = b"name,email\r\nAnn,ann@example.com\r\nBob,bob@example.com\r\n"
+PDF_UPLOAD = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"
 
 
 def deferred(form) -> bool:
@@ -79,6 +82,10 @@ def answers(form) -> dict[str, str]:
             out[fd.name] = fd.choices[0]
         elif fd.type == "boolean":
             out[fd.name] = "y"
+        elif fd.type == "file":
+            csv = not fd.accept or ".csv" in fd.accept or "text/csv" in fd.accept
+            out[fd.name] = (io.BytesIO(CSV_UPLOAD), "people.csv") if csv \
+                else (io.BytesIO(PDF_UPLOAD), "receipt.pdf")
         else:
             out[fd.name] = TYPED.get(fd.type, "x")
     return out

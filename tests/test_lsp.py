@@ -117,7 +117,7 @@ def test_diagnostics_completion_and_hover_over_stdio(client, tmp_path):
     arguments = client.request("textDocument/completion", {"textDocument": {"uri": uri},
                                "position": {"line": 7, "character": len("    - send_email: {")}})
     assert [item["label"] for item in arguments["items"]] == \
-        ["to", "subject", "body", "cc", "reply_to", "html"]
+        ["to", "subject", "body", "cc", "reply_to", "html", "attach"]
 
     node_start = FORM + "    - "
     client.send("textDocument/didChange", {"textDocument": {"uri": uri, "version": 4},

@@ -42,8 +42,8 @@ def submit(nodes: str) -> list[str]:
 
 
 def test_example_rules_are_valid():
-    assert set(load_rules(ROOT / "rules").forms) == {"expense_report", "newsletter",
-                                                     "room_booking"}
+    assert set(load_rules(ROOT / "rules").forms) == {"contacts_import", "expense_report",
+                                                     "newsletter", "room_booking"}
 
 
 def test_unknown_action_suggests_the_closest_name():
@@ -219,7 +219,7 @@ def test_field_mistakes():
         "digits and '_'",
         "rules/booking.yaml:4:26: fields/1: unknown field type 'integr' (did you mean "
         "'integer'?); expected one of string, text, email, integer, decimal, boolean, date, "
-        "datetime, choice",
+        "datetime, choice, file",
         "rules/booking.yaml:5:40: fields/2: 'min' must be a number",
         "rules/booking.yaml:5:45: fields/2: 'max_length' goes with type: string, text or "
         "email (not integer)",
@@ -455,7 +455,7 @@ def test_formrules_check_accepts_the_example_rules(tmp_path):
            "FORMRULES_ACTIONS": ""}
     result = CliRunner().invoke(cli, ["check", str(ROOT / "rules")], env=env)
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("3 form(s) OK in ")
+    assert result.stdout.startswith("4 form(s) OK in ")
 
 
 def test_an_unknown_field_type_is_reported_once():
@@ -471,10 +471,10 @@ def test_an_unknown_field_type_is_reported_once():
         """) == [
         "rules/booking.yaml:3:29: fields/0: unknown field type 'bool' (did you mean "
         "'boolean'?); expected one of string, text, email, integer, decimal, boolean, date, "
-        "datetime, choice",
+        "datetime, choice, file",
         "rules/booking.yaml:4:24: fields/1: unknown field type 'chioce' (did you mean "
         "'choice'?); expected one of string, text, email, integer, decimal, boolean, date, "
-        "datetime, choice",
+        "datetime, choice, file",
     ]
 
 

@@ -1,4 +1,4 @@
-"""The built-in actions: set, log, send_email, http_request, simulate_work, report."""
+"""The built-in actions: set, log, send_email, http_request, simulate_work, import_csv, report."""
 
 from __future__ import annotations
 
@@ -56,9 +56,10 @@ def log(ctx: Context, message: str, level: str = "info") -> None:
 
 
 @action("send_email", {"to": "text!", "subject": "text!", "body": "text!", "cc": "text",
-                       "reply_to": "text", "html": Param("text", html=True)})
+                       "reply_to": "text", "html": Param("text", html=True),
+                       "attach": "file"})
 def send_email(ctx: Context, to: str, subject: str, body: str, cc: str = "",
-               reply_to: str = "", html: str = "") -> None:
+               reply_to: str = "", html: str = "", attach: str | list | None = None) -> None:
     """Send an e-mail (SMTP, or an .eml file in the outbox when SMTP is not set up)."""
     if not to.strip():
         raise PermanentError("send_email: empty recipient", "No e-mail address was given.")
@@ -89,6 +90,13 @@ def send_email(ctx: Context, to: str, subject: str, body: str, cc: str = "",
     message.set_content(body)
     if html:
         message.add_alternative(html, subtype="html")
+    for name in [attach] if isinstance(attach, str) else attach or []:
+        meta = ctx.upload(name)
+        if meta is None:
+            continue  # an optional upload left empty: nothing to attach
+        maintype, _, subtype = (meta.get("type") or "application/octet-stream").partition("/")
+        message.add_attachment(ctx.read_upload(name), maintype=maintype,
+                               subtype=subtype or "octet-stream", filename=meta["name"])
     try:
         where = mail.send(ctx.settings, message)
     except OSError as exc:  # smtplib errors are OSErrors too
@@ -221,6 +229,46 @@ def simulate_work(ctx: Context, seconds: float = 5, steps: int = 10, message: st
         ctx.check_cancelled()
         time.sleep(float(seconds) / steps)
         ctx.progress(i + 1, steps, message or f"Step {i + 1} of {steps}")
+
+
+@action("import_csv", {"file": "file!", "required": "list", "unique": "text",
+                       "filename": "text", "count_into": "field", "message": "text"})
+def import_csv(ctx: Context, file: str, required: list | None = None, unique: str = "",
+               filename: str = "imported.csv", count_into: str = "",
+               message: str = "Importing row {row} of {total}") -> None:
+    """Read an uploaded CSV row by row with progress: keep the rows that fill every
+    `required` column (and repeat no `unique` value) as a result file, list the others
+    with their reason in `rejected.csv`, and count the kept rows into `count_into`."""
+    required = [str(c) for c in required or []]
+    kept: list[dict[str, str]] = []
+    rejected: list[list[str]] = []
+    seen: set[str] = set()
+    columns: list[str] | None = None
+    for number, row in enumerate(ctx.csv_rows(file, message), 2):  # line 1 is the header
+        if columns is None:
+            columns = list(row)
+            missing = [c for c in [*required, *([unique] if unique else [])]
+                       if c not in columns]
+            if missing:
+                raise PermanentError(f"import_csv: {file} lacks columns {missing}",
+                                     f"The file has no column '{missing[0]}'.")
+        empty = [c for c in required if not row.get(c)]
+        if empty:
+            rejected.append([str(number), f"'{empty[0]}' is empty", *row.values()])
+        elif unique and row[unique].lower() in seen:
+            rejected.append([str(number), f"'{unique}' repeats an earlier row",
+                             *row.values()])
+        else:
+            seen.add(row.get(unique, "").lower())
+            kept.append(row)
+    report(ctx, filename, columns=columns or required, rows=kept)
+    if rejected:
+        report(ctx, "rejected.csv", columns=["line", "reason", *(columns or [])],
+               rows=rejected)
+    if count_into:
+        ctx.set(count_into, len(kept))
+    ctx.log.info("%s: %s: %d rows imported, %d rejected", ctx.path, file, len(kept),
+                 len(rejected))
 
 
 @action("report", {"filename": "text!", "columns": "list", "rows": "list",

@@ -6,13 +6,16 @@ callbacks for what differs (how progress is written, how cancellation is detecte
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from formrules.config import Settings
 from formrules.errors import Cancelled, PermanentError
+from formrules.language.fieldtypes import is_upload
 from formrules.language.values import to_storage, typed_record
 from formrules.language.variables import template_variables
 
@@ -95,3 +98,43 @@ class Context:
         if isinstance(data, str):
             data = data.encode("utf-8")
         self.attachments.append(Attachment(filename, data, content_type))
+
+    def upload(self, name: str) -> dict[str, Any] | None:
+        """A file field's metadata (`name`, `size`, `type`, `key`), None when empty."""
+        meta = self.data.get(name)
+        return meta if is_upload(meta) else None
+
+    def read_upload(self, name: str) -> bytes:
+        """The bytes of the file uploaded into field `name`."""
+        from formrules.store import uploads  # the store, only when a file is read
+
+        meta = self.upload(name)
+        if meta is None:
+            raise PermanentError(f"{self.path}: no file in field {name!r}",
+                                 "No file was uploaded for this.")
+        try:
+            return uploads.read(self.settings, meta)
+        except FileNotFoundError as exc:
+            raise PermanentError(f"{self.path}: upload {meta['key']} is missing on disk",
+                                 "The uploaded file is no longer available.") from exc
+
+    def csv_rows(self, name: str, message: str = "Row {row} of {total}"
+                 ) -> Iterator[dict[str, str]]:
+        """The rows of a CSV uploaded into field `name` (by header), reporting progress
+        after each row (`message` may name {row} and {total}) and stopping on cancel."""
+        try:
+            text = self.read_upload(name).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise PermanentError(f"{self.path}: {name} is not UTF-8: {exc}",
+                                 "The file is not UTF-8 text; save it as CSV UTF-8.") from exc
+        try:
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as exc:
+            raise PermanentError(f"{self.path}: {name}: {exc}",
+                                 "The file could not be read as CSV.") from exc
+        total = len(rows)
+        self.progress(0, total or 1, message.format(row=0, total=total))
+        for i, row in enumerate(rows, 1):
+            yield {str(k).strip(): (v or "").strip() for k, v in row.items()
+                   if k is not None and not isinstance(v, list)}
+            self.progress(i, total, message.format(row=i, total=total))

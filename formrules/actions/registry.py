@@ -23,7 +23,10 @@ from typing import Any
 
 # Parameter kinds an action may declare. "text" values are templates, rendered before the
 # call; "any" values have their strings rendered too; the others are checked, not rendered.
-PARAM_KINDS = ("text", "int", "number", "bool", "mapping", "list", "any", "duration")
+# "field" names a field of the form; "file" names one or more file fields (a list).
+PARAM_KINDS = ("text", "int", "number", "bool", "mapping", "list", "any", "duration",
+               "field", "file")
+NAME_KINDS = ("field", "file")  # field names, never templates
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ def action(
                     kind = spec.rstrip("!")
                     if kind not in PARAM_KINDS:
                         raise ValueError(f"action {name}: unknown param kind {spec!r}")
-                    spec = Param(kind, spec.endswith("!"))
+                    spec = Param(kind, spec.endswith("!"), render=kind not in NAME_KINDS)
                 declared[key] = spec
         existing = _REGISTRY.get(name)
         if existing is not None and (existing.fn.__module__, existing.fn.__qualname__) != (

@@ -18,6 +18,7 @@ from formrules.actions import registry as actions
 from formrules.errors import Problem
 from formrules.language import sandbox
 from formrules.language.duration import parse_duration
+from formrules.language.fieldtypes import REGISTRY
 from formrules.language.source import Map, Pos, Seq, plain
 from formrules.language.tree import (
     DEFAULT_RETRY,
@@ -608,9 +609,24 @@ class Checker:
             "list": lambda v: isinstance(v, list),
             "any": lambda v: True,
             "duration": lambda v: True,
+            "field": lambda v: isinstance(v, str),
+            "file": lambda v: isinstance(v, str) or isinstance(v, list) and v
+            and all(isinstance(x, str) for x in v),
         }[kind]
         if not ok(value):
-            self.error(pos, path, f"'{action}' option '{key}' expects {kind}, got {_kind(value)}")
+            expects = {"field": "a field name",
+                       "file": "a file field's name or a list of them"}.get(kind, kind)
+            self.error(pos, path, f"'{action}' option '{key}' expects {expects}, "
+                                  f"got {_kind(value)}")
+        elif kind in ("field", "file"):
+            names = enumerate(value) if isinstance(value, list) else [(None, value)]
+            for i, name in names:
+                where = pos if i is None else self.value_pos(value, i) or pos
+                self.field_name(name, where, path)
+                declared = REGISTRY.get(self.fields.get(name, ""))
+                if kind == "file" and declared is not None and not declared.upload:
+                    self.error(where, path, f"'{action}' option '{key}': '{name}' is not a "
+                                            f"file field (it is {self.fields[name]})")
         elif kind == "duration":
             self.duration(value, pos, path)
         else:

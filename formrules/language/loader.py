@@ -15,6 +15,7 @@ from croniter import croniter
 from formrules.errors import Problem, RuleError, errors_in
 from formrules.language import retention
 from formrules.language.checker import Checker, did_you_mean
+from formrules.language.fieldtypes import REGISTRY, option_keys, types_with
 from formrules.language.source import Map, load_yaml, plain
 from formrules.language.tree import (
     FIELD_TYPES,
@@ -28,19 +29,19 @@ from formrules.language.tree import (
     ScheduleDef,
     TreeDef,
 )
-from formrules.language.values import to_storage
 
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 FORM_ID = re.compile(r"^[a-z][a-z0-9_-]*$")
 FORM_KEYS = ("form", "title", "description", "fields", "events", "after_submit", "batches",
              "schedules", "retention", "trees")
 OLD_BATCHES_KEY = "tasks"  # what `batches:` was called; still read, with a warning
-FIELD_KEYS = ("name", "type", "label", "help", "required", "min", "max", "max_length",
-              "choices", "default", "hidden")
+FIELD_KEYS = option_keys()  # the common keys and every registered type's own
+TYPE_OPTIONS = tuple(k for k in FIELD_KEYS if types_with(k))
 EVENTS = ("submit", "update")
 # Most characters a text field takes when the rule sets no `max_length` (docs/rules.md):
 # no field accepts megabytes by default; an e-mail address is at most 254 (RFC 5321).
-DEFAULT_MAX_LENGTH = {"string": 1000, "email": 254, "text": 20_000}
+DEFAULT_MAX_LENGTH = {n: t.default_max_length for n, t in REGISTRY.items()
+                      if t.default_max_length}
 RESERVED_FIELD_NAMES = frozenset(n for n in dir(dict) if not n.startswith("_"))
 # Body keys the JSON API takes for itself (docs/api.md): a field of that name would be hidden.
 API_FIELD_NAMES = frozenset({"callback_url"})
@@ -201,39 +202,43 @@ def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
             continue
         seen.add(name)
         ftype = item.get("type", "string")
-        known_type = ftype in FIELD_TYPES  # options are checked against a known type only
         if ftype not in FIELD_TYPES:
             c.error(vp("type"), path, f"unknown field type '{ftype}'"
                                       f"{did_you_mean(ftype, FIELD_TYPES)}; expected one of "
                                       f"{', '.join(FIELD_TYPES)}")
             ftype = str(ftype)  # kept, so checks that need a type skip this field
+        kind = REGISTRY.get(ftype)  # options are checked against a known type only
+        for key in (k for k in TYPE_OPTIONS if k in item and kind is not None
+                    and k not in kind.options):
+            c.error(c.key_pos(item, key), path,
+                    f"'{key}' goes with type: {_either(types_with(key))} (not {ftype})")
         choices = item.get("choices", [])
-        if ftype == "choice" and (not isinstance(choices, list) or not choices):
+        if kind is not None and "choices" in kind.options \
+                and (not isinstance(choices, list) or not choices):
             c.error(vp("choices") if "choices" in item else item.pos, path,
-                    "a choice field needs a non-empty 'choices:' list")
+                    f"a {ftype} field needs a non-empty 'choices:' list")
             choices = []
-        elif "choices" in item and known_type and ftype != "choice":
-            c.error(c.key_pos(item, "choices"), path, "'choices' goes with type: choice")
         for key in ("min", "max"):
-            if key in item and known_type and ftype not in ("integer", "decimal"):
-                c.error(c.key_pos(item, key), path,
-                        f"'{key}' goes with type: integer or decimal (not {ftype})")
-            elif key in item and (isinstance(item[key], bool)
-                                  or not isinstance(item[key], int | float)):
+            if key in item and (kind is None or key in kind.options) \
+                    and (isinstance(item[key], bool) or not isinstance(item[key], int | float)):
                 c.error(vp(key), path, f"'{key}' must be a number")
-        if "max_length" in item and known_type and ftype not in ("string", "text", "email"):
-            c.error(c.key_pos(item, "max_length"), path,
-                    f"'max_length' goes with type: string, text or email (not {ftype})")
-        if "default" in item and known_type:
-            _check_default(c, item["default"], ftype, choices, vp("default"), path)
+        if "default" in item and kind is not None and item["default"] is not None:
+            problem = kind.default_problem(plain(item["default"]), choices)
+            if problem:
+                c.error(vp("default"), path, problem)
         for key in ("required", "hidden"):
             if key in item:
                 c.boolean(item[key], vp(key), path)
-        max_length = DEFAULT_MAX_LENGTH.get(ftype)
+        max_length = kind.default_max_length if kind is not None else None
         if "max_length" in item:
             max_length = c.integer(item["max_length"], vp("max_length"), path, minimum=1)
+        def report(key: str, message: str, index: int | None = None) -> None:
+            at = c.value_pos(item[key], index) if index is not None else None
+            c.error(at or vp(key), path, message)
+
+        own = kind.parse_options(item, report) if kind is not None else {}
         out.append(FieldDef(
-            name=name, type=ftype,
+            name=name, type=ftype, **own,
             label=c.text(item.get("label", name.replace("_", " ").capitalize()), vp("label"),
                          path, template=False),
             help=c.text(item.get("help", ""), vp("help"), path, template=False),
@@ -245,21 +250,9 @@ def _fields(c: Checker, value: Any, pos) -> tuple[FieldDef, ...]:
     return tuple(out)
 
 
-def _check_default(c: Checker, value: Any, ftype: str, choices: Any, pos, path: str) -> None:
-    """A default must be a value of the field's type (hidden fields are stored as is)."""
-    if value is None:
-        return
-    if ftype == "boolean":
-        c.boolean(value, pos, path)
-    elif ftype == "choice":
-        if isinstance(choices, list) and choices and str(value) not in map(str, choices):
-            c.error(pos, path, f"'default' {value!r} is not one of the choices"
-                               f"{did_you_mean(value, choices)}")
-    else:
-        try:
-            to_storage(plain(value), ftype)
-        except (TypeError, ValueError):
-            c.error(pos, path, f"'default' {value!r} is not a valid {ftype} value")
+def _either(names: tuple[str, ...]) -> str:
+    """`a`, `a or b`, `a, b or c`."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _number(value: Any) -> float | None:

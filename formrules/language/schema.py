@@ -129,6 +129,11 @@ FIELD_VALUES: dict[str, Any] = {
     "max": {"type": "number"},
     "max_length": {"type": "integer", "minimum": 1},
     "choices": {"type": "array", "minItems": 1},
+    "max_size": {"anyOf": [{"type": "integer", "minimum": 1}, {
+        "type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KkMmGg]?[Bb])?\s*$"}],
+                 "description": "Most bytes of a file: 5MB, 500KB or a number"},
+    "accept": {"type": "array", "minItems": 1, "items": {"type": "string"},
+               "description": "Content types and extensions: [text/csv, .csv, image/*]"},
     "default": {},
     "hidden": {"type": "boolean"},
 }
@@ -145,6 +150,10 @@ PARAM_VALUES: dict[str, Any] = {
     "list": {"type": "array"},
     "any": {},
     "duration": {"$ref": "#/definitions/duration"},
+    "field": {"type": "string", "pattern": NAME.pattern},
+    "file": {"anyOf": [{"type": "string", "pattern": NAME.pattern},
+                       {"type": "array", "minItems": 1,
+                        "items": {"type": "string", "pattern": NAME.pattern}}]},
 }
 
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from formrules.language.fieldtypes import REGISTRY
 from formrules.language.source import Pos
 
 _TEMPLATE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.S)  # a Jinja part of a title
-FIELD_TYPES = ("string", "text", "email", "integer", "decimal", "boolean", "date",
-               "datetime", "choice")
+FIELD_TYPES = tuple(REGISTRY)  # the registered field types (formrules.language.fieldtypes)
 # Who may start a batch from the pages (`started_by:`): operators over any records, users
 # over records of their own (from My tasks).
 STARTERS = ("operators", "users")
@@ -38,6 +38,8 @@ class FieldDef:
     choices: tuple[str, ...] = ()
     default: Any = None
     hidden: bool = False
+    max_size: int | None = None  # file: most bytes accepted
+    accept: tuple[str, ...] = ()  # file: content types and extensions accepted
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ import contextlib
 import logging
 
 from redis.exceptions import RedisError
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from formrules.errors import NotAllowed
+from formrules.language.fieldtypes import is_upload
 from formrules.runs import lifecycle
 from formrules.runs.queue import Dispatcher
 from formrules.store.models import (
@@ -78,6 +79,25 @@ def delete_run(s: Session, run: Run) -> None:
     s.execute(delete(RunEvent).where(RunEvent.run_id == run.id))
     s.execute(delete(ResultFile).where(ResultFile.run_id == run.id))
     s.delete(run)
+
+
+def delete_record(s: Session, record: Record) -> list[dict]:
+    """An operator deletes a record with its Runs, traces, files and notices. Refused
+    while any of its Runs is not final (cancel them first). Returns the record's uploads:
+    the caller removes them (`formrules.store.uploads.remove`) once this has committed."""
+    runs = list(s.scalars(select(Run).where(Run.record_id == record.id)))
+    if any(not run.is_final for run in runs):
+        raise NotAllowed("a record with pending or running work cannot be deleted; "
+                         "cancel it first")
+    ids = [run.id for run in runs]
+    if ids:  # explicit deletes: the schema cascades, but not every database enforces it
+        s.execute(delete(RunEvent).where(RunEvent.run_id.in_(ids)))
+        s.execute(delete(ResultFile).where(ResultFile.run_id.in_(ids)))
+        s.execute(delete(Notification).where(Notification.run_id.in_(ids)))
+        s.execute(delete(Run).where(Run.id.in_(ids)))
+    files = [v for v in (record.data or {}).values() if is_upload(v)]
+    s.delete(record)
+    return files
 
 
 def after_commit(dispatcher: Dispatcher, run: Run) -> None:

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from formrules.errors import InvalidValues, PermanentError, RuleError
 from formrules.language import sandbox
+from formrules.language.fieldtypes import field_type
 from formrules.language.tree import DeferNode, Form
 from formrules.language.values import to_storage, typed, typed_record
 from formrules.language.variables import form_title_of, template_variables
@@ -62,27 +63,13 @@ def coerce(form: Form, values: dict[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError):
             errors[name] = [f"Not a valid {fd.type} value."]
             continue
-        problem = _constraint(fd, stored)
+        problem = field_type(fd.type).problem(fd, stored)
         if problem:
             errors[name] = [problem]
         out[name] = stored
     if errors:
         raise InvalidValues(errors)
     return out
-
-
-def _constraint(fd, stored: Any) -> str | None:
-    if stored in (None, "") or (fd.type == "boolean" and stored is False):
-        return "This field is required." if fd.required else None
-    if fd.type in ("integer", "decimal"):
-        number = float(stored)
-        if fd.min is not None and number < fd.min or fd.max is not None and number > fd.max:
-            return f"Must be between {fd.min} and {fd.max}."
-    if fd.max_length and isinstance(stored, str) and len(stored) > fd.max_length:
-        return f"At most {fd.max_length} characters."
-    if fd.type == "choice" and stored not in fd.choices:
-        return "Choose one of the options."
-    return None
 
 
 def apply_edit(s: Session, form: Form, record_id: int, values: dict[str, Any], *,

@@ -81,6 +81,8 @@ def create_app(test_config: dict[str, Any] | None = None,
     app.extensions["formrules"] = rt
     app.extensions["formrules.rules"] = registry(settings.rules_dir)  # loads, logs problems
     app.extensions["formrules.rules"].refresh()  # a new app reads the directory now
+    from formrules.web import uploads as web_uploads
+    web_uploads.install(app)  # before CSRF: its check reads the body, within the limit
     csrf.init_app(app)
     display.init_app(app, settings.timezone, settings.locale)
 
@@ -102,7 +104,7 @@ def create_app(test_config: dict[str, Any] | None = None,
         updates,
     )
     for module in (forms, records, tasks, my_batches, auth, admin, updates, batches, api,
-                   ops):
+                   ops, web_uploads):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
     from formrules.web.state import rules_health

@@ -29,6 +29,7 @@ from sqlalchemy.sql import Select
 from formrules.runs import control, pause
 from formrules.runs.lifecycle import NOW_STATES
 from formrules.runs.trace import attempt_numbers
+from formrules.store import uploads
 from formrules.store.models import Record, ResultFile, Run, RunEvent, RunStatus
 from formrules.web.auth import operator_required
 from formrules.web.state import db, rt, rules
@@ -234,6 +235,22 @@ def delete_run(run_id: str):
     db().commit()
     flash(f"Deleted {item.title} ({run_id[:8]}).", "info")
     return redirect(url_for("admin.runs"), 303)
+
+
+@bp.post("/records/<int:record_id>/delete")
+@operator_required
+def delete_record(record_id: int):
+    """Delete a record whose work has ended, with its Runs and uploaded files."""
+    record = db().get(Record, record_id) or abort(404)
+    try:
+        files = control.delete_record(db(), record)
+    except control.NotAllowed:
+        flash("This record still has pending or running work: cancel it first.", "error")
+        return redirect(url_for("admin.record", record_id=record_id), 303)
+    db().commit()
+    uploads.remove(rt().settings, files)  # after the commit: a rollback keeps them
+    flash(f"Deleted record #{record_id}.", "info")
+    return redirect(url_for("admin.records"), 303)
 
 
 @bp.get("/dead")

@@ -14,23 +14,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, g, jsonify, request, url_for
 from sqlalchemy import select
-from werkzeug.datastructures import MultiDict
+from werkzeug.datastructures import CombinedMultiDict, MultiDict
 
 from formrules.errors import ActionError
+from formrules.language.fieldtypes import field_type, is_upload
 from formrules.language.tree import Form
 from formrules.runs import callbacks, submit, updates
 from formrules.runs.status import record_status
-from formrules.store import tokens
+from formrules.store import tokens, uploads
 from formrules.store.models import Record, ResultFile, Run
 from formrules.web import csrf, openapi
 from formrules.web.formbuilder import form_class, record_values
 from formrules.web.records import file_response
 from formrules.web.state import db, rt, rules
+from formrules.web.uploads import upload_response
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 csrf.exempt(bp)
@@ -62,7 +63,6 @@ def authenticate():
 
 
 IDEMPOTENCY_KEY_MAX = 200  # characters, as the OpenAPI document says
-TEXT_TYPES = ("string", "text", "email", "choice", "date", "datetime")
 
 
 def _json_object():
@@ -71,18 +71,6 @@ def _json_object():
     except RecursionError:  # nesting deeper than the parser's stack: not a form's values
         return None
     return body if isinstance(body, dict) else None
-
-
-def _not_text(value: str) -> bool:
-    """True for strings that cannot be stored as text: lone surrogates (from a JSON
-    `\\ud800`), which UTF-8 cannot encode, and NUL, which PostgreSQL refuses."""
-    if "\x00" in value:
-        return True
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _formdata(form: Form, values: dict[str, Any]) -> tuple[MultiDict, dict[str, list[str]]]:
@@ -96,36 +84,14 @@ def _formdata(form: Form, values: dict[str, Any]) -> tuple[MultiDict, dict[str, 
             errors[name] = ["This field is set by the form's rules, not by clients."]
         elif isinstance(value, dict | list):
             errors[name] = ["Expected a single value."]
-        elif fd.type == "boolean":
-            if value is not None and not isinstance(value, bool):
-                errors[name] = ["Expected true or false."]
-            elif value:
-                data.add(name, "y")
-        elif value is None:
-            continue  # empty: `required` decides whether that is allowed
-        elif isinstance(value, bool):
-            errors[name] = [f"Expected a {fd.type} value, not true or false."]
-        elif fd.type in TEXT_TYPES and not isinstance(value, str):
-            errors[name] = ["Expected a string."]  # as the OpenAPI document says
-        elif fd.type in ("integer", "decimal") and not isinstance(value, int | float):
-            errors[name] = [f"Not a valid {fd.type} value."]  # a JSON number, not a string
-        elif isinstance(value, str) and _not_text(value):
-            errors[name] = ["Contains characters that are not valid text."]
-        elif fd.type == "datetime":
-            try:
-                moment = datetime.fromisoformat(value)
-                if moment.tzinfo is not None:  # the HTML field is UTC wall time, minutes
-                    moment = moment.astimezone(UTC).replace(tzinfo=None)
-            except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out
-                errors[name] = ["Not a valid datetime value (ISO 8601, e.g. "
-                                "2025-05-01T09:30:00+02:00, between the years 1 and 9999)."]
-                continue
-            data.add(name, moment.isoformat(timespec="minutes"))
-        elif fd.type == "integer" and isinstance(value, float):
-            # JSON Schema counts 3.0 as an integer; a fraction stays an error below.
-            data.add(name, str(int(value)) if value.is_integer() else str(value))
         else:
-            data.add(name, str(value))
+            try:
+                posted = field_type(fd.type).from_json(value)
+            except ValueError as exc:
+                errors[name] = [str(exc)]
+                continue
+            if posted is not None:  # None: empty, and `required` decides about that
+                data.add(name, posted)
     return data, errors
 
 
@@ -136,6 +102,24 @@ def _validate(form: Form, values: dict[str, Any]):
     if not wtf.validate():
         for name, messages in wtf.errors.items():
             errors.setdefault(name, list(messages))  # a type mistake already says it best
+    return wtf, errors
+
+
+def _validate_multipart(form: Form):
+    """A multipart body (files, and other fields as an HTML form posts them) through the
+    form's WTForms class: (wtf, field errors)."""
+    errors: dict[str, list[str]] = {}
+    for name in {*request.form, *request.files} - {"callback_url"}:  # that one is the API's
+        fd = form.field(name)
+        if fd is None:
+            errors[name] = ["There is no such field."]
+        elif fd.hidden:
+            errors[name] = ["This field is set by the form's rules, not by clients."]
+    formdata = CombinedMultiDict([request.files, request.form])
+    wtf = form_class(form)(formdata=formdata, meta={"csrf": False})
+    if not wtf.validate():
+        for name, messages in wtf.errors.items():
+            errors.setdefault(name, list(messages))
     return wtf, errors
 
 
@@ -188,29 +172,41 @@ def create(form_id: str):
     if len(request.headers.get("Idempotency-Key", "").strip()) > IDEMPOTENCY_KEY_MAX:
         return error(400, "bad_request",
                      f"An Idempotency-Key is at most {IDEMPOTENCY_KEY_MAX} characters.")
-    values = _json_object()
-    if values is None:
-        return error(400, "bad_request", "Send a JSON object of field values.")
-    callback_url = values.pop("callback_url", None)
+    if request.mimetype == "multipart/form-data":  # a form with files (docs/api.md)
+        callback_url = request.form.get("callback_url")
+        wtf, errors = _validate_multipart(form)
+    else:
+        values = _json_object()
+        if values is None:
+            return error(400, "bad_request", "Send a JSON object of field values.")
+        callback_url = values.pop("callback_url", None)
+        wtf, errors = _validate(form, values)
     if callback_url is not None:
         problem = "Callbacks are not enabled on this server." \
             if not rt().settings.callback_secret else \
             callbacks.check_url(callback_url, rt().settings.http_allow)
         if problem:
-            return _invalid({"callback_url": [problem]})
-    wtf, errors = _validate(form, values)
+            errors = {**errors, "callback_url": [problem]}
     if errors:
         return _invalid(errors)
-    stored = record_values(form, wtf)
-    fingerprint = _fingerprint(stored)
+    settings = rt().settings
+    stored = record_values(form, wtf, settings=settings)
+    # An upload's storage key is new each time: a repeat is recognised by its content.
+    fingerprint = _fingerprint({k: {"name": v["name"], "size": v["size"]} if is_upload(v)
+                                else v for k, v in stored.items()})
     try:
         done = submit.accept(db(), form, stored, owner=f"api:{g.api_token.name}",
-                             settings=rt().settings, submit_key=_idempotency_key(form),
+                             settings=settings, submit_key=_idempotency_key(form),
                              fingerprint=fingerprint, callback_url=callback_url)
     except ActionError as exc:
+        uploads.remove(settings, uploads.in_data(stored))
         log.warning("api: form %s: submit failed: %s", form.id, exc)
         return error(500, "action_failed", exc.safe_message)
+    except Exception:  # nothing was stored: neither are its files
+        uploads.remove(settings, uploads.in_data(stored))
+        raise
     if done.duplicate:  # the same request again: same record (or 422 if the body differs)
+        uploads.remove(settings, uploads.in_data(stored))
         return _repeat(done.record, form, fingerprint)
     submit.dispatch(rt().dispatcher, done)
     body = _body(done.record, form)
@@ -265,6 +261,15 @@ def patch(token: str):
     body = _body(edit.record, form)
     body["changed"] = sorted(edit.changed)
     return jsonify(body)
+
+
+@bp.get("/records/<token>/files/<name>")
+def upload(token: str, name: str):
+    """A file uploaded with a record, for the API client that submitted it."""
+    found = _record(token)
+    if found is None or found.owner != f"api:{g.api_token.name}":
+        return error(404, "not_found", "There is no such file.")
+    return upload_response(found, name)
 
 
 @bp.get("/files/<file_id>")

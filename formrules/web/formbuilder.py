@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
 from flask_wtf import FlaskForm
+from flask_wtf.file import FileField, FileRequired
+from werkzeug.datastructures import FileStorage
 from wtforms import (
     BooleanField,
     DateField,
@@ -30,11 +34,14 @@ from wtforms.validators import (
     NumberRange,
     Optional,
     Regexp,
+    StopValidation,
     ValidationError,
 )
 
+from formrules.language.fieldtypes import field_type
 from formrules.language.tree import FieldDef, Form
 from formrules.language.values import to_storage
+from formrules.store import uploads
 
 SUBMIT_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
@@ -56,46 +63,82 @@ def _no_nul(form, field) -> None:
         raise ValidationError("Contains characters that are not valid text.")
 
 
+def _choices(fd: FieldDef) -> list[SelectChoice]:
+    blank = [SelectChoice("", "Choose…")] if not fd.required and fd.default is None else []
+    return blank + [SelectChoice(c) for c in fd.choices]
+
+
+def _upload_check(fd: FieldDef):
+    """The file type's size and `accept:` checks on an uploaded file, before it is saved."""
+    kind = field_type(fd.type)
+
+    def check(form, field) -> None:
+        upload = field.data
+        if not isinstance(upload, FileStorage) or not upload.filename:
+            return
+        stream = upload.stream
+        stream.seek(0, os.SEEK_END)
+        size = stream.tell()
+        stream.seek(0)
+        head = stream.read(2048)
+        stream.seek(0)
+        problem = kind.upload_problem(fd, upload.filename, size, head)
+        if problem:
+            raise StopValidation(problem)
+
+    return check
+
+
+def _file(fd: FieldDef, kwargs: dict[str, Any]) -> Field:
+    first = FileRequired("This field is required.") if fd.required else Optional()
+    return FileField(validators=[first, _upload_check(fd)],
+                     render_kw={"accept": ",".join(fd.accept)} if fd.accept else None,
+                     **kwargs)
+
+
+def _decimal_default(fd: FieldDef) -> dict[str, Any]:
+    return {} if fd.default is None else {"default": Decimal(str(fd.default))}
+
+
+# A field type's `widget` (formrules.language.fieldtypes) to its WTForms field, given the
+# validators its options call for and the common keyword arguments. A new widget is one
+# line here; a new type that draws like an existing one needs none.
+WIDGETS: dict[str, Callable[[FieldDef, list, dict[str, Any]], Field]] = {
+    "string": lambda fd, v, kw: StringField(validators=v, **kw),
+    "textarea": lambda fd, v, kw: TextAreaField(
+        validators=[*v, Length(max=fd.max_length or 20000)], **kw),
+    "email": lambda fd, v, kw: EmailField(
+        validators=[*v, Email(check_deliverability=False)], **kw),
+    "integer": lambda fd, v, kw: IntegerField(validators=v, **kw),
+    "decimal": lambda fd, v, kw: FiniteDecimalField(
+        validators=v, places=None, **{**kw, **_decimal_default(fd)}),
+    # An unticked box is a value (false): only `required` (must be ticked) validates it.
+    "checkbox": lambda fd, v, kw: BooleanField(
+        validators=[DataRequired()] if fd.required else [], **kw),
+    "date": lambda fd, v, kw: DateField(validators=v, **kw),
+    "datetime": lambda fd, v, kw: DateTimeLocalField(validators=v, format="%Y-%m-%dT%H:%M",
+                                                     **kw),
+    # SelectField itself refuses values outside `choices` ("Not a valid choice.").
+    "select": lambda fd, v, kw: SelectField(choices=_choices(fd), validators=v, **kw),
+    "file": lambda fd, v, kw: _file(fd, kw),
+}
+
+
 def _field(fd: FieldDef) -> Field:
+    kind = field_type(fd.type)
     # Text must have content (DataRequired strips blanks); parsed types must have been
     # typed at all (InputRequired), so "31/02" says "Not a valid date", not "required".
-    text_like = fd.type in ("string", "text", "email")
-    required = [DataRequired() if text_like else InputRequired()] if fd.required \
+    validators = [DataRequired() if kind.text else InputRequired()] if fd.required \
         else [Optional()]
+    if "min" in kind.options and (fd.min is not None or fd.max is not None):
+        validators.append(NumberRange(min=fd.min, max=fd.max))
+    if fd.max_length and kind.text:
+        validators.append(Length(max=fd.max_length))
+    if kind.text:
+        validators.append(_no_nul)
     kwargs: dict[str, Any] = {"label": fd.label, "description": fd.help,
                               "default": fd.default}
-    if fd.type in ("integer", "decimal") and (fd.min is not None or fd.max is not None):
-        required.append(NumberRange(min=fd.min, max=fd.max))
-    if fd.max_length and fd.type in ("string", "text", "email"):
-        required.append(Length(max=fd.max_length))
-    if text_like:
-        required.append(_no_nul)
-    if fd.type == "string":
-        return StringField(validators=required, **kwargs)
-    if fd.type == "text":
-        return TextAreaField(validators=[*required, Length(max=fd.max_length or 20000)],
-                             **kwargs)
-    if fd.type == "email":
-        return EmailField(validators=[*required, Email(check_deliverability=False)], **kwargs)
-    if fd.type == "integer":
-        return IntegerField(validators=required, **kwargs)
-    if fd.type == "decimal":
-        if fd.default is not None:
-            kwargs["default"] = Decimal(str(fd.default))
-        return FiniteDecimalField(validators=required, places=None, **kwargs)
-    if fd.type == "boolean":
-        return BooleanField(validators=[DataRequired()] if fd.required else [], **kwargs)
-    if fd.type == "date":
-        return DateField(validators=required, **kwargs)
-    if fd.type == "datetime":
-        return DateTimeLocalField(validators=required, format="%Y-%m-%dT%H:%M", **kwargs)
-    if fd.type == "choice":
-        choices = [SelectChoice("", "Choose…")] if not fd.required and fd.default is None \
-            else []
-        choices += [SelectChoice(c) for c in fd.choices]
-        # SelectField itself refuses values outside `choices` ("Not a valid choice.").
-        return SelectField(choices=choices, validators=required, **kwargs)
-    raise ValueError(f"unknown field type {fd.type}")
+    return WIDGETS[kind.widget](fd, validators, kwargs)
 
 
 def form_class(form: Form, *, include_hidden: bool = False) -> type[FlaskForm]:
@@ -121,17 +164,24 @@ def _build_class(form: Form, include_hidden: bool) -> type[FlaskForm]:
         "submit_key": HiddenField(validators=[Optional(), Regexp(SUBMIT_KEY)]),
     }
     for fd in form.fields:
+        if include_hidden and not field_type(fd.type).editable:
+            continue  # an upload comes with the submit; an edit keeps it as it is
         if not fd.hidden:
             attrs[fd.name] = _field(fd)
-        elif include_hidden:
+        elif include_hidden and field_type(fd.type).editable:
             note = "Hidden from users; normally set by the form's rules."
             attrs[fd.name] = _field(replace(fd, required=False,
                                             help=f"{fd.help} {note}".strip()))
     return type(f"Form_{form.id}{'_all' if include_hidden else ''}", (FlaskForm,), attrs)
 
 
-def record_values(form: Form, wtf: FlaskForm | None, data: dict[str, Any] | None = None):
-    """Every field's stored value: defaults, then what the user (or API client) sent."""
+def record_values(form: Form, wtf: FlaskForm | None, data: dict[str, Any] | None = None,
+                  *, settings=None):
+    """Every field's stored value: defaults, then what the user (or API client) sent.
+
+    Uploaded files are saved now (under `settings`' upload folder); a caller whose submit
+    then fails removes them again (`uploads.remove(settings, uploads.in_data(values))`).
+    """
     values: dict[str, Any] = {}
     for fd in form.fields:
         if wtf is not None and not fd.hidden:
@@ -140,5 +190,8 @@ def record_values(form: Form, wtf: FlaskForm | None, data: dict[str, Any] | None
             value = data[fd.name]
         else:
             value = fd.default
+        if isinstance(value, FileStorage):
+            value = uploads.save(settings, value.stream, value.filename) \
+                if value.filename else None
         values[fd.name] = to_storage(value, fd.type)
     return values

@@ -9,6 +9,7 @@ from flask import Blueprint, abort, redirect, render_template, request, url_for
 
 from formrules.errors import ActionError
 from formrules.runs import submit
+from formrules.store import uploads
 from formrules.web.formbuilder import form_class, record_values
 from formrules.web.state import db, owner, rt, rules
 
@@ -33,14 +34,22 @@ def show(form_id: str):
         return render_template("forms/form.html", form=form, wtf=wtf)
     if not wtf.validate_on_submit():
         return render_template("forms/form.html", form=form, wtf=wtf), 422
+    settings = rt().settings
+    values = record_values(form, wtf, settings=settings)
     try:
-        done = submit.accept(db(), form, record_values(form, wtf), owner=owner(),
-                             settings=rt().settings, submit_key=wtf.submit_key.data or None)
+        done = submit.accept(db(), form, values, owner=owner(),
+                             settings=settings, submit_key=wtf.submit_key.data or None)
     except ActionError as exc:  # nothing of the submission is kept; the input stays on screen
+        uploads.remove(settings, uploads.in_data(values))
         log.warning("form %s: submit failed: %s", form.id, exc)
         return render_template("forms/form.html", form=form, wtf=wtf,
                                error=exc.safe_message), 500
-    if not done.duplicate:
+    except Exception:  # nothing was stored: neither are its files
+        uploads.remove(settings, uploads.in_data(values))
+        raise
+    if done.duplicate:  # the first submit's record keeps its own copies of the files
+        uploads.remove(settings, uploads.in_data(values))
+    else:
         submit.dispatch(rt().dispatcher, done)
         submit.wait_inline(rt().store, form, done.runs)
     return redirect(url_for("records.wait", token=done.record.token), 303)

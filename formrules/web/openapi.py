@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from formrules.language.fieldtypes import field_type
 from formrules.language.tree import FieldDef, Form, RuleSet
 
 JSON = "application/json"
@@ -19,28 +20,7 @@ def _content(schema: dict[str, Any]) -> dict[str, Any]:
 
 def field_schema(fd: FieldDef) -> dict[str, Any]:
     """A field's JSON Schema, as the API accepts it."""
-    schema: dict[str, Any] = {
-        "string": {"type": "string"}, "text": {"type": "string"},
-        "email": {"type": "string", "format": "email"},
-        "integer": {"type": "integer"}, "decimal": {"type": "number"},
-        "boolean": {"type": "boolean"},
-        "date": {"type": "string", "format": "date"},
-        "datetime": {"type": "string", "format": "date-time"},
-        "choice": {"type": "string", "enum": list(fd.choices)},
-    }[fd.type]
-    if fd.min is not None:
-        schema["minimum"] = fd.min
-    if fd.max is not None:
-        schema["maximum"] = fd.max
-    if fd.max_length and fd.type in ("string", "text", "email"):
-        schema["maxLength"] = fd.max_length
-    if fd.required and fd.type in ("string", "text", "email"):
-        schema["minLength"] = 1  # and not only blanks, as the form requires
-        schema["pattern"] = r"\S"
-    if fd.required and fd.type == "boolean":
-        schema["const"] = True  # a required box (say, "I agree") must be ticked
-    if not fd.required and fd.type != "boolean":  # empty is allowed: send null
-        schema = {"anyOf": [schema, {"type": "null"}]}
+    schema = field_type(fd.type).json_schema(fd)
     schema["title"] = fd.label
     if fd.help:
         schema["description"] = fd.help
@@ -49,9 +29,13 @@ def field_schema(fd: FieldDef) -> dict[str, Any]:
     return schema
 
 
-def form_schema(form: Form, *, partial: bool) -> dict[str, Any]:
-    """The request body of a form's POST (or, `partial`, of a PATCH of its records)."""
-    visible = [f for f in form.fields if not f.hidden]
+def form_schema(form: Form, *, partial: bool, multipart: bool = False) -> dict[str, Any]:
+    """The request body of a form's POST (or, `partial`, of a PATCH of its records).
+
+    Files travel only in a multipart POST: the JSON bodies leave file fields out.
+    """
+    visible = [f for f in form.fields if not f.hidden
+               and (multipart or not field_type(f.type).upload)]
     schema: dict[str, Any] = {
         "type": "object", "title": form.title, "additionalProperties": False,
         "properties": {f.name: field_schema(f) for f in visible},
@@ -115,6 +99,7 @@ def _responses(*codes: int) -> dict[str, Any]:
         404: ("No such form or record.", _ref("Error")),
         422: ("Some fields are not valid, or the Idempotency-Key was used with another "
               "body.", {"anyOf": [_ref("Invalid"), _ref("Error")]}),
+        413: ("A file is larger than its field's `max_size`; see 'fields'.", _ref("Invalid")),
         429: ("Too many requests with a wrong token from this client.", _ref("Error")),
         500: ("A rule's action failed; nothing was stored.", _ref("Error")),
     }
@@ -130,6 +115,12 @@ def document(ruleset: RuleSet, server: str) -> dict[str, Any]:
     for form in forms:
         schemas[f"{form.id}.input"] = form_schema(form, partial=False)
         schemas[f"{form.id}.patch"] = form_schema(form, partial=True)
+        content = _content(_ref(f"{form.id}.input"))
+        codes = [200, 201, 400, 401, 404, 422, 429, 500]
+        if any(field_type(f.type).upload for f in form.fields if not f.hidden):
+            codes.insert(6, 413)
+            schemas[f"{form.id}.multipart"] = form_schema(form, partial=False, multipart=True)
+            content["multipart/form-data"] = {"schema": _ref(f"{form.id}.multipart")}
         paths[f"/api/forms/{form.id}"] = {"post": {
             "operationId": f"submit_{form.id.replace('-', '_')}",
             "summary": f"Submit “{form.title}”",
@@ -141,9 +132,8 @@ def document(ruleset: RuleSet, server: str) -> dict[str, Any]:
                                            "200 with the record the first request "
                                            "created; the same key with a different body "
                                            "answers 422."}],
-            "requestBody": {"required": True,
-                            "content": _content(_ref(f"{form.id}.input"))},
-            "responses": _responses(200, 201, 400, 401, 404, 422, 429, 500)}}
+            "requestBody": {"required": True, "content": content},
+            "responses": _responses(*codes)}}
     token = [{"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}]
     patch_body = {"anyOf": [_ref(f"{f.id}.patch") for f in forms]} if forms \
         else {"type": "object"}
@@ -156,6 +146,14 @@ def document(ruleset: RuleSet, server: str) -> dict[str, Any]:
                   "requestBody": {"required": True, "content": _content(patch_body)},
                   "responses": _responses(200, 400, 401, 404, 422, 500)},
     }
+    paths["/api/records/{token}/files/{name}"] = {"get": {
+        "operationId": "get_upload",
+        "summary": "A file uploaded with the record (`name` is its field)",
+        "parameters": [*token, {"name": "name", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "The file, as an attachment.",
+                              "content": {"application/octet-stream": {}}},
+                      **_responses(401, 404)}}}
     paths["/api/files/{file_id}"] = {"get": {
         "operationId": "get_file", "summary": "Download a result file listed in a Run's files",
         "parameters": [{"name": "file_id", "in": "path", "required": True,

@@ -13,6 +13,7 @@ import json
 from flask import Blueprint, Response, abort, render_template, request
 from sqlalchemy import select, update
 
+from formrules.language.fieldtypes import format_size, is_upload
 from formrules.runs import pause
 from formrules.runs.status import etag_for, poll_tag, record_status
 from formrules.store.models import Notification, Record, ResultFile, Run, utcnow
@@ -43,8 +44,17 @@ def _page_context(token: str) -> dict:
     status = record_status(db(), record, form)
     if status["done"] and record.owner == current_owner_or_none():
         _mark_seen(record)
-    return {"record": record, "form": form, "status": status,
-            "is_owner": current_owner_or_none() == record.owner}
+    is_owner = current_owner_or_none() == record.owner
+    return {"record": record, "form": form, "status": status, "is_owner": is_owner,
+            "uploads": _uploads(record, form) if is_owner or is_operator() else []}
+
+
+def _uploads(record: Record, form) -> list[dict]:
+    """The files uploaded with the record, for its owner's page (with download links)."""
+    labels = {f.name: f.label for f in form.fields} if form is not None else {}
+    return [{"field": name, "label": labels.get(name, name), "name": value["name"],
+             "size": format_size(int(value.get("size") or 0))}
+            for name, value in (record.data or {}).items() if is_upload(value)]
 
 
 def _mark_seen(record: Record) -> None:

@@ -69,7 +69,8 @@ def edit(record_id: int):
               "current values; make your change again.", "error")
         return redirect(url_for("updates.edit", record_id=record.id), 303)
     if wtf.validate_on_submit():
-        values = {fd.name: getattr(wtf, fd.name).data for fd in form.fields}
+        values = {fd.name: getattr(wtf, fd.name).data for fd in form.fields
+                  if fd.name in wtf}  # not uploads: an edit keeps them
         who = f"operator {session.get('user_name', '?')}"
         try:
             change = updates.apply_edit(db(), form, record.id, values,
