@@ -38,8 +38,8 @@ EVENTS = ("submit", "update")
 DEFAULT_MAX_LENGTH = {"string": 1000, "email": 254, "text": 20_000}
 RESERVED_FIELD_NAMES = frozenset(n for n in dir(dict) if not n.startswith("_"))
 # A task or a schedule runs as a Background: these keys mean what they mean there.
-RUN_KEYS = ("title", "do", "retry", "timeout", "on_error")
-TASK_KEYS = (*RUN_KEYS, "concurrency", "stop_on_error")
+RUN_KEYS = ("title", "do", "retry", "timeout", "on_error", "queue", "concurrency")
+TASK_KEYS = (*RUN_KEYS, "stop_on_error")
 SCHEDULE_KEYS = (*RUN_KEYS, "name", "cron", "timezone", "for_each", "catch_up")
 CATCH_UP_VALUES = ("latest", "none")
 
@@ -244,7 +244,9 @@ def _tasks(c: Checker, value: Any, pos) -> dict[str, TaskDef]:
         node = _background(c, body, path, c.key_pos(value, name), name)
         out[name] = TaskDef(
             name=name, title=node.title, do=node.do,
-            concurrency=c.integer(body.get("concurrency", 1), vp("concurrency"), path, 1),
+            # One `concurrency` for every tree: at most N of its Runs at once, anywhere;
+            # a batch also releases its records N at a time (one at a time by default).
+            concurrency=node.concurrency or 1,
             stop_on_error=c.boolean(body.get("stop_on_error", False), vp("stop_on_error"), path),
             retry=node.retry, raw=node.raw,
         )

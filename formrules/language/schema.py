@@ -37,7 +37,7 @@ from formrules.language.loader import (
     SCHEDULE_KEYS,
     TASK_KEYS,
 )
-from formrules.language.tree import FIELD_TYPES
+from formrules.language.tree import FIELD_TYPES, QUEUE_NAME
 
 DIALECT = "http://json-schema.org/draft-07/schema#"  # what yaml-language-server reads best
 COMMITTED = "docs/formrules.schema.json"  # built-in actions only; see `formrules schema`
@@ -88,8 +88,11 @@ RUN_VALUES: dict[str, Any] = {
     "on_change": {"enum": list(ON_CHANGE_VALUES)},
     "cancel_if": EXPRESSION,
     "when": EXPRESSION,
+    "queue": {"type": "string", "pattern": QUEUE_NAME.pattern,
+              "description": "The queue (lane) its Runs wait in; workers serve chosen queues"},
+    "concurrency": {"type": "integer", "minimum": 1,
+                    "description": "At most this many of its Runs at once, across workers"},
     # tasks and schedules
-    "concurrency": {"type": "integer", "minimum": 1},
     "stop_on_error": {"type": "boolean"},
     "name": TEXT,
     "cron": {"type": "string", "description": "A cron string like '0 2 * * *'"},

@@ -9,6 +9,7 @@ when the Run leaves `running`, and tells the owner (`formrules.runs.notification
 
     new Run ── born ──> scheduled | queued | waiting (a batch child)
     waiting ── RELEASE (a batch slot) ──> queued
+    pending ── WAIT_FOR_SLOT (`concurrency:` reached) ──> pending, due a moment later
     pending ── CLAIM ──> running ── SUCCEED ──> done
                             │ ├── SKIP_AT_FIRE (`when:` false) ──> skipped
                             │ ├── STOP (a cancel seen) ──> cancelled
@@ -82,6 +83,8 @@ RECOVER_DEAD = Transition("recover dead", RUNNING, RunStatus.DEAD, EventKind.DEA
 CANCEL_NOW = Transition("cancel", NOT_STARTED, RunStatus.CANCELLED, EventKind.CANCEL, True)
 REQUEST_CANCEL = Transition("request cancel", RUNNING, None, EventKind.CANCEL)
 RELEASE = Transition("release", WAITING, RunStatus.QUEUED, None)
+# No trace line: a Run may wait for its slot many times; `Run.waiting_for` says it is.
+WAIT_FOR_SLOT = Transition("wait for a slot", PENDING, None, None)
 EDIT_CANCEL = Transition("edit cancel", NOT_FIRED, RunStatus.CANCELLED, EventKind.CANCEL, True)
 EDIT_SKIP = Transition("edit skip", NOT_FIRED, RunStatus.SKIPPED, EventKind.SKIP, True)
 EDIT_MOVE = Transition("edit move", NOT_FIRED, None, EventKind.RESCHEDULE)
@@ -141,8 +144,16 @@ def claim(s: Session, run_id: str, lease: str, now: datetime) -> Run | None:
                             Run.cancel_requested.is_(False)],
                  path="", now=now, detail=lambda run: f"attempt {run.attempt}",
                  lease=lease, heartbeat_at=now, attempt=Run.attempt + 1,
-                 started_at=func.coalesce(Run.started_at, now))
+                 started_at=func.coalesce(Run.started_at, now), waiting_for=None)
     return moved[0] if moved else None
+
+
+def wait_for_slot(s: Session, run_id: str, due: datetime) -> bool:
+    """Its node's `concurrency:` is reached: stay pending (no attempt used), marked as
+    waiting for a slot, due again at `due` (the leader dispatches it then)."""
+    return bool(move(s, WAIT_FOR_SLOT, [Run.id == run_id, Run.lease.is_(None),
+                                        Run.cancel_requested.is_(False)],
+                     due_at=due, waiting_for="slot"))
 
 
 def hold(s: Session, run_id: str, lease: str, **values: Any) -> Run:
