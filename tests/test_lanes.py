@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from redis import Redis
 
 from formrules.actions.context import Context
 from formrules.config import from_env
@@ -21,10 +22,12 @@ from formrules.language.loader import check_rules
 from formrules.language.source import Pos
 from formrules.language.tree import ActionNode, queues_of
 from formrules.runs.engine import call_action
+from formrules.runs.reconciler import dispatch_due, reconcile_once
 from formrules.runs.slots import Slots
-from formrules.store.models import RunStatus
+from formrules.store.models import RunStatus, utcnow
 from tests.fixture_actions import ran_under, read_intervals
-from tests.helpers import WorkerProcess, runs_of, submit, token_of, wait_until
+from tests.helpers import WorkerProcess, runs_of, submit, token_of, wait_until, work
+from tests.test_ops import sample
 from tests.web_helpers import workers_alive
 
 RULES = {
@@ -57,6 +60,20 @@ events:
         concurrency: 1
         do:
           - timed: {sleep: 0.4, hold: "{{ record.name if record.name == 'held' else '' }}"}
+""",
+    "later": """
+form: later
+title: Later, on the slow lane
+fields:
+  - {name: name, type: string, required: true}
+events:
+  submit:
+    - delay:
+        title: Soon
+        for: 1s
+        queue: slow
+        do:
+          - timed: {sleep: 0}
 """,
     "calls": """
 form: calls
@@ -140,6 +157,25 @@ def test_a_run_records_its_queue_and_waits_on_that_rq_queue(client, rt):
     slow = rt.dispatcher.lane("slow")
     assert slow.name == f"{rt.settings.queue}:slow"
     assert slow.get_job_ids() == [runs["Slow lane"].id]
+    metrics = client.get("/metrics").text
+    assert sample(metrics, "formrules_queue_depth", queue="slow") == 1
+    assert sample(metrics, "formrules_queue_depth", queue="default") == 1
+    assert sample(metrics, "formrules_workers", queue="slow") == 0
+
+
+def test_delays_and_the_reconciler_keep_a_run_on_its_queue(client, rt):
+    token = token_of(submit(client, "later", {"name": "Kim"}))
+    run = runs_of(rt, token)[0]
+    slow = rt.dispatcher.lane("slow")
+    assert slow.scheduled_job_registry.get_job_ids() == [run.id]  # the Delay, on its lane
+    assert rt.dispatcher.queue.scheduled_job_registry.get_job_ids() == []
+    wait_until(lambda: dispatch_due(rt) >= 0 and slow.get_job_ids() == [run.id], timeout=30)
+    Redis.from_url(rt.settings.redis_url).flushall()  # Redis loses everything
+    wait_until(lambda: utcnow() >= run.due_at, timeout=30)  # RQ's scheduler may be early
+    assert reconcile_once(rt).dispatched == 1
+    assert slow.get_job_ids() == [run.id] and rt.dispatcher.queue.get_job_ids() == []
+    work(rt)
+    assert runs_of(rt, token)[0].status == RunStatus.DONE
 
 
 def test_two_workers_each_run_only_their_own_queue(client, rt, subprocess_env):
