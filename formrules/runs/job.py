@@ -1,6 +1,8 @@
 """The job entry point RQ workers run: execute one Run, step by step, with checkpoints.
 
     execute_run(run_id)
+      a slot of the node's `concurrency:` (none free: stay pending, waiting for a slot,
+      due again in a second; no attempt used) ── `formrules.runs.slots`
       claim the Run (a lease: only one execution may own it) ── not due yet? wait or leave
       for each action of the subtree: skip if checkpointed, else run it, then commit its
       field writes + files + checkpoint in one transaction (lease checked, a requested
