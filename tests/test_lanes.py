@@ -14,17 +14,19 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
+from sqlalchemy import select
 
 from formrules.actions.context import Context
 from formrules.config import from_env
 from formrules.errors import ConfigError, RetryableError
-from formrules.language.loader import check_rules
+from formrules.language.loader import check_rules, load_rules
 from formrules.language.source import Pos
 from formrules.language.tree import ActionNode, queues_of
+from formrules.runs import batch
 from formrules.runs.engine import call_action
 from formrules.runs.reconciler import dispatch_due, reconcile_once
 from formrules.runs.slots import Slots
-from formrules.store.models import RunStatus, utcnow
+from formrules.store.models import Run, RunStatus, utcnow
 from tests.fixture_actions import ran_under, read_intervals
 from tests.helpers import WorkerProcess, runs_of, submit, token_of, wait_until, work
 from tests.test_ops import sample
@@ -60,6 +62,19 @@ events:
         concurrency: 1
         do:
           - timed: {sleep: 0.4, hold: "{{ record.name if record.name == 'held' else '' }}"}
+""",
+    "tasked": """
+form: tasked
+title: Records a task runs over
+fields:
+  - {name: name, type: string, required: true}
+tasks:
+  one_by_one:
+    title: One by one
+    queue: slow
+    concurrency: 1
+    do:
+      - timed: {sleep: 0.3}
 """,
     "later": """
 form: later
@@ -264,6 +279,27 @@ def test_a_killed_worker_does_not_keep_its_slot(client, rt, subprocess_env):
     run = runs_of(rt, held)[0]
     slots = Slots(rt.redis, rt.settings.queue, "exclusive", run.node_path, 1, 2)
     assert slots.holders() == []  # every slot given back
+
+
+def test_a_task_concurrency_holds_across_batches(client, rt, subprocess_env):
+    for i in range(3):
+        submit(client, "tasked", {"name": f"n{i}"})
+    form = load_rules(rt.settings.rules_dir).form("tasked")
+    batch_ids = []
+    for _ in range(2):  # two batches of the same task at once
+        with rt.store.session() as s:
+            batch_ids.append(batch.start(s, form, "one_by_one", owner="olga",
+                                         settings=rt.settings).id)
+    for batch_id in batch_ids:
+        batch.advance(rt, batch_id)
+    with rt.store.session() as s:
+        children = list(s.scalars(select(Run).where(Run.batch_id.in_(batch_ids))))
+    assert len(children) == 6 and {run.queue for run in children} == {"slow"}
+    with WorkerProcess(subprocess_env, "--queues", "slow"), \
+            WorkerProcess(subprocess_env, "--queues", "slow"):
+        wait_until(lambda: len([i for i in read_intervals(rt.settings.instance_dir)
+                                if i[2] is not None]) == 6, timeout=90)
+    assert_no_overlap(read_intervals(rt.settings.instance_dir))
 
 
 # -- http rate limits ---------------------------------------------------------------------
