@@ -7,6 +7,8 @@ generous limit. Short times by configuration (heartbeat 0.2 s, stale after 2 s).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,7 +30,7 @@ from formrules.runs.reconciler import dispatch_due, reconcile_once
 from formrules.runs.slots import Slots
 from formrules.store.models import Run, RunStatus, utcnow
 from tests.fixture_actions import ran_under, read_intervals
-from tests.helpers import WorkerProcess, runs_of, submit, token_of, wait_until, work
+from tests.helpers import ROOT, WorkerProcess, runs_of, submit, token_of, wait_until, work
 from tests.test_ops import sample
 from tests.web_helpers import workers_alive
 
@@ -160,6 +162,15 @@ def test_worker_queue_settings_are_checked():
         (("api.example.com", "10/second"),)
     with pytest.raises(ConfigError, match="host=N/second"):
         from_env({"FORMRULES_HTTP_LIMITS": "api.example.com=often"})
+
+
+def test_a_worker_refuses_a_bad_queue_name(subprocess_env):
+    for command in (["-m", "formrules.cli", "worker"], [str(ROOT / "worker.py")]):
+        done = subprocess.run([sys.executable, *command, "--queues", "slow,Fast!"],
+                              env=subprocess_env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode != 0 and "'Fast!' is not a queue name" in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 # -- lanes --------------------------------------------------------------------------------

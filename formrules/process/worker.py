@@ -22,6 +22,7 @@ from rq import SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 
 from formrules.config import Settings, from_env, parse_queues
+from formrules.errors import ConfigError
 from formrules.language.registry import current_rules
 from formrules.language.tree import DEFAULT_QUEUE, queues_of
 from formrules.process import health as health_mod
@@ -175,7 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure()
     settings = from_env()
     if args.queues:
-        settings = settings.with_overrides(queues=parse_queues(args.queues))
+        try:
+            settings = settings.with_overrides(queues=parse_queues(args.queues))
+        except ConfigError as exc:
+            parser.error(str(exc))
     run_worker(settings, simple=args.simple, burst=args.burst,
                with_reconciler=not args.no_reconciler,
                health=(args.health_host, args.health_port) if args.health_port else None)
