@@ -265,6 +265,26 @@ def test_concurrency_one_never_runs_two_at_once(client, rt, subprocess_env):
         assert [r.waiting_for for r in runs_of(rt, token)] == [None]
 
 
+def test_a_slot_given_back_wakes_the_run_waiting_longest(client, rt, subprocess_env):
+    # Waiting Runs look again by themselves only after FORMRULES_STALE_AFTER (here 30 s):
+    # finishing well within that proves the end of a Run woke the next one.
+    env = {**subprocess_env, "FORMRULES_STALE_AFTER": "30"}
+    held = token_of(submit(client, "exclusive", {"name": "held"}))
+    with WorkerProcess(env), WorkerProcess(env):
+        wait_until(lambda: read_intervals(rt.settings.instance_dir), timeout=60)
+        later = []
+        for name in ("second", "third"):
+            later.append(token_of(submit(client, "exclusive", {"name": name})))
+            wait_until(lambda: runs_of(rt, later[-1])[0].waiting_for == "slot", timeout=60)
+        Path(rt.settings.instance_dir, "release-held").touch()
+        wait_until(lambda: {runs_of(rt, t)[0].status for t in (held, *later)} == {"done"},
+                   timeout=20)
+    started = [run_id for run_id, _, _ in sorted(read_intervals(rt.settings.instance_dir),
+                                                 key=lambda i: i[1])]
+    assert started == [runs_of(rt, t)[0].id for t in (held, *later)]  # first come, first served
+    assert_no_overlap(read_intervals(rt.settings.instance_dir))
+
+
 def test_a_killed_worker_does_not_keep_its_slot(client, rt, subprocess_env):
     held = token_of(submit(client, "exclusive", {"name": "held"}))
     with WorkerProcess(subprocess_env) as one, WorkerProcess(subprocess_env) as two:

@@ -2,7 +2,7 @@
 
     execute_run(run_id)
       a slot of the node's `concurrency:` (none free: stay pending, waiting for a slot,
-      due again in a second; no attempt used) ── `formrules.runs.slots`
+      woken when one is given back; no attempt used) ── `formrules.runs.slots`
       claim the Run (a lease: only one execution may own it) ── not due yet? wait or leave
       for each action of the subtree: skip if checkpointed, else run it, then commit its
       field writes + files + checkpoint in one transaction (lease checked, a requested
@@ -54,7 +54,7 @@ from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
 from formrules.runs import lifecycle, observe
 from formrules.runs.engine import call_action, new_run, walk
-from formrules.runs.slots import FULL, RETRY_SECONDS, TAKEN, Slots
+from formrules.runs.slots import FULL, TAKEN, Slots
 from formrules.runs.snapshot import Snapshot
 from formrules.store.db import lock_record
 from formrules.store.models import (
@@ -108,6 +108,7 @@ class Execution:
         self.current_path = ""  # the step running (or that ran last)
         self.slots: Slots | None = None  # the node's `concurrency:` slots, one held by us
         self.slot_taken = False  # this execution took it (not one left by a killed one)
+        self.slots_form = self.slots_path = ""  # whose slots: the next waiter is woken
 
     # -- ownership ---------------------------------------------------------------------
     def claim(self) -> Run | None:
@@ -200,10 +201,13 @@ class Execution:
         got = slots.acquire(run.id)
         if got != FULL:
             self.slots, self.slot_taken = slots, got == TAKEN
+            self.slots_form, self.slots_path = run.form_id, run.node_path
             return True
-        due = utcnow() + timedelta(seconds=RETRY_SECONDS * random.uniform(1, 1.5))
+        # Parked: woken when a Run gives its slot back; this recheck is for a slot freed
+        # by a lease running out instead (spread out, so parked Runs do not all come at once).
+        recheck = self.settings.stale_seconds * random.uniform(1, 1.25)
         with self.store.session() as s:
-            lifecycle.wait_for_slot(s, run.id, due)
+            lifecycle.wait_for_slot(s, run.id, utcnow() + timedelta(seconds=recheck))
         return False
 
     def give_slot_back(self, run: Run | None) -> None:
@@ -214,6 +218,15 @@ class Execution:
             self.slots.release(self.run_id)
         except RedisError as exc:  # its lease runs out by itself
             log.warning("run %s: slot not released (%s)", self.run_id, exc)
+            return
+        try:  # hand it on: the Run waiting longest for this node's slot is due now
+            with self.store.session() as s:
+                woken = lifecycle.wake_for_slot(s, self.slots_form, self.slots_path, utcnow())
+            if woken is not None:
+                self.rt.dispatcher.dispatch_all([woken])
+        except Exception:  # noqa: BLE001 — it looks again by itself (`wait_for_slot`)
+            log.exception("run %s: could not wake the next Run waiting for a slot",
+                          self.run_id)
 
     def execute(self) -> str:
         """Claim, run every step, then finish as done, retrying, dead or cancelled."""

@@ -10,14 +10,14 @@ semaphore with per-holder expiry (`limits` counts requests in windows, python-re
 is a mutex), hence these few lines.
 
 A Run that finds no free slot is not failed: `formrules.runs.job` leaves it pending,
-marked waiting for a slot, due again in about `RETRY_SECONDS`.
+marked waiting for a slot (parked). A Run giving its slot back wakes the one waiting
+longest (due now, dispatched at once); a parked Run also looks again by itself after
+about a lease's length, for a slot freed by a lease running out (a killed worker).
 """
 
 from __future__ import annotations
 
 from redis import Redis
-
-RETRY_SECONDS = 1.0  # a Run without a slot is tried again this much later (plus jitter)
 
 # KEYS[1] the node's set; ARGV: member, limit, lease ms. Returns 1 taken, 2 already held
 # (a resumed Run whose old lease has not run out yet: renewed), 0 full.
