@@ -175,7 +175,7 @@ def test_a_worker_refuses_a_bad_queue_name(subprocess_env):
 
 # -- lanes --------------------------------------------------------------------------------
 
-def test_a_run_records_its_queue_and_waits_on_that_rq_queue(client, rt):
+def test_a_run_records_its_queue_and_waits_on_that_rq_queue(client, operator, rt):
     token = token_of(submit(client, "lanes", {"name": "Kim"}))
     runs = {run.title: run for run in runs_of(rt, token)}
     assert runs["Quick lane"].queue == "default" and runs["Slow lane"].queue == "slow"
@@ -183,6 +183,8 @@ def test_a_run_records_its_queue_and_waits_on_that_rq_queue(client, rt):
     slow = rt.dispatcher.lane("slow")
     assert slow.name == f"{rt.settings.queue}:slow"
     assert slow.get_job_ids() == [runs["Slow lane"].id]
+    page = operator.get(f"/admin/runs/{runs['Slow lane'].id}").get_data(as_text=True)
+    assert "<dt>Queue</dt><dd>slow" in page
     metrics = client.get("/metrics").text
     assert sample(metrics, "formrules_queue_depth", queue="slow") == 1
     assert sample(metrics, "formrules_queue_depth", queue="default") == 1
