@@ -286,7 +286,7 @@ def operator_retry(s: Session, run: Run, who: str) -> bool:
     now = utcnow()
     moved = move(s, OPERATOR_RETRY, [Run.id == run.id], path="", now=now,
                  detail=f"retried by {who}", due_at=now, finished_at=None, attempt=0,
-                 cancel_requested=False, lease=None, safe_error=None,
+                 cancel_requested=False, lease=None, safe_error=None, waiting_for=None,
                  recoveries=0)  # a fresh start: a crash loop that made it dead may be fixed
     s.refresh(run)
     return bool(moved)
