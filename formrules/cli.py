@@ -244,7 +244,9 @@ def run(rules_dir: str | None, port: int, host: str) -> None:
         from formrules.process.children import Supervisor, die_with_parent
 
         def start_worker() -> subprocess.Popen:
-            return subprocess.Popen([sys.executable, "-m", "formrules.process.worker"],
+            # One worker for everything: every queue the rules name (read at its start).
+            return subprocess.Popen([sys.executable, "-m", "formrules.process.worker",
+                                     "--queues", "*"],
                                     env=os.environ.copy(), preexec_fn=die_with_parent)
 
         # Restarts the worker (and the private Redis) whenever one exits on its own.
@@ -361,12 +363,18 @@ def web(port: int, host: str, workers: int, threads: int) -> None:
 @click.option("--health-port", type=int, help="serve /healthz and /metrics on this port")
 @click.option("--health-host", default="127.0.0.1", show_default=True,
               help="address for --health-port")
+@click.option("--queues", help="queues to serve, first first: 'slow,default' (default: "
+                               "FORMRULES_QUEUES, else 'default'; '*': every queue named)")
 def worker(simple: bool, burst: bool, no_reconciler: bool, health_port: int | None,
-           health_host: str) -> None:
+           health_host: str, queues: str | None) -> None:
     """Run a worker: RQ worker + scheduler + reconciler."""
     _observed()
+    from formrules.config import parse_queues
     from formrules.process.worker import run_worker
-    run_worker(from_env(), simple=simple, burst=burst, with_reconciler=not no_reconciler,
+    settings = from_env()
+    if queues:
+        settings = settings.with_overrides(queues=parse_queues(queues))
+    run_worker(settings, simple=simple, burst=burst, with_reconciler=not no_reconciler,
                health=(health_host, health_port) if health_port else None)
 
 

@@ -21,6 +21,9 @@ class Settings:
     database_url: str = ""  # empty: SQLite file in the instance folder
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue: str = "formrules"
+    # The lanes a worker serves, in priority order (`formrules worker --queues slow,default`);
+    # ("*",): every queue the rules name (the all-in-one `formrules run`).
+    queues: tuple[str, ...] = ("default",)
     secret_key: str = ""
     actions_modules: str = ""
     smtp_host: str = ""
@@ -30,6 +33,9 @@ class Settings:
     smtp_tls: bool = False
     mail_from: str = "formrules@localhost"
     http_allow: tuple[str, ...] = ()  # hosts `http_request` may call
+    # Requests per host across all workers: (("api.example.com", "10/second"), …).
+    http_limits: tuple[tuple[str, str], ...] = ()
+    http_limit_wait_seconds: float = 60.0  # longest a request waits for its host's limit
     heartbeat_seconds: float = 5.0  # how often a running Run proves it is alive
     stale_seconds: float = 30.0  # a Run silent this long is resumed elsewhere
     reconcile_seconds: float = 10.0  # reconciler interval
@@ -90,6 +96,8 @@ _ENV = {
     "rules_dir": "FORMRULES_RULES", "instance_dir": "FORMRULES_INSTANCE",
     "upload_dir": "FORMRULES_UPLOAD_DIR",
     "database_url": "DATABASE_URL", "redis_url": "REDIS_URL", "queue": "FORMRULES_QUEUE",
+    "queues": "FORMRULES_QUEUES", "http_limits": "FORMRULES_HTTP_LIMITS",
+    "http_limit_wait_seconds": "FORMRULES_HTTP_LIMIT_WAIT",
     "secret_key": "SECRET_KEY", "actions_modules": "FORMRULES_ACTIONS",
     "smtp_host": "SMTP_HOST", "smtp_port": "SMTP_PORT", "smtp_user": "SMTP_USER",
     "smtp_password": "SMTP_PASSWORD", "smtp_tls": "SMTP_TLS", "mail_from": "MAIL_FROM",
@@ -133,6 +141,10 @@ def from_env(environ: dict[str, str] | None = None, **overrides: Any) -> Setting
             values[name] = raw.lower() in ("1", "true", "yes", "on")
         elif name == "http_allow":
             values[name] = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+        elif name == "queues":
+            values[name] = parse_queues(raw, var)
+        elif name == "http_limits":
+            values[name] = parse_http_limits(raw, var)
         else:
             values[name] = raw
     values.update(overrides)
@@ -146,6 +158,52 @@ def from_env(environ: dict[str, str] | None = None, **overrides: Any) -> Setting
     if not settings.secret_key:
         settings = replace(settings, secret_key=instance_secret(settings.instance_dir))
     return settings
+
+
+def parse_queues(raw: str, source: str = "--queues") -> tuple[str, ...]:
+    """`slow,default` -> ("slow", "default"), in that (priority) order; `*`: every queue."""
+    from formrules.language.tree import QUEUE_NAME
+    names = tuple(dict.fromkeys(q.strip() for q in raw.split(",") if q.strip()))
+    for name in names:
+        if name != "*" and not QUEUE_NAME.match(name):
+            raise ConfigError(f"{source}: {name!r} is not a queue name (lowercase letters, "
+                              f"digits, '_' or '-', starting with a letter)")
+    if not names:
+        raise ConfigError(f"{source}: name at least one queue")
+    return names
+
+
+def parse_http_limits(raw: str,
+                      source: str = "FORMRULES_HTTP_LIMITS") -> tuple[tuple[str, str], ...]:
+    """`api.example.com=10/second, 127.0.0.1:8080=2 per minute` -> ((host, limit), …).
+
+    The limit is in the `limits` package's notation (`10/second`, `100 per minute`);
+    `/s`, `/m`, `/h` and `/d` are accepted as short forms.
+    """
+    from limits import parse
+    out = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        host, sep, limit = item.partition("=")
+        limit = _short_limit(limit.strip())
+        try:
+            if not sep or not host.strip():
+                raise ValueError
+            parse(limit)
+        except ValueError:
+            raise ConfigError(f"{source}: expected host=N/second (or per minute, hour, "
+                              f"day), got {item!r}") from None
+        out.append((host.strip().lower(), limit))
+    return tuple(out)
+
+
+_SHORT_UNITS = {"s": "second", "m": "minute", "min": "minute", "h": "hour", "d": "day"}
+
+
+def _short_limit(limit: str) -> str:
+    count, sep, unit = limit.partition("/")
+    return f"{count.strip()}/{_SHORT_UNITS.get(unit.strip(), unit.strip())}" if sep else limit
 
 
 def instance_secret(instance_dir: str) -> str:

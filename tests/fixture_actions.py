@@ -91,3 +91,54 @@ def hold(ctx, name: str) -> None:
     deadline = time.monotonic() + 60
     while not release.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def read_intervals(instance_dir: str) -> list[tuple[str, float, float | None]]:
+    """What `timed` wrote: (run id, start, end) per step execution, end None for one cut
+    short (its worker killed)."""
+    path = Path(instance_dir) / "timed.log"
+    done: list[tuple[str, float, float | None]] = []
+    open_: dict[str, float] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        kind, run_id, at, _ = line.split()
+        if kind == "start":
+            if run_id in open_:  # started again: the earlier one never ended
+                done.append((run_id, open_[run_id], None))
+            open_[run_id] = float(at)
+        else:
+            done.append((run_id, open_.pop(run_id), float(at)))
+    return done + [(run_id, start, None) for run_id, start in open_.items()]
+
+
+def ran_under(instance_dir: str) -> dict[str, set[int]]:
+    """What `timed` wrote: run id -> the pids of the workers whose work-horses ran it."""
+    path = Path(instance_dir) / "timed.log"
+    out: dict[str, set[int]] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        _, run_id, _, parent = line.split()
+        out.setdefault(run_id, set()).add(int(parent))
+    return out
+
+
+@action("timed", {"sleep": "number", "hold": "text"})
+def timed(ctx, sleep: float = 0.5, hold: str = "") -> None:
+    """Write when this step starts and ends (epoch seconds, and the worker's pid) to
+    `<instance>/timed.log`;
+    in between sleep, or with `hold`, wait for `<instance>/release-<hold>` (at most 60 s)."""
+    path = Path(ctx.settings.instance_dir) / "timed.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def note(kind: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            # The parent: the worker whose work-horse this is (tests tell workers apart).
+            os.write(fd, f"{kind} {ctx.run_id} {time.time():.6f} {os.getppid()}\n".encode())
+        finally:
+            os.close(fd)
+
+    note("start")
+    release = Path(ctx.settings.instance_dir) / f"release-{hold}"
+    deadline = time.monotonic() + (60 if hold else float(sleep))
+    while time.monotonic() < deadline and not (hold and release.exists()):
+        time.sleep(0.02)
+    note("end")

@@ -47,8 +47,10 @@ def token_of(response) -> str:
 
 
 def work(rt, *, max_jobs: int | None = None) -> None:
-    """Run queued jobs in this process with a real RQ SimpleWorker until the queue is empty."""
-    worker = SimpleWorker([rt.dispatcher.queue], connection=rt.redis,
+    """Run queued jobs in this process with a real RQ SimpleWorker until the queues (every
+    lane RQ knows of, default first) are empty."""
+    lanes = sorted(rt.dispatcher.lanes(), key=lambda lane: lane != "default")
+    worker = SimpleWorker([rt.dispatcher.lane(lane) for lane in lanes], connection=rt.redis,
                           serializer=JSONSerializer)
     worker.work(burst=True, max_jobs=max_jobs, logging_level="WARNING")
 

@@ -218,8 +218,11 @@ def test_queue_page_shows_workers_and_counts(client, operator, rt, subprocess_en
         html = wait_until(lambda: (page := operator.get("/admin/queues").get_data(
             as_text=True)) and ">idle</span>" in page and page, timeout=30)
     assert "formrules" in html and "No workers are running" not in html
-    scheduled = html.split('<td class="mono">formrules</td>')[1].split("</tr>")[0]
-    assert scheduled.count('<td class="num">') == 7 and '<td class="num">1</td>' in scheduled
+    # The default lane (RQ queue `formrules`): 1 Run pending, its job in `scheduled`.
+    scheduled = html.split('<b>default</b> <span class="mono small muted">formrules</span>')[1] \
+        .split("</tr>")[0]
+    assert scheduled.count('<td class="num">') == 8 and '<td class="num">1</td>' in scheduled
+    assert "1 worker" in scheduled
 
 
 def test_queue_page_reads_without_cleaning_up(operator, rt):

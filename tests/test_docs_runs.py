@@ -104,13 +104,13 @@ def hurry(rt) -> None:
         s.execute(update(Run).where(Run.status.in_([p.value for p in PENDING]),
                                     Run.due_at > utcnow()).values(due_at=utcnow()))
         s.commit()
-    queue = rt.dispatcher.queue
-    registry = queue.scheduled_job_registry
-    for job_id in registry.get_job_ids():
-        job = queue.fetch_job(job_id)
-        if job is not None:
-            queue._enqueue_job(job)
-        registry.remove(job_id)
+    for queue in map(rt.dispatcher.lane, rt.dispatcher.lanes()):
+        registry = queue.scheduled_job_registry
+        for job_id in registry.get_job_ids():
+            job = queue.fetch_job(job_id)
+            if job is not None:
+                queue._enqueue_job(job)
+            registry.remove(job_id)
     reconcile_once(rt)  # and what has no job (a retry the worker left to it) is dispatched
 
 

@@ -15,7 +15,7 @@ from email.utils import formatdate
 from typing import Any
 from urllib.parse import urlsplit
 
-from formrules.actions import mail
+from formrules.actions import http_limits, mail
 from formrules.actions.context import Context
 from formrules.actions.registry import Param, action
 from formrules.errors import PermanentError, RetryableError
@@ -125,6 +125,9 @@ def http_request(ctx: Context, url: str, method: str = "POST", headers: dict | N
     if not allowed(url, ctx.settings.http_allow):
         raise PermanentError(f"http_request: {_origin(url)!r} is not in FORMRULES_HTTP_ALLOW",
                              "This form is not allowed to contact that service.")
+    waited = http_limits.wait_turn(ctx.settings, url, ctx.check_cancelled)
+    if waited >= 0.01:
+        ctx.log.info("%s: waited %.2fs for %s's rate limit", ctx.path, waited, _origin(url))
     data = None
     sent_headers = {"Idempotency-Key": ctx.idempotency_key, **(headers or {})}
     if json is not None:

@@ -21,10 +21,12 @@ from formrules.language.duration import parse_duration
 from formrules.language.fieldtypes import REGISTRY
 from formrules.language.source import Map, Pos, Seq, plain
 from formrules.language.tree import (
+    DEFAULT_QUEUE,
     DEFAULT_RETRY,
     FIELD_TYPES,
     INPUT_TYPES,
     NO_RETRY,
+    QUEUE_NAME,
     ActionNode,
     CallNode,
     DeferNode,
@@ -40,9 +42,9 @@ from formrules.language.variables import FORM_NAMES, RUN_NAMES
 
 DEFER_KEYS = {
     "background": ("title", "flag", "await", "timeout", "retry", "do", "on_error",
-                   "inline_for"),
+                   "inline_for", "queue", "concurrency"),
     "delay": ("title", "flag", "await", "timeout", "retry", "do", "on_error", "for", "at",
-              "on_change", "cancel_if", "when"),
+              "on_change", "cancel_if", "when", "queue", "concurrency"),
 }
 KINDS = ("if", "background", "delay", "progress", "call", "try")
 IF_KEYS = ("if", "then", "else")
@@ -523,8 +525,20 @@ class Checker:
             cancel_if=self.expression(args["cancel_if"], pos("cancel_if"), path, edit=True)
             if "cancel_if" in args else None,
             when=self.expression(args["when"], pos("when"), path) if "when" in args else None,
+            queue=self.queue(args["queue"], pos("queue"), path) if "queue" in args
+            else DEFAULT_QUEUE,
+            concurrency=self.integer(args["concurrency"], pos("concurrency"), path, 1)
+            if "concurrency" in args else None,
             raw=plain(item), trees=trees,
         )
+
+    def queue(self, value: Any, pos: Pos | None, path: str) -> str:
+        """`queue: slow`: a lane name workers serve (`formrules worker --queues slow`)."""
+        if not isinstance(value, str) or not QUEUE_NAME.match(value):
+            self.error(pos, path, f"'queue' must be a name of lowercase letters, digits, '_' "
+                                  f"or '-' (at most 40, starting with a letter), got {value!r}")
+            return DEFAULT_QUEUE
+        return value
 
     def retry(self, value: Any, pos: Pos | None, path: str) -> RetryPolicy:
         """`retry: {attempts, backoff: [..] | exponential, base, max, jitter}`."""

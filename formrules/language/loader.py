@@ -46,8 +46,8 @@ RESERVED_FIELD_NAMES = frozenset(n for n in dir(dict) if not n.startswith("_"))
 # Body keys the JSON API takes for itself (docs/api.md): a field of that name would be hidden.
 API_FIELD_NAMES = frozenset({"callback_url"})
 # A batch or a schedule runs as a Background: these keys mean what they mean there.
-RUN_KEYS = ("title", "do", "retry", "timeout", "on_error")
-BATCH_KEYS = (*RUN_KEYS, "concurrency", "stop_on_error", "started_by")
+RUN_KEYS = ("title", "do", "retry", "timeout", "on_error", "queue", "concurrency")
+BATCH_KEYS = (*RUN_KEYS, "stop_on_error", "started_by")
 SCHEDULE_KEYS = (*RUN_KEYS, "name", "cron", "timezone", "for_each", "catch_up")
 CATCH_UP_VALUES = ("latest", "none")
 
@@ -293,7 +293,9 @@ def _batch_defs(c: Checker, value: Any, pos) -> dict[str, BatchDef]:
         node = _background(c, body, path, c.key_pos(value, name), name)
         out[name] = BatchDef(
             name=name, title=node.title, do=node.do,
-            concurrency=c.integer(body.get("concurrency", 1), vp("concurrency"), path, 1),
+            # One `concurrency` for every tree: at most N of its Runs at once, anywhere;
+            # a batch also releases its records N at a time (one at a time by default).
+            concurrency=node.concurrency or 1,
             stop_on_error=c.boolean(body.get("stop_on_error", False), vp("stop_on_error"), path),
             retry=node.retry, raw=node.raw,
             started_by=_starters(c, body.get("started_by", ["operators"]), vp("started_by"),

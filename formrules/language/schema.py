@@ -42,7 +42,7 @@ from formrules.language.loader import (
     OLD_BATCHES_KEY,
     SCHEDULE_KEYS,
 )
-from formrules.language.tree import FIELD_TYPES, INPUT_TYPES, STARTERS
+from formrules.language.tree import FIELD_TYPES, INPUT_TYPES, QUEUE_NAME, STARTERS
 
 DIALECT = "http://json-schema.org/draft-07/schema#"  # what yaml-language-server reads best
 COMMITTED = "docs/formrules.schema.json"  # built-in actions only; see `formrules schema`
@@ -102,8 +102,11 @@ RUN_VALUES: dict[str, Any] = {
     "on_change": {"enum": list(ON_CHANGE_VALUES)},
     "cancel_if": EXPRESSION,
     "when": EXPRESSION,
+    "queue": {"type": "string", "pattern": QUEUE_NAME.pattern,
+              "description": "The queue (lane) its Runs wait in; workers serve chosen queues"},
+    "concurrency": {"type": "integer", "minimum": 1,
+                    "description": "At most this many of its Runs at once, across workers"},
     # batches and schedules
-    "concurrency": {"type": "integer", "minimum": 1},
     "stop_on_error": {"type": "boolean"},
     "started_by": {"anyOf": [{"enum": list(STARTERS)},
                              {"type": "array", "minItems": 1,

@@ -164,6 +164,8 @@ DAY = 86400.0
 # The schedule users know from workflow platforms: quick first retries, then once a day.
 DEFAULT_RETRY = RetryPolicy(attempts=8, backoff=(10, 60, 600, 3600, 6 * 3600, DAY, DAY))
 NO_RETRY = RetryPolicy(attempts=1)
+DEFAULT_QUEUE = "default"  # the lane of a node that names none; what a plain worker serves
+QUEUE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,8 @@ class DeferNode(Node):
     on_change: str = "keep"  # "recompute" | "keep"
     cancel_if: str | None = None
     when: str | None = None
+    queue: str = DEFAULT_QUEUE  # the lane its Runs wait in (`formrules worker --queues`)
+    concurrency: int | None = None  # at most this many of its Runs at once; None: no limit
     raw: Any = field(default=None, compare=False, repr=False)  # plain snapshot for the Run
     # The named trees its `call:` nodes reach ({name: plain tree}), carried by its Runs.
     trees: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -285,3 +289,18 @@ def walk(nodes: tuple[Node, ...]):
         elif isinstance(node, DeferNode):
             yield from walk(node.do)
             yield from walk(node.on_error)
+
+
+def queues_of(ruleset: RuleSet) -> set[str]:
+    """Every queue the rules name (the default one always): what `formrules run` serves."""
+    found = {DEFAULT_QUEUE}
+    for form in ruleset.forms.values():
+        trees = [*form.events.values(), *(b.do for b in form.batches.values()),
+                 *(s.do for s in form.schedules)]
+        roots = [b.raw for b in form.batches.values()] + [s.raw for s in form.schedules]
+        for raw in roots:  # a batch's or schedule's own queue is in its Background's options
+            options = (raw or {}).get("background") or {}
+            found.add(str(options.get("queue", DEFAULT_QUEUE)))
+        for tree in trees:
+            found.update(node.queue for node in walk(tree) if isinstance(node, DeferNode))
+    return found

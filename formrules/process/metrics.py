@@ -179,16 +179,22 @@ class StateCollector:
                                     value=max(0.0, age))
         redis_up = GaugeMetricFamily("formrules_redis_up", "1 when Redis answered.")
         try:
-            queue = self.rt.dispatcher.queue
-            depth, workers = queue.count, Worker.count(queue=queue)
+            dispatcher = self.rt.dispatcher
+            lanes = [(lane, dispatcher.lane(lane)) for lane in dispatcher.lanes()]
+            counts = [(lane, q.count, Worker.count(queue=q)) for lane, q in lanes]
         except RedisError:
             redis_up.add_metric([], 0)
             yield redis_up
             return
         redis_up.add_metric([], 1)
         yield redis_up
-        yield GaugeMetricFamily("formrules_queue_depth", "Jobs waiting in the RQ queue.",
-                                value=depth)
-        yield GaugeMetricFamily("formrules_workers", "RQ workers registered on the queue.",
-                                value=workers)
+        depth = GaugeMetricFamily("formrules_queue_depth", "Jobs waiting in the RQ queue, "
+                                  "per lane (`queue:`).", labels=["queue"])
+        workers = GaugeMetricFamily("formrules_workers", "RQ workers registered on the "
+                                    "queue, per lane.", labels=["queue"])
+        for lane, jobs, serving in counts:
+            depth.add_metric([lane], jobs)
+            workers.add_metric([lane], serving)
+        yield depth
+        yield workers
 

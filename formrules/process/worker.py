@@ -18,11 +18,13 @@ import signal
 import threading
 
 from redis.exceptions import RedisError
-from rq import Queue, SimpleWorker, Worker
+from rq import SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 
-from formrules.config import Settings, from_env
+from formrules.config import Settings, from_env, parse_queues
+from formrules.errors import ConfigError
 from formrules.language.registry import current_rules
+from formrules.language.tree import DEFAULT_QUEUE, queues_of
 from formrules.process import health as health_mod
 from formrules.process import logs
 from formrules.process.leader import QUIET, Leader
@@ -57,9 +59,23 @@ class InProcessWorker(_Stoppable, SimpleWorker):
     """RQ's worker that runs jobs in its own process."""
 
 
+def served_lanes(settings: Settings) -> list[str]:
+    """The lanes this worker serves, in priority order: `settings.queues`, where `*`
+    stands for every queue the rules name (default first)."""
+    lanes: list[str] = []
+    for name in settings.queues:
+        if name == "*":
+            named = queues_of(current_rules(settings.rules_dir, max_age=0))
+            lanes += [DEFAULT_QUEUE, *sorted(named - {DEFAULT_QUEUE})]
+        else:
+            lanes.append(name)
+    return list(dict.fromkeys(lanes))
+
+
 def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
                with_reconciler: bool = True, health: tuple[str, int] | None = None) -> bool:
-    """Run an RQ worker on the app's queue until stopped (or drained, with `burst`).
+    """Run an RQ worker on the lanes `settings.queues` names until stopped (or drained,
+    with `burst`). RQ takes jobs from the first non-empty queue in that order.
 
     `health` (host, port): serve /healthz and /metrics there (see `process.health`).
     """
@@ -73,7 +89,9 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
     if leader is not None:
         leader.start()
     probe = health_mod.start(settings, *health) if health else None
-    queue = Queue(settings.queue, connection=rt.redis, serializer=JSONSerializer)
+    lanes = served_lanes(settings)
+    queues = [rt.dispatcher.lane(name) for name in lanes]
+    log.info("serving queue(s) %s", ", ".join(lanes))
     worker_class = InProcessWorker if simple else ForkingWorker
     outage = Outage("Redis", log)
     logging.getLogger("rq.worker").addFilter(QuietOutage())
@@ -84,7 +102,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
             dispatch_due(rt)
     try:
         while not stopping.is_set():
-            worker = worker_class([queue], connection=rt.redis, serializer=JSONSerializer)
+            worker = worker_class(queues, connection=rt.redis, serializer=JSONSerializer)
             worker.stopping = stopping
             try:
                 worked = worker.work(burst=burst, logging_level=logs.level_name()) or worked
@@ -152,9 +170,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="never become the leader (leave reconciling to other workers)")
     parser.add_argument("--health-port", type=int, help="serve /healthz and /metrics here")
     parser.add_argument("--health-host", default="127.0.0.1")
+    parser.add_argument("--queues", help="queues to serve, in priority order (default: "
+                                         "FORMRULES_QUEUES, else 'default'; '*': all named)")
     args = parser.parse_args(argv)
     logs.configure()
-    run_worker(from_env(), simple=args.simple, burst=args.burst,
+    settings = from_env()
+    if args.queues:
+        try:
+            settings = settings.with_overrides(queues=parse_queues(args.queues))
+        except ConfigError as exc:
+            parser.error(str(exc))
+    run_worker(settings, simple=args.simple, burst=args.burst,
                with_reconciler=not args.no_reconciler,
                health=(args.health_host, args.health_port) if args.health_port else None)
 

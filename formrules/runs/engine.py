@@ -217,7 +217,7 @@ def new_run(node: DeferNode, *, form_id: str, field_types: dict[str, str], owner
         id=new_id(), record_id=record_id, form_id=form_id, owner=owner, kind=kind or node.kind,
         node_path=node.path, title=title[:300], snapshot=snapshot,
         awaited=node.awaited, flag=node.flag, due_at=due, max_attempts=node.retry.attempts,
-        created_at=now, **extra,
+        queue=node.queue, created_at=now, **extra,
     ), waiting=waiting)
 
 

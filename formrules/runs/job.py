@@ -1,6 +1,8 @@
 """The job entry point RQ workers run: execute one Run, step by step, with checkpoints.
 
     execute_run(run_id)
+      a slot of the node's `concurrency:` (none free: stay pending, waiting for a slot,
+      woken when one is given back; no attempt used) ── `formrules.runs.slots`
       claim the Run (a lease: only one execution may own it) ── not due yet? wait or leave
       for each action of the subtree: skip if checkpointed, else run it, then commit its
       field writes + files + checkpoint in one transaction (lease checked, a requested
@@ -26,12 +28,14 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 import traceback
 from datetime import timedelta
 from typing import Any
 
+from redis.exceptions import RedisError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -53,6 +57,7 @@ from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
 from formrules.runs import lifecycle, observe, pause
 from formrules.runs.engine import Walker, call_action, call_of, new_run
+from formrules.runs.slots import FULL, TAKEN, Slots
 from formrules.runs.snapshot import Snapshot
 from formrules.store.db import lock_record
 from formrules.store.models import (
@@ -107,6 +112,9 @@ class Execution:
         self.caught: dict[str, str] = {}  # `<try>/catch` checkpoints: path -> detail
         self.dying = False  # in the on_error branch: a `try:` there catches at once
         self.current_path = ""  # the step running (or that ran last)
+        self.slots: Slots | None = None  # the node's `concurrency:` slots, one held by us
+        self.slot_taken = False  # this execution took it (not one left by a killed one)
+        self.slots_form = self.slots_path = ""  # whose slots: the next waiter is woken
 
     # -- ownership ---------------------------------------------------------------------
     def claim(self) -> Run | None:
@@ -158,6 +166,18 @@ class Execution:
                 return
             except Exception:  # the database blinked; the next beat tries again
                 log.exception("run %s: heartbeat failed", self.run_id)
+            self.renew_slot()
+
+    def renew_slot(self) -> None:
+        """Keep the `concurrency:` slot's lease alive with the Run's own heartbeat."""
+        if self.slots is None:
+            return
+        try:
+            if not self.slots.renew(self.run_id) and self.slots.acquire(self.run_id) == FULL:
+                log.warning("run %s: its slot's lease ran out and was taken meanwhile",
+                            self.run_id)
+        except RedisError as exc:
+            log.warning("run %s: slot lease not renewed (%s)", self.run_id, exc)
 
     def cancelled(self) -> bool:
         """True once cancellation was requested; raises once the lease or the time is up."""
@@ -176,10 +196,58 @@ class Execution:
         return owned
 
     # -- the run -----------------------------------------------------------------------
+    def take_slot(self) -> bool:
+        """A slot of the node's `concurrency:` (True with none declared); when all are
+        taken the Run stays pending, waiting for a slot, and is dispatched again soon."""
+        try:
+            with self.store.session() as s:
+                run = s.get(Run, self.run_id)
+                if run is None or not lifecycle.is_pending(run):
+                    return True  # the claim says why there is nothing to do
+                limit = Snapshot.load(run.snapshot).node(run.node_path).concurrency
+        except RuleError:
+            return True  # a snapshot this code cannot rebuild: the claim path ends it
+        if not limit:
+            return True
+        slots = Slots(self.rt.redis, self.settings.queue, run.form_id, run.node_path,
+                      limit, self.settings.stale_seconds)
+        got = slots.acquire(run.id)
+        if got != FULL:
+            self.slots, self.slot_taken = slots, got == TAKEN
+            self.slots_form, self.slots_path = run.form_id, run.node_path
+            return True
+        # Parked: woken when a Run gives its slot back; this recheck is for a slot freed
+        # by a lease running out instead (spread out, so parked Runs do not all come at once).
+        recheck = self.settings.stale_seconds * random.uniform(1, 1.25)
+        with self.store.session() as s:
+            lifecycle.wait_for_slot(s, run.id, utcnow() + timedelta(seconds=recheck))
+        return False
+
+    def give_slot_back(self, run: Run | None) -> None:
+        """Release the slot once this execution is over with the Run (or never got it)."""
+        if self.slots is None or (run is None and not self.slot_taken):
+            return  # a resumed Run's slot, still held by another execution of it
+        try:
+            self.slots.release(self.run_id)
+        except RedisError as exc:  # its lease runs out by itself
+            log.warning("run %s: slot not released (%s)", self.run_id, exc)
+            return
+        try:  # hand it on: the Run waiting longest for this node's slot is due now
+            with self.store.session() as s:
+                woken = lifecycle.wake_for_slot(s, self.slots_form, self.slots_path, utcnow())
+            if woken is not None:
+                self.rt.dispatcher.dispatch_all([woken])
+        except Exception:  # noqa: BLE001 — it looks again by itself (`wait_for_slot`)
+            log.exception("run %s: could not wake the next Run waiting for a slot",
+                          self.run_id)
+
     def execute(self) -> str:
         """Claim, run every step, then finish as done, retrying, dead or cancelled."""
+        if not self.take_slot():
+            return "waiting for a slot"
         run = self.claim()
         if run is None:
+            self.give_slot_back(None)
             return "not claimed"
         beat = threading.Thread(target=self.heartbeat, name=f"heartbeat-{run.id}", daemon=True)
         beat.start()
@@ -202,16 +270,19 @@ class Execution:
             return "done"
         except LeaseLost:
             log.warning("run %s: lease lost; another execution continues it", run.id)
+            self.slots = None  # the slot is the other execution's now
             return "lease lost"
         except Exception as exc:  # noqa: BLE001 — every failure is classified below
             try:
                 return self.fail(run, node, exc)
             except LeaseLost:  # recovered elsewhere while failing: theirs to finish
                 log.warning("run %s: lease lost while failing", run.id)
+                self.slots = None
                 return "lease lost"
         finally:
             self.stop_beat.set()
             beat.join(timeout=5)
+            self.give_slot_back(run)
             self.rt.dispatcher.dispatch_all(self.pending_children)
             if run.batch_id is not None:  # a batch child ended (or will retry): a free slot
                 from formrules.runs.batch import child_finished

@@ -9,6 +9,8 @@ when the Run leaves `running`, and tells the owner (`formrules.runs.notification
 
     new Run ── born ──> scheduled | queued | waiting (a batch child)
     waiting ── RELEASE (a batch slot) ──> queued
+    pending ── WAIT_FOR_SLOT (`concurrency:` reached) ──> pending, due again later
+    pending, waiting for a slot ── WAKE (a slot was given back) ──> pending, due now
     pending ── CLAIM ──> running ── SUCCEED ──> done
                             │ ├── SKIP_AT_FIRE (`when:` false) ──> skipped
                             │ ├── STOP (a cancel seen) ──> cancelled
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from formrules.errors import GENERIC_FAILURE, Cancelled, LeaseLost
@@ -92,6 +94,9 @@ RECOVER_DEAD = Transition("recover dead", RUNNING, RunStatus.DEAD, EventKind.DEA
 CANCEL_NOW = Transition("cancel", NOT_STARTED, RunStatus.CANCELLED, EventKind.CANCEL, True)
 REQUEST_CANCEL = Transition("request cancel", RUNNING, None, EventKind.CANCEL)
 RELEASE = Transition("release", WAITING, RunStatus.QUEUED, None)
+# No trace line: a Run may wait for its slot many times; `Run.waiting_for` says it is.
+WAIT_FOR_SLOT = Transition("wait for a slot", PENDING, None, None)
+WAKE = Transition("wake for a slot", PENDING, None, None)
 EDIT_CANCEL = Transition("edit cancel", NOT_FIRED, RunStatus.CANCELLED, EventKind.CANCEL, True)
 EDIT_SKIP = Transition("edit skip", NOT_FIRED, RunStatus.SKIPPED, EventKind.SKIP, True)
 EDIT_MOVE = Transition("edit move", NOT_FIRED, None, EventKind.RESCHEDULE)
@@ -158,7 +163,29 @@ def claim(s: Session, run_id: str, lease: str, now: datetime) -> Run | None:
                             Run.cancel_requested.is_(False), not_paused()],
                  path="", now=now, detail=lambda run: f"attempt {run.attempt}",
                  lease=lease, heartbeat_at=now, attempt=Run.attempt + 1,
-                 started_at=func.coalesce(Run.started_at, now))
+                 started_at=func.coalesce(Run.started_at, now), waiting_for=None)
+    return moved[0] if moved else None
+
+
+def wait_for_slot(s: Session, run_id: str, due: datetime) -> bool:
+    """Its node's `concurrency:` is reached: stay pending (no attempt used), marked as
+    waiting for a slot, due again at `due` (the leader dispatches it then) unless a Run
+    giving its slot back wakes it first (`wake_for_slot`)."""
+    return bool(move(s, WAIT_FOR_SLOT, [Run.id == run_id, Run.lease.is_(None),
+                                        Run.cancel_requested.is_(False)],
+                     due_at=due, waiting_for="slot"))
+
+
+def wake_for_slot(s: Session, form_id: str, node_path: str, now: datetime) -> Run | None:
+    """A slot of this node was given back: the Run waiting for one longest is due now
+    (first come, first served); None when nobody waits."""
+    oldest = s.scalar(select(Run.id).where(
+        Run.form_id == form_id, Run.node_path == node_path, Run.waiting_for == "slot",
+        Run.status.in_(sorted(PENDING)), Run.cancel_requested.is_(False))
+        .order_by(Run.created_at, Run.id).limit(1))
+    if oldest is None:
+        return None
+    moved = move(s, WAKE, [Run.id == oldest, Run.waiting_for == "slot"], now=now, due_at=now)
     return moved[0] if moved else None
 
 
@@ -276,7 +303,7 @@ def operator_retry(s: Session, run: Run, who: str) -> bool:
     now = utcnow()
     moved = move(s, OPERATOR_RETRY, [Run.id == run.id], path="", now=now,
                  detail=f"retried by {who}", due_at=now, finished_at=None, attempt=0,
-                 cancel_requested=False, lease=None, safe_error=None,
+                 cancel_requested=False, lease=None, safe_error=None, waiting_for=None,
                  recoveries=0)  # a fresh start: a crash loop that made it dead may be fixed
     s.refresh(run)
     return bool(moved)

@@ -35,6 +35,9 @@ class QueueInfo:
     name: str
     queued: int
     registries: dict[str, int] = field(default_factory=dict)
+    lane: str | None = None  # the `queue:` name rules use for it (None: not this app's)
+    pending: int = 0  # the database's pending Runs on this lane
+    served_by: list[str] = field(default_factory=list)  # live workers listening to it
 
 
 @dataclass
@@ -65,6 +68,20 @@ def queues(redis: Redis, names: list[str]) -> list[QueueInfo]:
             info.registries[key] = registry.get_job_count(cleanup=False)
         infos.append(info)
     return infos
+
+
+def lanes(redis: Redis, base: str, named: set[str], pending: dict[str, int],
+          worker_infos: list[WorkerInfo]) -> list[QueueInfo]:
+    """Every lane (named by the rules, holding pending Runs, or known to RQ) with its
+    depth, its pending Runs and the workers serving it; RQ's other queues follow."""
+    from formrules.runs.queue import lane_of, rq_name
+    wanted = [rq_name(base, lane) for lane in set(named) | set(pending)]
+    infos = queues(redis, wanted)
+    for info in infos:
+        info.lane = lane_of(base, info.name)
+        info.pending = pending.get(info.lane, 0) if info.lane else 0
+        info.served_by = [w.name for w in worker_infos if info.name in w.queues]
+    return sorted(infos, key=lambda i: (i.lane is None, i.lane or i.name))
 
 
 def workers(redis: Redis) -> list[WorkerInfo]:

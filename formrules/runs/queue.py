@@ -14,6 +14,11 @@ API only: `Job.delete`, `Queue.enqueue_job`/`schedule_job`, the registries, `RQS
   `enqueue_at` ignores `unique`, so jobs are created and then scheduled uniquely), and a
   leftover job is deleted first inside a WATCH transaction, so two dispatchers never
   both replace it;
+- lanes: a node's `queue:` names the lane its Runs wait in; lane `default` is the RQ
+  queue `settings.queue` itself, lane `slow` the RQ queue `<settings.queue>:slow`
+  (`rq_name`). A Run's job always goes to its own lane (`Run.queue`), whoever dispatches
+  it (a submit, the reconciler, a retry), and RQ's scheduler moves delayed jobs of every
+  lane (the lanes RQ registered, `lanes`).
 - RQ's Retry is not used: the database owns retry timing (`Run.due_at`), and the leader
   (`formrules.process.leader`) enqueues a retrying Run when it is due. A failed attempt
   leaves RQ's job failed; the retry replaces it.
@@ -38,6 +43,7 @@ from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.utils import str_to_date
 
+from formrules.language.tree import DEFAULT_QUEUE
 from formrules.runs.snapshot import Snapshot
 from formrules.store.models import Run
 
@@ -49,6 +55,19 @@ GRACE_SECONDS = 60  # RQ's hard timeout sits this far beyond the node's own
 SCHEDULER_SLACK = 10.0
 STARTED_GRACE = 60.0  # a started job whose Run is still pending after this is orphaned
 CHUNK = 500  # ids per pipelined round trip
+
+
+def rq_name(base: str, lane: str) -> str:
+    """The RQ queue of lane `lane`: the app's queue for `default`, else `<base>:<lane>`."""
+    return base if lane in ("", DEFAULT_QUEUE) else f"{base}:{lane}"
+
+
+def lane_of(base: str, rq_queue: str) -> str | None:
+    """The lane an RQ queue carries (None: not one of this app's queues)."""
+    if rq_queue == base:
+        return DEFAULT_QUEUE
+    prefix = f"{base}:"
+    return rq_queue[len(prefix):] if rq_queue.startswith(prefix) else None
 
 
 def connect(url: str, timeout: float = 10.0) -> Redis:
@@ -95,32 +114,63 @@ class Dispatcher:
     def __init__(self, redis: Redis, queue_name: str, default_timeout: float = 3600,
                  budget: float | None = None):
         self.redis = redis
-        self.queue = Queue(queue_name, connection=redis, serializer=JSONSerializer)
+        self.base = queue_name
+        self._queues: dict[str, Queue] = {}
+        self.queue = self.lane(DEFAULT_QUEUE)  # the default lane's RQ queue
         self.default_timeout = default_timeout
         self.budget = budget  # seconds `dispatch_all` may spend on Redis; None: no bound
 
+    def lane(self, name: str) -> Queue:
+        """The RQ queue of lane `name` (`default`, `slow`, …)."""
+        return self._named(rq_name(self.base, name or DEFAULT_QUEUE))
+
+    def lanes(self) -> list[str]:
+        """The lanes RQ knows of here (queues it registered when jobs went to them)."""
+        names = {DEFAULT_QUEUE}
+        for key in self.redis.smembers(Queue.redis_queues_keys):
+            lane = lane_of(self.base, key.decode().removeprefix(Queue.redis_queue_namespace_prefix))
+            if lane is not None:
+                names.add(lane)
+        return sorted(names)
+
     def job_states(self, run_ids: Iterable[str]) -> dict[str, JobState]:
-        """The RQ state of each Run's job: one pipelined round trip per CHUNK ids."""
+        """The RQ state of each Run's job: a pipelined round trip per CHUNK ids (and one
+        more for the scheduled ones, whose time is in their own lane's registry)."""
         ids = list(run_ids)
         states: dict[str, JobState] = {}
-        scheduled_key = self.queue.scheduled_job_registry.key
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start:start + CHUNK]
             with self.redis.pipeline(transaction=False) as pipe:
                 for run_id in chunk:
                     key = Job.key_for(run_id)
                     pipe.exists(key)
-                    pipe.hmget(key, "status", "started_at")
-                    pipe.zscore(scheduled_key, run_id)
+                    pipe.hmget(key, "status", "started_at", "origin")
                 replies = pipe.execute()
+            scheduled = [(run_id, origin.decode() if origin else self.queue.name)
+                         for run_id, (status, _, origin) in zip(chunk, replies[1::2], strict=True)
+                         if _status(status) == JobStatus.SCHEDULED]
+            scores: dict[str, float | None] = {}
+            if scheduled:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for run_id, origin in scheduled:
+                        pipe.zscore(self._named(origin).scheduled_job_registry.key, run_id)
+                    scores = dict(zip([r for r, _ in scheduled], pipe.execute(), strict=True))
             for i, run_id in enumerate(chunk):
-                exists, (status, started), score = replies[3 * i:3 * i + 3]
+                exists, (status, started, _) = replies[2 * i:2 * i + 2]
+                score = scores.get(run_id)
                 states[run_id] = JobState(
                     exists=bool(exists),
                     status=_status(status),
                     scheduled_at=float(score) if score is not None else None,
                     started_at=_date(started))
         return states
+
+    def _named(self, rq_queue: str) -> Queue:
+        """The RQ queue called `rq_queue`, built once."""
+        if rq_queue not in self._queues:
+            self._queues[rq_queue] = Queue(rq_queue, connection=self.redis,
+                                           serializer=JSONSerializer)
+        return self._queues[rq_queue]
 
     def job_status(self, run_id: str) -> JobStatus | None:
         """The RQ status of a Run's job, or None when Redis has no such job."""
@@ -144,8 +194,9 @@ class Dispatcher:
             keep = state.live(run.due_at, started_grace=started_grace)
             if keep and not replace_started:
                 return False
-            if not self._remove(run.id, state.status):
+            if not self._remove(run.id, state.status, run.queue):
                 return False  # it changed under us: another dispatcher or a worker has it
+        queue = self.lane(run.queue)
         kwargs = dict(job_id=run.id, timeout=self.job_timeout(run),
                       description=f"{run.form_id} {run.node_path}: {run.title}"[:200],
                       meta={"run": run.id, "path": run.node_path})
@@ -153,12 +204,12 @@ class Dispatcher:
         try:
             if due > datetime.now(UTC):
                 # `enqueue_at` ignores unique=True (RQ 2.12); `schedule_job` honours it.
-                job = self.queue.create_job(JOB_FUNCTION, args=(run.id,),
-                                            status=JobStatus.SCHEDULED, **kwargs)
-                self.queue.schedule_job(job, due, unique=True)
+                job = queue.create_job(JOB_FUNCTION, args=(run.id,),
+                                       status=JobStatus.SCHEDULED, **kwargs)
+                queue.schedule_job(job, due, unique=True)
             else:
-                job = self.queue.create_job(JOB_FUNCTION, args=(run.id,), **kwargs)
-                self.queue.enqueue_job(job, at_front=state.exists, unique=True)
+                job = queue.create_job(JOB_FUNCTION, args=(run.id,), **kwargs)
+                queue.enqueue_job(job, at_front=state.exists, unique=True)
         except DuplicateJobError:
             return False  # another dispatcher won the race: one job is what we want
         return True
@@ -195,10 +246,11 @@ class Dispatcher:
         return sent
 
     def enqueue_due_scheduled(self) -> None:
-        """Move due scheduled jobs to the queue: RQ's scheduler, run by the leader."""
-        scheduler = RQScheduler([self.queue], connection=self.redis,
-                                serializer=JSONSerializer)
-        scheduler.prepare_registries([self.queue.name])
+        """Move due scheduled jobs to their queues (every lane): RQ's scheduler, run by
+        the leader."""
+        queues = [self.lane(name) for name in self.lanes()]
+        scheduler = RQScheduler(queues, connection=self.redis, serializer=JSONSerializer)
+        scheduler.prepare_registries([q.name for q in queues])
         scheduler.enqueue_scheduled_jobs()
 
     def cancel(self, run_id: str) -> None:
@@ -213,7 +265,8 @@ class Dispatcher:
         if state.exists:
             self._remove(run_id, state.status)
 
-    def _remove(self, run_id: str, expected: JobStatus | None) -> bool:
+    def _remove(self, run_id: str, expected: JobStatus | None,
+                lane: str = DEFAULT_QUEUE) -> bool:
         """Delete the job (`Job.delete`: queue, registries, executions) if still `expected`.
 
         WATCH makes this all-or-nothing against a worker or another dispatcher changing
@@ -229,7 +282,7 @@ class Dispatcher:
                     job = Job.fetch(run_id, connection=self.redis, serializer=JSONSerializer)
                 except NoSuchJobError:  # a partial hash (Redis lost half of it)
                     job = Job(run_id, connection=self.redis, serializer=JSONSerializer)
-                    job.origin = self.queue.name
+                    job.origin = self.lane(lane).name
                 pipe.multi()
                 job.delete(pipeline=pipe)
                 pipe.execute()

@@ -146,12 +146,14 @@ def dispatch_due(rt: Runtime, since: datetime | None = None) -> int:
 
     What the leader does every `tick_seconds`: RQ's scheduler moves due scheduled jobs,
     then Runs due by the database but not live in RQ (a retry: RQ does not retry; a
-    delayed job Redis lost) are enqueued. Reads only what came due since the last tick.
+    delayed job Redis lost; a Run whose turn for a `concurrency:` slot came) are enqueued.
+    Reads only what came due since the last tick.
     """
     rt.dispatcher.enqueue_due_scheduled()
     now = utcnow()
     query = select(Run.id, Run.due_at).where(
-        Run.status.in_([RunStatus.SCHEDULED.value, RunStatus.RETRYING.value]),
+        or_(Run.status.in_([RunStatus.SCHEDULED.value, RunStatus.RETRYING.value]),
+            and_(Run.status == RunStatus.QUEUED.value, Run.waiting_for.is_not(None))),
         Run.due_at <= now, Run.cancel_requested.is_(False), not_paused())
     if since is not None:
         query = query.where(Run.due_at > since)

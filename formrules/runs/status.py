@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, defer
 from formrules.language import sandbox
 from formrules.language.tree import Form
 from formrules.language.variables import form_variables
-from formrules.store.models import CANCELLABLE, Record, ResultFile, Run, RunStatus
+from formrules.store.models import CANCELLABLE, PENDING, Record, ResultFile, Run, RunStatus
 
 # What users read for each status (the status itself stays the CSS class and JSON value).
 LABELS = {
@@ -24,6 +24,7 @@ LABELS = {
     "retrying": "Retrying", "done": "Done", "dead": "Failed", "cancelled": "Cancelled",
     "skipped": "Skipped",
 }
+WAITING_FOR_SLOT = "Waiting for a slot"
 log = logging.getLogger("formrules.runs.status")
 
 
@@ -34,16 +35,19 @@ def _iso(value) -> str | None:
 def run_view(run: Run, files: list[ResultFile] | None = None) -> dict[str, Any]:
     """A Run as its owner may see it: no internal error detail, ever."""
     stopping = run.status == RunStatus.RUNNING and run.cancel_requested
+    # Due, but its node's `concurrency:` is reached: it runs when a slot frees.
+    for_slot = run.waiting_for == "slot" and run.status in PENDING
     view: dict[str, Any] = {
         "id": run.id,
         "title": run.title,
         "kind": run.kind,
         "status": run.status,
-        "label": "Stopping" if stopping else LABELS.get(run.status, run.status),
+        "label": "Stopping" if stopping else WAITING_FOR_SLOT if for_slot
+        else LABELS.get(run.status, run.status),
         "final": run.is_final,
         "cancellable": run.status in CANCELLABLE and not stopping,
         "progress": run.percent,
-        "message": run.progress_message or "",
+        "message": run.progress_message or (WAITING_FOR_SLOT if for_slot else ""),
         "attempt": run.attempt,
         "max_attempts": run.max_attempts,
         # JSON booleans: whether the page waits for it, and whether the user may leave it
@@ -56,6 +60,8 @@ def run_view(run: Run, files: list[ResultFile] | None = None) -> dict[str, Any]:
         "finished_at": _iso(run.finished_at),
         "files": [{"id": f.id, "filename": f.filename} for f in files or []],
     }
+    if for_slot:
+        view["waiting_for"] = "slot"
     if run.status == RunStatus.RETRYING:
         view["next_retry_at"] = view["due_at"]
     if run.status in (RunStatus.RETRYING, RunStatus.DEAD) and run.safe_error:

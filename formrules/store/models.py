@@ -205,6 +205,11 @@ class Run(Base):
     hidden: Mapped[bool] = mapped_column(Boolean, default=False)  # deleted from "my tasks"
     batch_id: Mapped[str | None] = mapped_column(String(32), index=True)
     parent_id: Mapped[str | None] = mapped_column(String(32))
+    # The lane (`queue:` of its node) whose workers run it; see `runs.queue.rq_name`.
+    queue: Mapped[str] = mapped_column(String(40), default="default", server_default="default")
+    # Why a pending Run is not running yet although due: "slot" (its node's `concurrency:`
+    # is reached; it tries again shortly). Cleared when a worker claims it.
+    waiting_for: Mapped[str | None] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

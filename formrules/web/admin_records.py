@@ -8,6 +8,7 @@ from flask import abort, current_app, render_template, request, url_for
 from redis.exceptions import RedisError
 from sqlalchemy import func, or_, select
 
+from formrules.language.tree import queues_of
 from formrules.runs import overview
 from formrules.store.models import NOT_STARTED, PENDING, Record, Run, RunEvent, RunStatus
 from formrules.web.admin import bp, form_ids, page_count, page_number, paginate
@@ -83,9 +84,12 @@ def queues():
         Run.status.in_(sorted(PENDING))))
     error = None
     queue_infos, worker_infos = [], []
+    pending = dict(db().execute(select(Run.queue, func.count()).where(
+        Run.status.in_(sorted(PENDING))).group_by(Run.queue)).all())
     try:
-        queue_infos = overview.queues(rt().redis, [rt().settings.queue])
         worker_infos = overview.workers(rt().redis)
+        queue_infos = overview.lanes(rt().redis, rt().settings.queue, queues_of(rules()),
+                                     pending, worker_infos)
     except RedisError as exc:
         error = f"Redis is unreachable ({type(exc).__name__}). The database is still the " \
                 f"source of truth: the reconciler re-enqueues pending work when it is back."

@@ -67,6 +67,9 @@ SHARED: dict[str, Any] = {
         "can_continue": {"type": "boolean",
                          "description": "Awaited, but may be left to finish in the background."},
         "message": {"type": "string"}, "due_at": {"type": ["string", "null"]},
+        "waiting_for": {"const": "slot", "description": "Due, but its node's `concurrency:` "
+                        "is reached: it starts when a slot frees (label: Waiting for a "
+                        "slot)."},
         "error": {"type": "string", "description": "Safe to show to people."}}},
     "Record": {"type": "object", "required": ["token", "form", "status_url", "state"],
                "properties": {
