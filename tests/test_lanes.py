@@ -67,7 +67,7 @@ events:
 """,
     "batched": """
 form: batched
-title: Records a task runs over
+title: Records a batch runs over
 fields:
   - {name: name, type: string, required: true}
 batches:
@@ -314,12 +314,12 @@ def test_a_killed_worker_does_not_keep_its_slot(client, rt, subprocess_env):
     assert slots.holders() == []  # every slot given back
 
 
-def test_a_task_concurrency_holds_across_batches(client, rt, subprocess_env):
+def test_a_batch_concurrency_holds_across_batches(client, rt, subprocess_env):
     for i in range(3):
         submit(client, "batched", {"name": f"n{i}"})
     form = load_rules(rt.settings.rules_dir).form("batched")
     batch_ids = []
-    for _ in range(2):  # two batches of the same task at once
+    for _ in range(2):  # two batches of the same definition at once
         with rt.store.session() as s:
             batch_ids.append(batch.start(s, form, "one_by_one", owner="olga",
                                          settings=rt.settings).id)
