@@ -24,7 +24,7 @@ from formrules.config import from_env
 from formrules.process.runtime import Runtime, install
 from formrules.runs import snapshot
 from formrules.runs.job import Execution
-from formrules.store import migrate
+from formrules.store import migrate, search
 from formrules.store.models import Base, Record, Run
 from tests.conftest import PG_URL, ROOT
 
@@ -58,7 +58,8 @@ def test_migrations_build_exactly_the_models(database_url):
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:
-            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            context = MigrationContext.configure(conn, opts={
+                "compare_type": True, "include_name": search.include_name})
             assert compare_metadata(context, Base.metadata) == []
             assert context.get_current_revision() == migrate.head()
     finally:
