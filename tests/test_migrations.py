@@ -250,6 +250,7 @@ def test_web_and_worker_refuse_an_empty_database_and_say_what_to_run(empty_url, 
     create_app(settings=settings)
 
 
+@pytest.mark.integration  # a database, through the CLI in a process of its own
 def test_cli_commands_upgrade_the_embedded_database_by_themselves(tmp_path):
     """No DATABASE_URL: the instance folder's SQLite is formrules' own and is upgraded."""
     env = dict(os.environ, FORMRULES_INSTANCE=str(tmp_path / "instance"),
