@@ -10,13 +10,14 @@
               └─ otherwise: on_error branch (once), status dead, notify
 Every status change goes through `formrules.runs.lifecycle`.
 
-A heartbeat thread keeps the lease alive (also through steps far longer than the stale
-limit); the reconciler resumes Runs whose heartbeat stops (a killed worker), and an
-execution that lost its lease stops at its next write. The node's `timeout:` (default
-`default_timeout_seconds`) is enforced at every progress/cancel check inside a step and
-between steps; RQ's own job timeout, a little longer, is the backstop for actions that
-never check. RQ does not retry: a retrying Run's next attempt is due at `Run.due_at`, and
-the leader enqueues it then (`formrules.process.leader`).
+The process's heartbeat thread (`runs.heartbeat`) keeps the lease alive (also through
+steps far longer than the stale limit); the reconciler resumes Runs whose heartbeat stops
+(a killed worker), and an execution that lost its lease stops at its next write. The
+node's `timeout:` (default `default_timeout_seconds`) is enforced at every
+progress/cancel check inside a step and between steps; RQ's own job timeout, a little
+longer, is the backstop for actions that never check. RQ does not retry: a retrying Run's
+next attempt is due at `Run.due_at`, and the leader enqueues it then
+(`formrules.process.leader`).
 Nothing here imports the web layer.
 """
 
@@ -50,6 +51,7 @@ from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
 from formrules.runs import lifecycle, observe
 from formrules.runs.engine import call_action, new_run, walk
+from formrules.runs.heartbeat import heartbeats
 from formrules.runs.snapshot import Snapshot
 from formrules.store.db import lock_record
 from formrules.store.models import (
@@ -92,7 +94,6 @@ class Execution:
         self.lease = new_id()
         self.cancel_seen = threading.Event()
         self.lease_lost = threading.Event()
-        self.stop_beat = threading.Event()
         self.last_progress_write = 0.0
         self.timeout = self.settings.default_timeout_seconds
         self.deadline = float("inf")  # monotonic; set from the node's timeout when it starts
@@ -110,8 +111,11 @@ class Execution:
             with self.store.session() as s:
                 run = lifecycle.claim(s, self.run_id, self.lease, now)
                 if run is not None:
-                    self.done_paths = set(s.scalars(select(RunEvent.path).where(
-                        RunEvent.run_id == run.id, RunEvent.event.in_(CHECKPOINT_KINDS))))
+                    # Its first start ever (started_at set by this claim) has no
+                    # checkpoints to skip; a retry or a resumed Run reads them.
+                    self.done_paths = set() if run.started_at == now else set(s.scalars(
+                        select(RunEvent.path).where(RunEvent.run_id == run.id,
+                                                    RunEvent.event.in_(CHECKPOINT_KINDS))))
                     self.data = self.read_record(s, run)
                     return run
                 run = s.get(Run, self.run_id)
@@ -133,18 +137,18 @@ class Execution:
         data = s.scalar(select(Record.data).where(Record.id == run.record_id))
         return dict(data) if data else {}
 
-    def heartbeat(self) -> None:
-        """Keep the lease alive and notice cancellation, until told to stop."""
-        while not self.stop_beat.wait(self.settings.heartbeat_seconds):
-            try:
-                with self.store.session() as s:
-                    if lifecycle.hold(s, self.run_id, self.lease).cancel_requested:
-                        self.cancel_seen.set()
-            except LeaseLost:
-                self.lease_lost.set()
-                return
-            except Exception:  # the database blinked; the next beat tries again
-                log.exception("run %s: heartbeat failed", self.run_id)
+    def beat(self) -> None:
+        """Keep the lease alive and notice cancellation (from the heartbeat thread)."""
+        if self.lease_lost.is_set():
+            return
+        try:
+            with self.store.session() as s:
+                if lifecycle.hold(s, self.run_id, self.lease).cancel_requested:
+                    self.cancel_seen.set()
+        except LeaseLost:
+            self.lease_lost.set()
+        except Exception:  # the database blinked; the next beat tries again
+            log.exception("run %s: heartbeat failed", self.run_id)
 
     def cancelled(self) -> bool:
         """True once cancellation was requested; raises once the lease or the time is up."""
@@ -168,8 +172,7 @@ class Execution:
         run = self.claim()
         if run is None:
             return "not claimed"
-        beat = threading.Thread(target=self.heartbeat, name=f"heartbeat-{run.id}", daemon=True)
-        beat.start()
+        heartbeats.add(self, self.settings.heartbeat_seconds)
         node: DeferNode | None = None
         started = time.monotonic()
         try:
@@ -197,8 +200,7 @@ class Execution:
                 log.warning("run %s: lease lost while failing", run.id)
                 return "lease lost"
         finally:
-            self.stop_beat.set()
-            beat.join(timeout=5)
+            heartbeats.discard(self)
             self.rt.dispatcher.dispatch_all(self.pending_children)
             if run.batch_id is not None:  # a batch child ended (or will retry): a free slot
                 from formrules.runs.batch import child_finished

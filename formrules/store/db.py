@@ -76,11 +76,12 @@ def lock_record(session: Session, record_id: int) -> Record:
     The write comes first on purpose: on PostgreSQL the UPDATE takes the row lock, on
     SQLite it takes the database write lock (waiting with the busy timeout), so a
     concurrent writer cannot slip between our read and our write. Call it at the start
-    of a transaction.
+    of a transaction. One statement: the locking UPDATE hands the row back (RETURNING).
     """
-    session.execute(update(Record).where(Record.id == record_id)
-                    .values(version=Record.version + 1, updated_at=utcnow()))
-    record = session.get(Record, record_id, populate_existing=True)
+    record = session.scalar(
+        update(Record).where(Record.id == record_id)
+        .values(version=Record.version + 1, updated_at=utcnow()).returning(Record)
+        .execution_options(synchronize_session=False, populate_existing=True))
     if record is None:
         raise LookupError(f"record {record_id} is gone")
     return record
