@@ -53,7 +53,7 @@ from formrules.runs import lifecycle, observe
 from formrules.runs.engine import call_action, new_run, walk
 from formrules.runs.heartbeat import heartbeats
 from formrules.runs.snapshot import Snapshot
-from formrules.store.db import lock_record
+from formrules.store.db import merge_record
 from formrules.store.models import (
     CHECKPOINT_KINDS,
     EventKind,
@@ -100,6 +100,7 @@ class Execution:
         self.pending_children: list[Run] = []
         self.snapshot = Snapshot(raw={}, fields={})  # loaded once the Run is claimed
         self.data: dict[str, Any] = {}  # the record as of our last transaction
+        self.version: int | None = None  # its version then (None: not known)
         self.done_paths: set[str] = set()  # checkpointed steps, this attempt's and earlier
         self.current_path = ""  # the step running (or that ran last)
 
@@ -131,11 +132,19 @@ class Execution:
             time.sleep(max(0.01, wait))
 
     def read_record(self, s: Session, run: Run) -> dict[str, Any]:
-        """The record's data in `s`'s transaction ({} for a Run without a record)."""
+        """The record's data in `s`'s transaction ({} for a Run without a record); notes
+        its version, so the next write can skip re-reading it."""
         if run.record_id is None:
             return {}
-        data = s.scalar(select(Record.data).where(Record.id == run.record_id))
-        return dict(data) if data else {}
+        row = s.execute(select(Record.data, Record.version)
+                        .where(Record.id == run.record_id)).first()
+        self.version = row.version if row else None
+        return dict(row.data) if row and row.data else {}
+
+    def write_record(self, s: Session, run: Run, updates: dict[str, Any]) -> None:
+        """Merge `updates` into the record's data (see `merge_record`)."""
+        self.data, self.version = merge_record(s, run.record_id, updates,
+                                               self.version, self.data)
 
     def beat(self) -> None:
         """Keep the lease alive and notice cancellation (from the heartbeat thread)."""
@@ -286,9 +295,7 @@ class Execution:
             owned = self.checkpoint(s, run, node.path, node.action,
                                     int((time.monotonic() - started) * 1000))
             if ctx.updates and run.record_id is not None:
-                record = lock_record(s, run.record_id)
-                record.data = {**record.data, **ctx.updates}
-                self.data = dict(record.data)
+                self.write_record(s, run, ctx.updates)
             else:
                 self.data = self.read_record(s, run)
             for item in ctx.attachments:
@@ -333,8 +340,7 @@ class Execution:
             # step: the Run row is written first, so a cancel racing us waits or loses.
             lifecycle.succeed(s, run.id, self.lease)
             if node.flag and run.record_id is not None:
-                record = lock_record(s, run.record_id)
-                record.data = {**record.data, node.flag: True}
+                self.write_record(s, run, {node.flag: True})
 
     def fail(self, run: Run, node: DeferNode | None, exc: BaseException) -> str:
         """Classify a failure: cancelled, retry later, or dead (after on_error)."""
