@@ -349,7 +349,8 @@ def run_db(db: str, args, tmp: Path, redis_port: int) -> None:
             s.worker = s.start_worker()
         from rq import Worker
         for s in systems:
-            wait_for(lambda s=s: Worker.all(connection=s.redis), 60, f"{s.name} worker")
+            # A loaded machine took more than a minute to start a warm worker.
+            wait_for(lambda s=s: Worker.all(connection=s.redis), 180, f"{s.name} worker")
         time.sleep(1)
         tokens: dict[str, str] = {}
         for r in range(args.flags):

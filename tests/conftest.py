@@ -198,9 +198,18 @@ def worker(rt, subprocess_env):
 # `pytest -m unit`, well under 15 s); one that does is `integration` (real Redis, real
 # databases, the app); those that start real worker processes are also marked `slow`.
 INTEGRATION_FIXTURES = {"redis_server", "redis_url", "pg_url", "database_url", "settings",
+                        "empty_url",  # test_migrations: an empty SQLite file or PG schema
                         "rt", "app", "client", "operator", "subprocess_env",
                         "http_server",  # a real HTTP server on loopback
                         "web", "browser"}
+
+
+def pytest_configure(config):
+    """The inner loop (`-m unit`) tries each Hypothesis property on a fifth of its examples
+    (see `tests.helpers.examples`); the suite and CI try all of them. Failures Hypothesis
+    found before are replayed from its example database either way."""
+    if (config.option.markexpr or "").strip() == "unit":
+        os.environ["FORMRULES_TEST_INNER_LOOP"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +97,32 @@ def wait_until(predicate, timeout: float = 20, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
+
+
+def examples(count: int) -> int:
+    """A Hypothesis `max_examples`: all of them, or a fifth in the inner loop (`-m unit`)."""
+    return max(20, count // 5) if os.environ.get("FORMRULES_TEST_INNER_LOOP") else count
+
+
+def finishes(call, timeout: float):
+    """Run `call` in a thread and wait for it with a deadline; return what it returned.
+
+    For "does not hang": the test waits on its own clock instead of timing the call.
+    """
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the test's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    wait_until(lambda: not thread.is_alive(), timeout=timeout)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class WorkerProcess:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from datetime import timedelta
 
 import pytest
@@ -69,9 +68,8 @@ def test_early_job_waits_for_due_time(client, rt):
     from formrules.store.models import Run
     with rt.store.session() as s:
         s.get(Run, delayed.id).due_at = utcnow() + timedelta(seconds=1.5)
-    began = time.monotonic()
     assert Execution(rt, delayed.id).execute() == "done"
-    assert time.monotonic() - began >= 1.4
+    # Not early, by the Run's own trace (no stopwatch in the test).
     started = [e.at for e in events_of(rt, delayed.id) if e.event == "start"][0]
     assert started >= _delayed(rt, token).due_at
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from formrules.web import display
-from tests.helpers import runs_of, submit, token_of
+from tests.helpers import examples, runs_of, submit, token_of
 from tests.web_helpers import add_web_rules
 
 NOW = datetime(2026, 3, 14, 11, 0, 0, tzinfo=UTC)  # a Saturday; Berlin is on CET (+1)
@@ -67,7 +67,7 @@ def test_dates_are_in_the_configured_zone(berlin):
         assert display.duration(4200) == "4.2 s"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(offset=st.timedeltas(min_value=timedelta(days=-3650), max_value=timedelta(days=3650)))
 def test_any_offset_formats_without_raising(berlin, offset):
     with time_machine.travel(NOW, tick=False), berlin.test_request_context():

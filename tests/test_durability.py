@@ -41,6 +41,7 @@ from tests.fixture_actions import read_calls
 from tests.helpers import (
     WorkerProcess,
     events_of,
+    finishes,
     processes,
     record_of,
     runs_of,
@@ -392,9 +393,8 @@ def test_redis_down_at_submit_user_gets_confirmation_and_run_completes_after(
         env = {**subprocess_env, "REDIS_URL": server.url}
         with WorkerProcess(env):  # workers keep running through the outage
             server.stop(kill=True)
-            began = time.monotonic()
-            token = token_of(submit(client, "mixed", {"name": "Lou"}))  # confirmed
-            assert time.monotonic() - began < 30  # and not after hanging on the dead Redis
+            # Confirmed, and not after hanging on the dead Redis.
+            token = token_of(finishes(lambda: submit(client, "mixed", {"name": "Lou"}), 30))
             page = client.get(f"/r/{token}")
             assert page.status_code == 200 and b"Now" in page.data
             assert client.get(f"/r/{token}/status").json["done"] is False
@@ -717,9 +717,7 @@ def test_http_request_sends_same_idempotency_key_on_every_retry(client, rt):
 def test_step_exceeding_timeout_fails_with_took_longer(client, rt):
     token = token_of(submit(client, "slowpoke", {"name": "Tim"}))
     assert job_of(rt, the_run(rt, token).id).timeout == 1 + GRACE_SECONDS
-    began = time.monotonic()
-    work(rt)
-    assert time.monotonic() - began < 30  # stopped long before the 60 s of work
+    work(rt)  # stopped by its 1 s timeout: the 60 s of work would have ended "done"
     run = the_run(rt, token)
     assert run.status == RunStatus.DEAD and run.safe_error == TIMED_OUT
     assert "took longer" in assert_user_safe(client, token)["runs"][0]["error"]

@@ -142,3 +142,23 @@ def test_status_polls_do_not_reissue_the_session_cookie(client):
     assert "Set-Cookie" in client.get(f"/r/{token}").headers  # the page refreshes it
     poll = client.get(f"/r/{token}/status")
     assert poll.status_code == 200 and "Set-Cookie" not in poll.headers
+
+
+def test_rule_forms_translate_messages_as_flask_wtf_without_reloading_them(app):
+    """The catalogue is cached per locale; every message still reads as flask_wtf's."""
+    from flask_wtf.i18n import translations as flask_wtf_translations
+
+    from formrules.web import formbuilder
+    formbuilder._catalogue.cache_clear()
+    for language in ("en", "de", "fr-CH", "en", "de"):
+        with app.test_request_context(headers={"Accept-Language": language}):
+            ours = formbuilder.RuleForm.Meta().get_translations(None)
+            for message in ("This field is required.", "Not a valid integer value.",
+                            "Invalid email address."):
+                assert ours.gettext(message) == flask_wtf_translations.gettext(message)
+            assert ours.ngettext("Field must be at least %(min)d character long.",
+                                 "Field must be at least %(min)d characters long.", 2) == \
+                flask_wtf_translations.ngettext(
+                    "Field must be at least %(min)d character long.",
+                    "Field must be at least %(min)d characters long.", 2)
+    assert formbuilder._catalogue.cache_info().misses <= 3  # once per locale, not per call

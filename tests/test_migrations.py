@@ -24,7 +24,7 @@ from formrules.config import from_env
 from formrules.process.runtime import Runtime, install
 from formrules.runs import snapshot
 from formrules.runs.job import Execution
-from formrules.store import migrate
+from formrules.store import migrate, search
 from formrules.store.models import Base, Record, Run
 from tests.conftest import PG_URL, ROOT
 
@@ -58,7 +58,8 @@ def test_migrations_build_exactly_the_models(database_url):
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:
-            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            context = MigrationContext.configure(conn, opts={
+                "compare_type": True, "include_name": search.include_name})
             assert compare_metadata(context, Base.metadata) == []
             assert context.get_current_revision() == migrate.head()
     finally:
@@ -249,6 +250,7 @@ def test_web_and_worker_refuse_an_empty_database_and_say_what_to_run(empty_url, 
     create_app(settings=settings)
 
 
+@pytest.mark.integration  # a database, through the CLI in a process of its own
 def test_cli_commands_upgrade_the_embedded_database_by_themselves(tmp_path):
     """No DATABASE_URL: the instance folder's SQLite is formrules' own and is upgraded."""
     env = dict(os.environ, FORMRULES_INSTANCE=str(tmp_path / "instance"),

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from formrules.language.duration import format_duration, parse_duration
 from formrules.language.loader import parse_form
+from tests.helpers import examples
 
 FILE = "rules/gen.yaml"
 KEYS = ["form", "title", "fields", "events", "submit", "update", "background", "delay",
@@ -46,7 +47,7 @@ def assert_positions(text: str) -> None:
         str(problem)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(YAMLISH)
 @example("x: &a [*a]\n")  # a recursive alias: was a RecursionError traceback
 @example("a:\n  - b\n  c: 1\n")  # was "expected <block end>, but found '?'"
@@ -55,13 +56,13 @@ def test_any_text_gives_positioned_problems_never_a_crash(text):
     assert_positions(text)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6))
 def test_any_rule_shaped_structure_gives_positioned_problems(document):
     assert_positions(yaml.safe_dump(document, default_flow_style=False, allow_unicode=True))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.lists(VALUES, max_size=5))
 @example([{"background": {"flag": []}}])  # found by this test: a TypeError traceback
 def test_any_submit_tree_gives_positioned_problems(nodes):

@@ -82,6 +82,7 @@ def test_check_command_prints_a_bomb_as_a_problem_not_a_traceback(tmp_path):
     assert f"{tmp_path}/lol.yaml:2:10: the file holds more than 100000 values" in out.stdout
 
 
+@pytest.mark.slow  # 20 000 fields parsed in a child process: seconds, not the inner loop
 def test_the_duplicate_field_check_is_linear(tmp_path):
     fields = "".join(f"  - name: f{i}\n    type: string\n" for i in range(20_000))
     (tmp_path / "big.yaml").write_text(f"form: big\nfields:\n{fields}  - name: f7\n")

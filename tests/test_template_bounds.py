@@ -21,7 +21,7 @@ from formrules.errors import PermanentError
 from formrules.language import sandbox
 from formrules.language.sandbox import TemplateLimit, evaluate, render
 from formrules.store.models import RunStatus
-from tests.helpers import ROOT, WorkerProcess, runs_of, submit, token_of, wait_until
+from tests.helpers import ROOT, WorkerProcess, examples, runs_of, submit, token_of, wait_until
 
 RUNAWAY = [
     "{{ ('x' * 100000) | center(100000000) }}",
@@ -157,7 +157,7 @@ _piece = st.sampled_from([
 ])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.tuples(_piece, st.integers(0, 10**9)), min_size=1, max_size=4),
        st.text(alphabet="xy", min_size=1, max_size=50))
 def test_generated_growth_renders_or_stops_at_a_limit(pieces, s):

@@ -14,13 +14,14 @@
               └─ otherwise: on_error branch (once), status dead, notify
 Every status change goes through `formrules.runs.lifecycle`.
 
-A heartbeat thread keeps the lease alive (also through steps far longer than the stale
-limit); the reconciler resumes Runs whose heartbeat stops (a killed worker), and an
-execution that lost its lease stops at its next write. The node's `timeout:` (default
-`default_timeout_seconds`) is enforced at every progress/cancel check inside a step and
-between steps; RQ's own job timeout, a little longer, is the backstop for actions that
-never check. RQ does not retry: a retrying Run's next attempt is due at `Run.due_at`, and
-the leader enqueues it then (`formrules.process.leader`).
+The process's heartbeat thread (`runs.heartbeat`) keeps the lease alive (also through
+steps far longer than the stale limit); the reconciler resumes Runs whose heartbeat stops
+(a killed worker), and an execution that lost its lease stops at its next write. The
+node's `timeout:` (default `default_timeout_seconds`) is enforced at every
+progress/cancel check inside a step and between steps; RQ's own job timeout, a little
+longer, is the backstop for actions that never check. RQ does not retry: a retrying Run's
+next attempt is due at `Run.due_at`, and the leader enqueues it then
+(`formrules.process.leader`).
 Nothing here imports the web layer.
 """
 
@@ -57,9 +58,10 @@ from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
 from formrules.runs import lifecycle, observe, pause
 from formrules.runs.engine import Walker, call_action, call_of, new_run
+from formrules.runs.heartbeat import heartbeats
 from formrules.runs.slots import FULL, TAKEN, Slots
 from formrules.runs.snapshot import Snapshot
-from formrules.store.db import lock_record
+from formrules.store.db import merge_record
 from formrules.store.models import (
     CHECKPOINT_KINDS,
     EventKind,
@@ -101,13 +103,13 @@ class Execution:
         self.lease = new_id()
         self.cancel_seen = threading.Event()
         self.lease_lost = threading.Event()
-        self.stop_beat = threading.Event()
         self.last_progress_write = 0.0
         self.timeout = self.settings.default_timeout_seconds
         self.deadline = float("inf")  # monotonic; set from the node's timeout when it starts
         self.pending_children: list[Run] = []
         self.snapshot = Snapshot(raw={}, fields={})  # loaded once the Run is claimed
         self.data: dict[str, Any] = {}  # the record as of our last transaction
+        self.version: int | None = None  # its version then (None: not known)
         self.done_paths: set[str] = set()  # checkpointed steps, this attempt's and earlier
         self.caught: dict[str, str] = {}  # `<try>/catch` checkpoints: path -> detail
         self.dying = False  # in the on_error branch: a `try:` there catches at once
@@ -124,8 +126,12 @@ class Execution:
             with self.store.session() as s:
                 run = lifecycle.claim(s, self.run_id, self.lease, now)
                 if run is not None:
-                    done = s.execute(select(RunEvent.path, RunEvent.detail).where(
-                        RunEvent.run_id == run.id, RunEvent.event.in_(CHECKPOINT_KINDS))).all()
+                    # Its first start ever (started_at set by this claim) has no
+                    # checkpoints to skip; a retry or a resumed Run reads them.
+                    done = [] if run.started_at == now else s.execute(
+                        select(RunEvent.path, RunEvent.detail).where(
+                            RunEvent.run_id == run.id,
+                            RunEvent.event.in_(CHECKPOINT_KINDS))).all()
                     self.done_paths = {path for path, _ in done}
                     self.caught = {path: detail or "" for path, detail in done
                                    if path.endswith(CATCH)}
@@ -148,25 +154,34 @@ class Execution:
             time.sleep(max(0.01, wait))
 
     def read_record(self, s: Session, run: Run) -> dict[str, Any]:
-        """The record's data in `s`'s transaction ({} for a Run without a record)."""
+        """The record's data in `s`'s transaction ({} for a Run without a record); notes
+        its version, so the next write can skip re-reading it."""
         if run.record_id is None:
             return {}
-        data = s.scalar(select(Record.data).where(Record.id == run.record_id))
-        return dict(data) if data else {}
+        row = s.execute(select(Record.data, Record.version)
+                        .where(Record.id == run.record_id)).first()
+        self.version = row.version if row else None
+        return dict(row.data) if row and row.data else {}
 
-    def heartbeat(self) -> None:
-        """Keep the lease alive and notice cancellation, until told to stop."""
-        while not self.stop_beat.wait(self.settings.heartbeat_seconds):
-            try:
-                with self.store.session() as s:
-                    if lifecycle.hold(s, self.run_id, self.lease).cancel_requested:
-                        self.cancel_seen.set()
-            except LeaseLost:
-                self.lease_lost.set()
-                return
-            except Exception:  # the database blinked; the next beat tries again
-                log.exception("run %s: heartbeat failed", self.run_id)
-            self.renew_slot()
+    def write_record(self, s: Session, run: Run, updates: dict[str, Any]) -> None:
+        """Merge `updates` into the record's data (see `merge_record`)."""
+        self.data, self.version = merge_record(s, run.record_id, updates,
+                                               self.version, self.data)
+
+    def beat(self) -> None:
+        """Keep the lease alive and notice cancellation (from the heartbeat thread)."""
+        if self.lease_lost.is_set():
+            return
+        try:
+            with self.store.session() as s:
+                if lifecycle.hold(s, self.run_id, self.lease).cancel_requested:
+                    self.cancel_seen.set()
+        except LeaseLost:
+            self.lease_lost.set()
+            return
+        except Exception:  # the database blinked; the next beat tries again
+            log.exception("run %s: heartbeat failed", self.run_id)
+        self.renew_slot()
 
     def renew_slot(self) -> None:
         """Keep the `concurrency:` slot's lease alive with the Run's own heartbeat."""
@@ -249,8 +264,7 @@ class Execution:
         if run is None:
             self.give_slot_back(None)
             return "not claimed"
-        beat = threading.Thread(target=self.heartbeat, name=f"heartbeat-{run.id}", daemon=True)
-        beat.start()
+        heartbeats.add(self, self.settings.heartbeat_seconds)
         node: DeferNode | None = None
         started = time.monotonic()
         try:
@@ -280,8 +294,7 @@ class Execution:
                 self.slots = None
                 return "lease lost"
         finally:
-            self.stop_beat.set()
-            beat.join(timeout=5)
+            heartbeats.discard(self)
             self.give_slot_back(run)
             self.rt.dispatcher.dispatch_all(self.pending_children)
             if run.batch_id is not None:  # a batch child ended (or will retry): a free slot
@@ -334,9 +347,7 @@ class Execution:
             owned = self.checkpoint(s, run, node.path, node.action,
                                     int((time.monotonic() - started) * 1000))
             if ctx.updates and run.record_id is not None:
-                record = lock_record(s, run.record_id)
-                record.data = {**record.data, **ctx.updates}
-                self.data = dict(record.data)
+                self.write_record(s, run, ctx.updates)
             else:
                 self.data = self.read_record(s, run)
             for item in ctx.attachments:
@@ -381,8 +392,7 @@ class Execution:
             # step: the Run row is written first, so a cancel racing us waits or loses.
             lifecycle.succeed(s, run.id, self.lease)
             if node.flag and run.record_id is not None:
-                record = lock_record(s, run.record_id)
-                record.data = {**record.data, node.flag: True}
+                self.write_record(s, run, {node.flag: True})
 
     def fail(self, run: Run, node: DeferNode | None, exc: BaseException) -> str:
         """Classify a failure: cancelled, retry later, or dead (after on_error)."""
@@ -517,9 +527,7 @@ class RunWalker(Walker):
             lifecycle.note(s, owned, EventKind.CAUGHT,
                            "".join(traceback.format_exception(exc)), error["step"])
             if node.error_field and run.record_id is not None:
-                record = lock_record(s, run.record_id)
-                record.data = {**record.data, node.error_field: error["message"]}
-                ex.data = dict(record.data)
+                ex.write_record(s, run, {node.error_field: error["message"]})
         ex.done_paths.add(path)
         ex.current_path = ""
 

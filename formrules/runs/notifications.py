@@ -20,9 +20,9 @@ def run_ended(s: Session, run: Run, level: str, message: str) -> None:
         return  # its owner deleted it (cancel-and-delete): news of it would only confuse
     if run.awaited == "false" and level == "success" and run.kind == "delay":
         return  # a reminder firing on schedule is not news to the person who submitted
-    token = None
-    if run.record_id is not None:
-        token = s.scalar(select(Record.token).where(Record.id == run.record_id))
+    # The record's token is read by the INSERT itself (no statement of its own).
+    token = None if run.record_id is None else \
+        select(Record.token).where(Record.id == run.record_id).scalar_subquery()
     s.add(Notification(owner=run.owner, run_id=run.id, record_token=token, level=level,
                        message=message[:500]))
 

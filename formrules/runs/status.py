@@ -106,12 +106,15 @@ POLL_TAG = (
     .group_by(Record.id, Record.owner, Record.form_id, Record.version, Record.updated_at))
 
 
-# A record's own visible Runs in tree order, each with whether it has result files.
-STATUS_RUNS = (
-    select(Run, exists().where(ResultFile.run_id == Run.id))
-    .where(Run.record_id == bindparam("record_id"), Run.hidden.is_(False),
-           Run.owner == bindparam("owner"))
-    .order_by(Run.created_at, Run.node_path, Run.id))
+# A record with its own visible Runs in tree order, each with whether it has result
+# files: one statement, so the record and its Runs come from one snapshot.
+STATUS_ROWS = (
+    select(Record, Run, exists().where(ResultFile.run_id == Run.id))
+    .outerjoin(Run, (Run.record_id == Record.id) & Run.hidden.is_(False)
+               & (Run.owner == bindparam("owner")))
+    .where(Record.id == bindparam("record_id"))
+    .order_by(Run.created_at, Run.node_path, Run.id)
+    .execution_options(populate_existing=True))
 
 
 def poll_tag(s: Session, token: str) -> tuple[int, str, str, str] | None:
@@ -152,13 +155,13 @@ def record_status(s: Session, record: Record | int, form: Form | None,
     # Runs of one submit share a creation time: the tree's order (node path) breaks the tie.
     # Only the owner's own work: an operator's batch or a schedule touching this record is
     # not something the person who submitted it is waiting for.
-    rows = s.execute(STATUS_RUNS, {"record_id": record_id, "owner": owner}).all()
-    runs = [run for run, _ in rows]
-    # Read the record after its Runs: a Run's "done" commits together with its flag, so
-    # the record read now is at least as new as the Runs; a copy loaded before them
-    # could predate that commit ("done" with the flag still unset).
-    record = s.get(Record, record_id, populate_existing=True)
-    files = files_by_run(s, [run for run, has_files in rows if has_files])
+    # The record in the same statement as its Runs: a Run's "done" commits together with
+    # its flag, so one snapshot never shows "done" with the flag still unset (a copy
+    # loaded before the Runs could predate that commit).
+    rows = s.execute(STATUS_ROWS, {"record_id": record_id, "owner": owner}).all()
+    record = rows[0][0]
+    runs = [run for _, run, _ in rows if run is not None]
+    files = files_by_run(s, [run for _, run, has_files in rows if has_files])
     awaited = [r for r in runs if r.awaited in ("true", "optional")]
     done = all(r.is_final for r in awaited)
     failed = any(r.status == RunStatus.DEAD for r in awaited)

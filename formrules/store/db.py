@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, event, update
 from sqlalchemy.engine import Engine
@@ -76,11 +77,35 @@ def lock_record(session: Session, record_id: int) -> Record:
     The write comes first on purpose: on PostgreSQL the UPDATE takes the row lock, on
     SQLite it takes the database write lock (waiting with the busy timeout), so a
     concurrent writer cannot slip between our read and our write. Call it at the start
-    of a transaction.
+    of a transaction. One statement: the locking UPDATE hands the row back (RETURNING).
     """
-    session.execute(update(Record).where(Record.id == record_id)
-                    .values(version=Record.version + 1, updated_at=utcnow()))
-    record = session.get(Record, record_id, populate_existing=True)
+    record = session.scalar(
+        update(Record).where(Record.id == record_id)
+        .values(version=Record.version + 1, updated_at=utcnow()).returning(Record)
+        .execution_options(synchronize_session=False, populate_existing=True))
     if record is None:
         raise LookupError(f"record {record_id} is gone")
     return record
+
+
+def merge_record(session: Session, record_id: int, updates: dict[str, Any],
+                 known_version: int | None = None,
+                 known_data: dict[str, Any] | None = None) -> tuple[dict[str, Any], int]:
+    """Write `updates` into a record's data; returns its data and version as written.
+
+    A caller that read the record earlier (`known_version`, `known_data`) writes in one
+    UPDATE guarded by that version: when nobody wrote meanwhile (the common case) that
+    is all; when someone did, it matches nothing and the record is locked, re-read and
+    merged as `lock_record` does. Either way the version goes up by one.
+    """
+    if known_version is not None and known_data is not None:
+        merged = {**known_data, **updates}
+        if session.execute(update(Record).where(Record.id == record_id,
+                                                Record.version == known_version)
+                           .values(data=merged, version=known_version + 1,
+                                   updated_at=utcnow())
+                           .execution_options(synchronize_session=False)).rowcount:
+            return merged, known_version + 1
+    record = lock_record(session, record_id)
+    record.data = {**record.data, **updates}
+    return dict(record.data), record.version

@@ -29,7 +29,7 @@ from sqlalchemy.sql import Select
 from formrules.runs import control, pause
 from formrules.runs.lifecycle import NOW_STATES
 from formrules.runs.trace import attempt_numbers
-from formrules.store import uploads
+from formrules.store import search, uploads
 from formrules.store.models import Record, ResultFile, Run, RunEvent, RunStatus
 from formrules.web.auth import operator_required
 from formrules.web.state import db, rt, rules
@@ -112,10 +112,14 @@ def run_filters(query: Select, args) -> Select:
     if args.get("to") and (stop := _day(args["to"], end=True)):
         query = query.where(Run.created_at < stop)
     if text := (args.get("q") or "").strip()[:200]:
-        like = f"%{text}%"
-        query = query.where(or_(Run.id.startswith(text), Run.title.ilike(like),
-                                Run.node_path.ilike(like), Run.owner.ilike(like),
-                                Run.safe_error.ilike(like), Run.last_error.ilike(like)))
+        # A few matches come from the text index (a scan would read every row to find
+        # them); many, or text too short for it, from LIKE over the newest rows.
+        ids = search.run_ids(db(), text, COUNT_LIMIT)
+        if ids is not None:
+            return query.where(Run.id.in_(ids))
+        query = query.where(or_(Run.id.startswith(text), *(
+            getattr(Run, column).icontains(text, autoescape=True)
+            for column in search.RUN_COLUMNS)))
     return query
 
 

@@ -10,8 +10,9 @@ from sqlalchemy import func, or_, select
 
 from formrules.language.tree import queues_of
 from formrules.runs import overview
+from formrules.store import search
 from formrules.store.models import NOT_STARTED, PENDING, Record, Run, RunEvent, RunStatus
-from formrules.web.admin import bp, form_ids, page_count, page_number, paginate
+from formrules.web.admin import COUNT_LIMIT, bp, form_ids, page_count, page_number, paginate
 from formrules.web.auth import operator_required
 from formrules.web.state import db, rt, rules
 
@@ -29,7 +30,10 @@ def records():
     if request.args.get("form"):
         query = query.where(Record.form_id == request.args["form"])
     if text := (request.args.get("q") or "").strip()[:200]:
-        clauses = [Record.token == text, Record.owner.ilike(f"%{text}%")]
+        ids = search.record_ids(db(), text, COUNT_LIMIT)
+        clauses = [Record.token == text,
+                   Record.id.in_(ids) if ids is not None
+                   else Record.owner.icontains(text, autoescape=True)]
         if text.isdigit():
             clauses.append(Record.id == int(text))
         query = query.where(or_(*clauses))

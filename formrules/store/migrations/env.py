@@ -8,6 +8,7 @@ PostgreSQL alike.
 from alembic import context
 
 from formrules.store.models import Base, UTCDateTime
+from formrules.store.search import include_name
 
 
 def render_item(type_, obj, autogen_context):
@@ -21,7 +22,8 @@ def run_migrations_online() -> None:
     """Migrate on the connection `formrules.store.migrate` hands over."""
     connection = context.config.attributes["connection"]
     context.configure(connection=connection, target_metadata=Base.metadata,
-                      render_as_batch=True, compare_type=True, render_item=render_item)
+                      render_as_batch=True, compare_type=True, render_item=render_item,
+                      include_name=include_name)
     with context.begin_transaction():
         context.run_migrations()
 
