@@ -49,6 +49,10 @@ class Settings:
     login_account_limit: str = "5 per 15 minutes"  # per user name: a lockout window
     login_client_limit: str = "20 per 15 minutes"  # per client address, any names
     api_auth_limit: str = "20 per 15 minutes"  # per client address, bad API tokens
+    # Live event streams (SSE) per web process at once, each holding a thread for at most
+    # `sse_seconds`; more are refused (503) and those pages keep polling.
+    sse_streams: int = 4
+    sse_seconds: float = 120.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -89,6 +93,7 @@ _ENV = {
     "api_auth_limit": "FORMRULES_API_AUTH_LIMIT",
     "submit_redis_seconds": "FORMRULES_SUBMIT_REDIS_TIMEOUT",
     "leader_lease_seconds": "FORMRULES_LEADER_LEASE", "tick_seconds": "FORMRULES_TICK",
+    "sse_streams": "FORMRULES_SSE_STREAMS", "sse_seconds": "FORMRULES_SSE_SECONDS",
 }
 
 

@@ -22,10 +22,12 @@ from formrules.language.tree import (
     DEFAULT_RETRY,
     FIELD_TYPES,
     NO_RETRY,
+    NOTIFY_EVENTS,
     ActionNode,
     DeferNode,
     IfNode,
     Node,
+    Notify,
     ProgressNode,
     RetryPolicy,
 )
@@ -33,10 +35,11 @@ from formrules.language.variables import FORM_NAMES, RUN_NAMES
 
 DEFER_KEYS = {
     "background": ("title", "flag", "await", "timeout", "retry", "do", "on_error",
-                   "inline_for"),
+                   "inline_for", "user_retry", "notify"),
     "delay": ("title", "flag", "await", "timeout", "retry", "do", "on_error", "for", "at",
-              "on_change", "cancel_if", "when"),
+              "on_change", "cancel_if", "when", "user_retry", "notify"),
 }
+NOTIFY_KEYS = ("on", "email")
 KINDS = ("if", "background", "delay", "progress")
 IF_KEYS = ("if", "then", "else")
 PROGRESS_KEYS = ("done", "total", "message", "title")
@@ -327,8 +330,50 @@ class Checker:
             cancel_if=self.expression(args["cancel_if"], pos("cancel_if"), path, edit=True)
             if "cancel_if" in args else None,
             when=self.expression(args["when"], pos("when"), path) if "when" in args else None,
+            user_retry=self.boolean(args["user_retry"], pos("user_retry"), path)
+            if "user_retry" in args else False,
+            notify=self.notify(args["notify"], pos("notify"), path)
+            if "notify" in args else Notify(),
             raw=plain(item),
         )
+
+    def notify(self, value: Any, pos: Pos | None, path: str) -> Notify:
+        """`notify: [start, end]`, `notify: false`, or `notify: {on: [...], email: ...}`
+        where `email` is true (the owner's address) or a template giving an address."""
+        npath = f"{path}/notify"
+        email: str | None = None
+        on: Any = value
+        if value is False:
+            on = []
+        elif isinstance(value, dict):
+            self.known_keys(value, NOTIFY_KEYS, npath, "notify")
+            on = value.get("on", ["end"])
+            pos = self.value_pos(value, "on") if "on" in value else pos
+            if "email" in value:
+                mail, mpos = value["email"], self.value_pos(value, "email")
+                if mail is True:
+                    email = "owner"
+                elif isinstance(mail, str) and mail.strip() and mail != "owner":
+                    email = self.text(mail, mpos, npath)
+                elif mail is not False:
+                    self.error(mpos, npath, "'email' must be true (the owner's address) or "
+                                            f"a template giving an address, got {_kind(mail)}")
+        if isinstance(on, str):
+            on = [on]
+        if not isinstance(on, list):
+            self.error(pos, npath, "'notify' takes a list of moments (start, end), false, "
+                                   f"or a mapping of on and email; got {_kind(on)}")
+            return Notify(explicit=True)
+        moments = []
+        for i, moment in enumerate(on):
+            if moment not in NOTIFY_EVENTS:
+                where = self.value_pos(on, i) if isinstance(on, Seq) else pos
+                self.error(where, npath, f"unknown moment '{moment}' (notify on start or "
+                                         f"end){did_you_mean(moment, NOTIFY_EVENTS)}")
+            elif moment not in moments:
+                moments.append(moment)
+        ordered = tuple(m for m in NOTIFY_EVENTS if m in moments)
+        return Notify(on=ordered, email=email, explicit=True)
 
     def retry(self, value: Any, pos: Pos | None, path: str) -> RetryPolicy:
         """`retry: {attempts, backoff: [..] | exponential, base, max, jitter}`."""

@@ -88,6 +88,15 @@ RUN_VALUES: dict[str, Any] = {
     "on_change": {"enum": list(ON_CHANGE_VALUES)},
     "cancel_if": EXPRESSION,
     "when": EXPRESSION,
+    "user_retry": {"type": "boolean",
+                   "description": "The owner may retry it once it failed, after its "
+                                  "completed steps"},
+    "notify": {"description": "Notices to the owner: at start and/or end, by e-mail too",
+               "anyOf": [{"type": "boolean", "const": False},
+                         {"type": "array", "items": {"enum": ["start", "end"]}},
+                         {"type": "object", "additionalProperties": False, "properties": {
+                             "on": {"type": "array", "items": {"enum": ["start", "end"]}},
+                             "email": {"anyOf": [{"type": "boolean"}, TEXT]}}}]},
     # tasks and schedules
     "concurrency": {"type": "integer", "minimum": 1},
     "stop_on_error": {"type": "boolean"},

@@ -108,6 +108,23 @@ DEFAULT_RETRY = RetryPolicy(attempts=8, backoff=(10, 60, 600, 3600, 6 * 3600, DA
 NO_RETRY = RetryPolicy(attempts=1)
 
 
+NOTIFY_EVENTS = ("start", "end")
+
+
+@dataclass(frozen=True)
+class Notify:
+    """`notify:`: which moments of a Run its owner gets a notice of, and e-mail copies."""
+
+    on: tuple[str, ...] = ("end",)  # a subset of NOTIFY_EVENTS, in that order
+    # None: no e-mail from the rule (the owner's own preference may still ask for one);
+    # "owner": the owner's account address; else a template giving the address.
+    email: str | None = None
+    explicit: bool = False  # written in the rule (else the default: a notice at the end)
+
+
+DEFAULT_NOTIFY = Notify()
+
+
 @dataclass(frozen=True)
 class DeferNode(Node):
     """`background:` or `delay:`: children run later on a worker, as one Run."""
@@ -126,6 +143,8 @@ class DeferNode(Node):
     on_change: str = "keep"  # "recompute" | "keep"
     cancel_if: str | None = None
     when: str | None = None
+    user_retry: bool = False  # the owner may retry it once it failed (after its checkpoints)
+    notify: Notify = DEFAULT_NOTIFY
     raw: Any = field(default=None, compare=False, repr=False)  # plain snapshot for the Run
 
 

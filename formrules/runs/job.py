@@ -34,8 +34,6 @@ from sqlalchemy.orm import Session
 
 from formrules.actions.context import Context
 from formrules.errors import (
-    GENERIC_FAILURE,
-    TIMED_OUT,
     ActionError,
     Cancelled,
     LeaseLost,
@@ -43,12 +41,13 @@ from formrules.errors import (
     RuleError,
     RunFailed,
     TimedOut,
+    user_message,
 )
 from formrules.language.sandbox import evaluate, render
 from formrules.language.tree import ActionNode, DeferNode, ProgressNode
 from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
-from formrules.runs import lifecycle, observe
+from formrules.runs import control, lifecycle, notifications, observe
 from formrules.runs.engine import call_action, new_run, walk
 from formrules.runs.snapshot import Snapshot
 from formrules.store.db import lock_record
@@ -101,6 +100,7 @@ class Execution:
         self.data: dict[str, Any] = {}  # the record as of our last transaction
         self.done_paths: set[str] = set()  # checkpointed steps, this attempt's and earlier
         self.current_path = ""  # the step running (or that ran last)
+        self.current_action = ""  # its action's name (what users read of a failure)
 
     # -- ownership ---------------------------------------------------------------------
     def claim(self) -> Run | None:
@@ -170,6 +170,7 @@ class Execution:
             return "not claimed"
         beat = threading.Thread(target=self.heartbeat, name=f"heartbeat-{run.id}", daemon=True)
         beat.start()
+        self.send_emails(run)  # a `notify: {on: [start], email: …}` copy goes now
         node: DeferNode | None = None
         started = time.monotonic()
         try:
@@ -200,9 +201,19 @@ class Execution:
             self.stop_beat.set()
             beat.join(timeout=5)
             self.rt.dispatcher.dispatch_all(self.pending_children)
+            self.send_emails(run)
+            if run.record_id is not None:  # its owner deleted it meanwhile: now it can go
+                control.finish_deletions(self.store, run.record_id)
             if run.batch_id is not None:  # a batch child ended (or will retry): a free slot
                 from formrules.runs.batch import child_finished
                 child_finished(self.rt, run)
+
+    def send_emails(self, run: Run) -> None:
+        """E-mail copies of this Run's notices (the reconciler retries any that fail)."""
+        try:
+            notifications.send_emails(self.store, self.settings, run.id)
+        except Exception:  # the database blinked: the reconciler sends them later
+            log.exception("run %s: sending notice e-mails failed", run.id)
 
     def check_when(self, run: Run, node: DeferNode) -> bool:
         """A Delay's `when:` is re-checked at fire time; false means skipped."""
@@ -277,6 +288,7 @@ class Execution:
         ctx = self.context(run, node.path, **extra)
         started = time.monotonic()
         self.current_path = node.path  # a failure's trace line names the step
+        self.current_action = node.action
         call_action(node, ctx)
         with self.store.session() as s:
             # The checkpoint first: it proves the lease (a lost one writes nothing) and
@@ -292,7 +304,7 @@ class Execution:
             for item in ctx.attachments:
                 s.add(ResultFile(run_id=run.id, owner=owned.owner, filename=item.filename,
                                  content_type=item.content_type, data=item.data))
-        self.current_path = ""
+        self.current_path = self.current_action = ""
 
     def progress(self, run: Run, done: float | None, total: float | None,
                  message: str | None, force: bool = False, title: str | None = None) -> None:
@@ -341,9 +353,9 @@ class Execution:
         # heal by waiting: dead at once, for an operator to retry once the code is back.
         retryable = exc.retryable if isinstance(exc, ActionError) \
             else not isinstance(exc, RuleError)
-        safe = exc.safe_message if isinstance(exc, ActionError) else GENERIC_FAILURE
-        if type(exc).__name__ == "JobTimeoutException":  # RQ's backstop fired
-            safe = TIMED_OUT
+        # The safe message rule (`formrules.errors.user_message`): what the owner reads.
+        step = self.current_action or None
+        safe = user_message(exc, step)
         with self.store.session() as s:
             owned = lifecycle.hold(s, run.id, self.lease)
             # A cancel asked for while this step ran wins over any retry: a cancelled Run
@@ -353,7 +365,7 @@ class Execution:
                 return "cancelled"
             log.warning("run %s attempt %s failed: %s", run.id, run.attempt, exc)
             owned = lifecycle.hold(s, run.id, self.lease, last_error=detail[-20000:],
-                                   safe_error=safe[:500])
+                                   safe_error=safe[:500], error_step=step)
             lifecycle.note(s, owned, EventKind.ERROR, detail,
                            getattr(exc, "path", "") or self.current_path)
             if retryable and owned.attempt < owned.max_attempts:

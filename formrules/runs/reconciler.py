@@ -11,7 +11,9 @@ changes hands):
    twice. Only Runs due now are read (the `status, due_at` index): a pass costs what is
    due, not what is pending, so 100k future Delays cost nothing until they come due;
 3. fire due cron schedules (`formrules.runs.schedule`), one Run per slot;
-4. advance batches (`formrules.runs.batch`): start waiting children in free slots.
+4. advance batches (`formrules.runs.batch`): start waiting children in free slots;
+5. delete records marked for deletion whose work has stopped, and send the notice
+   e-mails a worker left unsent (`formrules.runs.control`, `.notifications`).
 Between passes, `dispatch_due` (every `tick_seconds`) enqueues the Delays and retries
 that just came due, so they start on time.
 
@@ -71,6 +73,12 @@ def reconcile_once(rt: Runtime, schedules: bool = True,
         result.dispatched += advance_all(rt)
     except Exception:
         log.exception("batches failed")
+    from formrules.runs import control, notifications
+    try:  # what a worker that died left undone: deletions and notice e-mails
+        control.finish_deletions(rt.store)
+        notifications.send_emails(rt.store, rt.settings)
+    except Exception:
+        log.exception("deletions or notice e-mails failed")
     return result
 
 

@@ -90,6 +90,7 @@ def create_app(test_config: dict[str, Any] | None = None,
         api,
         auth,
         batches,
+        events,
         forms,
         headers,
         limits,
@@ -99,7 +100,7 @@ def create_app(test_config: dict[str, Any] | None = None,
         tasks,
         updates,
     )
-    for module in (forms, records, tasks, auth, admin, updates, batches, api, ops):
+    for module in (forms, records, tasks, events, auth, admin, updates, batches, api, ops):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
     from formrules.web.state import rules_health

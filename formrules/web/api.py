@@ -3,6 +3,7 @@
     POST  /api/forms/<form_id>    201 {token, status_url, …}; 422 with field messages
     GET   /api/records/<token>    the record, its state and its Runs
     PATCH /api/records/<token>    change fields: update events and Delay policies follow
+    DELETE /api/records/<token>   delete it; work still running is cancelled first
 
 Same validation (the form's WTForms class) and the same events as the HTML form. Every
 call but the document needs `Authorization: Bearer <token>` (`formrules tokens add NAME`);
@@ -23,7 +24,7 @@ from werkzeug.datastructures import MultiDict
 
 from formrules.errors import ActionError
 from formrules.language.tree import Form
-from formrules.runs import submit, updates
+from formrules.runs import control, submit, updates
 from formrules.runs.status import record_status
 from formrules.store import tokens
 from formrules.store.models import Record, ResultFile, Run
@@ -213,7 +214,9 @@ def create(form_id: str):
 def _record(token: str) -> Record | None:
     if len(token) > 64:
         return None
-    return db().scalar(select(Record).where(Record.token == token))
+    # One being deleted (its work stopping) is gone already as far as clients can tell.
+    return db().scalar(select(Record).where(Record.token == token,
+                                            Record.delete_requested.is_(False)))
 
 
 @bp.get("/records/<token>")
@@ -258,6 +261,27 @@ def patch(token: str):
     body = _body(edit.record, form)
     body["changed"] = sorted(edit.changed)
     return jsonify(body)
+
+
+@bp.delete("/records/<token>")
+def remove(token: str):
+    """Delete a record with its work and files. Work not started is cancelled; a step
+    running now is asked to stop and the record goes once it has (202), else at once
+    (204). Either way it answers 404 from now on; no step writes to it any more."""
+    found = _record(token)
+    if found is None:
+        return error(404, "not_found", "There is no record with this token.")
+    runs = control.delete_record(db(), found, f"API client {g.api_token.name}")
+    db().commit()
+    for run in runs:
+        if run.status == "cancelled":
+            control.after_commit(rt().dispatcher, run)
+    db().expire_all()
+    if db().scalar(select(Record.id).where(Record.token == token)) is None:
+        return "", 204
+    return jsonify({"token": token, "state": "deleting",
+                    "message": "Work in progress is stopping; the record is deleted as "
+                               "soon as it has stopped."}), 202
 
 
 @bp.get("/files/<file_id>")

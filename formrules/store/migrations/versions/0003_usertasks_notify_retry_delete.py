@@ -1,0 +1,38 @@
+"""Owners' retries and notices: the failed step's name, e-mail copies of notices, users'
+notification preferences, and records whose deletion waits for a cancel to land.
+
+Revision ID: 0003_usertasks
+Revises: 0002
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003_usertasks"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+COLUMNS = [
+    ("runs", sa.Column("error_step", sa.String(100), nullable=True)),
+    ("records", sa.Column("delete_requested", sa.Boolean(), nullable=False,
+                          server_default="0")),
+    ("users", sa.Column("email", sa.String(254), nullable=True)),
+    ("users", sa.Column("email_on_end", sa.Boolean(), nullable=False, server_default="0")),
+    ("notifications", sa.Column("email_to", sa.String(254), nullable=True)),
+    ("notifications", sa.Column("emailed_at", sa.DateTime(timezone=True), nullable=True)),
+]
+
+
+def upgrade() -> None:
+    """Add the columns."""
+    for table, column in COLUMNS:
+        with op.batch_alter_table(table) as batch:
+            batch.add_column(column)
+
+
+def downgrade() -> None:
+    """Drop them again."""
+    for table, column in reversed(COLUMNS):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column(column.name)
