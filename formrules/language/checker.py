@@ -39,7 +39,7 @@ DEFER_KEYS = {
     "delay": ("title", "flag", "await", "timeout", "retry", "do", "on_error", "for", "at",
               "on_change", "cancel_if", "when", "user_retry", "notify"),
 }
-NOTIFY_KEYS = ("on", "email")
+NOTIFY_KEYS = ("events", "email")
 KINDS = ("if", "background", "delay", "progress")
 IF_KEYS = ("if", "then", "else")
 PROGRESS_KEYS = ("done", "total", "message", "title")
@@ -338,7 +338,7 @@ class Checker:
         )
 
     def notify(self, value: Any, pos: Pos | None, path: str) -> Notify:
-        """`notify: [start, end]`, `notify: false`, or `notify: {on: [...], email: ...}`
+        """`notify: [start, end]`, `notify: false`, or `notify: {events: [...], email: …}`
         where `email` is true (the owner's address) or a template giving an address."""
         npath = f"{path}/notify"
         email: str | None = None
@@ -346,9 +346,13 @@ class Checker:
         if value is False:
             on = []
         elif isinstance(value, dict):
-            self.known_keys(value, NOTIFY_KEYS, npath, "notify")
-            on = value.get("on", ["end"])
-            pos = self.value_pos(value, "on") if "on" in value else pos
+            if True in value:  # YAML 1.1 reads a key `on:` as true
+                self.error(self.key_pos(value, True), npath,
+                           "YAML reads 'on' as true here: name the moments with 'events:'")
+            self.known_keys({k: v for k, v in value.items() if k is not True},
+                            NOTIFY_KEYS, npath, "notify")
+            on = value.get("events", ["end"])
+            pos = self.value_pos(value, "events") if "events" in value else pos
             if "email" in value:
                 mail, mpos = value["email"], self.value_pos(value, "email")
                 if mail is True:
@@ -362,7 +366,7 @@ class Checker:
             on = [on]
         if not isinstance(on, list):
             self.error(pos, npath, "'notify' takes a list of moments (start, end), false, "
-                                   f"or a mapping of on and email; got {_kind(on)}")
+                                   f"or a mapping of events and email; got {_kind(on)}")
             return Notify(explicit=True)
         moments = []
         for i, moment in enumerate(on):
@@ -373,7 +377,7 @@ class Checker:
             elif moment not in moments:
                 moments.append(moment)
         ordered = tuple(m for m in NOTIFY_EVENTS if m in moments)
-        return Notify(on=ordered, email=email, explicit=True)
+        return Notify(events=ordered, email=email, explicit=True)
 
     def retry(self, value: Any, pos: Pos | None, path: str) -> RetryPolicy:
         """`retry: {attempts, backoff: [..] | exponential, base, max, jitter}`."""

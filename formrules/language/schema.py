@@ -95,7 +95,8 @@ RUN_VALUES: dict[str, Any] = {
                "anyOf": [{"type": "boolean", "const": False},
                          {"type": "array", "items": {"enum": ["start", "end"]}},
                          {"type": "object", "additionalProperties": False, "properties": {
-                             "on": {"type": "array", "items": {"enum": ["start", "end"]}},
+                             "events": {"type": "array",
+                                        "items": {"enum": ["start", "end"]}},
                              "email": {"anyOf": [{"type": "boolean"}, TEXT]}}}]},
     # tasks and schedules
     "concurrency": {"type": "integer", "minimum": 1},

@@ -115,7 +115,7 @@ NOTIFY_EVENTS = ("start", "end")
 class Notify:
     """`notify:`: which moments of a Run its owner gets a notice of, and e-mail copies."""
 
-    on: tuple[str, ...] = ("end",)  # a subset of NOTIFY_EVENTS, in that order
+    events: tuple[str, ...] = ("end",)  # a subset of NOTIFY_EVENTS, in that order
     # None: no e-mail from the rule (the owner's own preference may still ask for one);
     # "owner": the owner's account address; else a template giving the address.
     email: str | None = None

@@ -132,7 +132,7 @@ def run_started(s: Session, run: Run) -> None:
     if run.batch_id is not None or run.hidden or run.attempt > 1:
         return  # a batch reports once; a retry is not a new start
     spec = node_notify(run)
-    if "start" in spec.on:
+    if "start" in spec.events:
         _notice(s, run, "info", f"{run.title}: started.", "start", spec)
 
 
@@ -143,7 +143,7 @@ def run_ended(s: Session, run: Run, level: str, message: str) -> None:
     if run.hidden:
         return  # its owner deleted it (cancel-and-delete): news of it would only confuse
     spec = node_notify(run)
-    if "end" not in spec.on:
+    if "end" not in spec.events:
         return
     if not spec.explicit and run.awaited == "false" and level == "success" \
             and run.kind == "delay":
