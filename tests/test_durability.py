@@ -27,12 +27,13 @@ from rq.serializers import JSONSerializer
 from sqlalchemy import select
 
 from formrules.cli import cli
+from formrules.errors import TIMED_OUT
 from formrules.language.loader import parse_form
 from formrules.language.tree import DAY, DEFAULT_RETRY, RetryPolicy
 from formrules.process import runtime as runtime_mod
 from formrules.process.redis_server import RedisServer
 from formrules.process.runtime import install
-from formrules.runs.job import LOST_WORKER, TIMED_OUT, execute_run
+from formrules.runs.job import LOST_WORKER, execute_run
 from formrules.runs.queue import GRACE_SECONDS
 from formrules.runs.reconciler import dispatch_due, reconcile_once, run_forever
 from formrules.store.models import Notification, Record, Run, RunStatus, utcnow
@@ -523,7 +524,8 @@ def test_flaky_action_is_done_on_attempt_3_with_backoff_honoured(client, rt):
         assert status["max_attempts"] == 3
         assert status["next_retry_at"] == run.due_at.isoformat(timespec="seconds")
         assert status["error"] == "The booking service is busy; we will try again."
-        assert "flaky" not in json.dumps(status)  # the internal message is not shown
+        # The internal message is not shown; which step failed (its action) is.
+        assert "upstream 503" not in json.dumps(status) and status["error_step"] == "flaky"
         wait_for_due(rt, run.id)
 
     work(rt)

@@ -395,3 +395,31 @@ def test_my_tasks_delete_of_a_running_task_cancels_it_first(client, rt, worker):
     assert run.id not in client.get("/tasks").get_data(as_text=True)
     assert not any(line.startswith("after") and run.id in line
                    for line in read_calls(rt.settings.instance_dir))
+
+
+# -- the same in a browser: the failure, Try again, live events, no CSP violation -----------
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_in_a_browser_the_owner_tries_again_and_the_page_follows_live(
+        browser, web, rt, worker):
+    context = browser.new_context()
+    page = context.new_page()
+    problems, streams = [], []
+    page.on("console", lambda m: problems.append(m.text)
+            if "Content Security Policy" in m.text or m.type == "error" else None)
+    page.on("request", lambda r: streams.append(r.url) if r.url.endswith("/events") else None)
+    try:
+        page.goto(f"{web.url}/forms/retryable")
+        page.get_by_label("Name").fill("Hal")
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_url("**/r/*")
+        page.locator('.status-body[data-state="failed"]').wait_for(timeout=60000)
+        assert page.get_by_text("The step “fail first time” failed.").is_visible()
+        assert SECRET not in page.content()
+        assert streams, "the waiting page opened no live event stream"
+        page.get_by_role("button", name="Try Booking for Hal again").click()
+        page.locator('.status-body[data-state="done"]').wait_for(timeout=60000)
+        assert problems == [], problems
+    finally:
+        context.close()

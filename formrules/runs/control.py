@@ -57,11 +57,11 @@ def owner_may_retry(run: Run) -> bool:
 
 def owner_retry(s: Session, run: Run) -> None:
     """The owner retries a failed Run whose node allows it, after its completed steps."""
-    if not owner_may_retry(run) or not lifecycle.owner_retry(s, run):
-        raise NotAllowed(f"a {run.status} run cannot be retried by its owner")
     if run.record_id is not None and s.scalar(
             select(Record.delete_requested).where(Record.id == run.record_id)):
         raise NotAllowed("its record is being deleted")
+    if not owner_may_retry(run) or not lifecycle.owner_retry(s, run):
+        raise NotAllowed(f"a {run.status} run cannot be retried by its owner")
 
 
 def delete_record(s: Session, record: Record, who: str) -> list[Run]:

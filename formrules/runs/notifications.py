@@ -35,6 +35,8 @@ from formrules.store.models import Batch, Notification, Record, Run, RunStatus, 
 
 log = logging.getLogger("formrules.runs.notifications")
 EVENTS_KEY = "formrules.live_events"  # Session.info: events waiting for the commit
+EMAILS_KEY = "formrules.notice_emails"  # Session.info: Runs whose notices want e-mail
+_unsent: set[str] = set()  # Runs whose notice e-mails this process committed, not sent
 CHANNEL_PREFIX = "formrules:events:"
 
 Publisher = Callable[[str, str], Any]  # (channel, JSON text)
@@ -79,6 +81,7 @@ def changed(s: Session, run: Run, kind: str) -> None:
 
 @event.listens_for(Session, "after_commit")
 def _publish(session: Session) -> None:
+    _unsent.update(session.info.pop(EMAILS_KEY, ()))
     items = session.info.pop(EVENTS_KEY, None)
     if not items or _publisher is None:
         return
@@ -92,6 +95,7 @@ def _publish(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _forget(session: Session) -> None:
     session.info.pop(EVENTS_KEY, None)
+    session.info.pop(EMAILS_KEY, None)
 
 
 def _address(s: Session, run: Run, spec: Notify, moment: str) -> str | None:
@@ -122,9 +126,11 @@ def _address(s: Session, run: Run, spec: Notify, moment: str) -> str | None:
 
 def _notice(s: Session, run: Run, level: str, message: str, moment: str,
             spec: Notify) -> None:
+    address = _address(s, run, spec, moment)
     s.add(Notification(owner=run.owner, run_id=run.id, record_token=_token(s, run),
-                       level=level, message=message[:500],
-                       email_to=_address(s, run, spec, moment)))
+                       level=level, message=message[:500], email_to=address))
+    if address:
+        s.info.setdefault(EMAILS_KEY, set()).add(run.id)
 
 
 def run_started(s: Session, run: Run) -> None:
@@ -164,11 +170,15 @@ def send_emails(store, settings, run_id: str | None = None, limit: int = 50) -> 
     """Send the e-mail copies not sent yet (of one Run, or any); returns how many went.
 
     Each is claimed before it is sent (so two senders never both send it) and released
-    again when sending fails, for the reconciler's next pass.
+    again when sending fails, for the reconciler's next pass. For one Run, the database
+    is only asked when this process committed an e-mail notice of it.
     """
     from formrules.actions import mail
     where = [Notification.email_to.is_not(None), Notification.emailed_at.is_(None)]
     if run_id is not None:
+        if run_id not in _unsent:
+            return 0
+        _unsent.discard(run_id)
         where.append(Notification.run_id == run_id)
     with store.session() as s:
         pending = list(s.execute(select(Notification.id, Notification.email_to,

@@ -153,7 +153,7 @@ class Record(Base):
     # Its deletion was asked for while work of it still ran: that work is cancelled, and
     # the record goes once none of it runs (`runs.control.finish_deletions`).
     delete_requested: Mapped[bool] = mapped_column(Boolean, default=False,
-                                                   server_default="0")
+                                                   server_default="0", index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -287,7 +287,7 @@ class Notification(Base):
     read_at: Mapped[datetime | None] = mapped_column()
     # An e-mail copy: where to (None: none), and when it went (None: not yet; the worker
     # sends after the commit, the reconciler catches up on any left behind).
-    email_to: Mapped[str | None] = mapped_column(String(254))
+    email_to: Mapped[str | None] = mapped_column(String(254), index=True)
     emailed_at: Mapped[datetime | None] = mapped_column()
 
 

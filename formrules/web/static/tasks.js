@@ -7,6 +7,7 @@
   var root = document.getElementById("tasks");
   if (!root) return;
   var url = root.dataset.partUrl, etag = null, delay = 2000, timer = null, polling = false;
+  var source = null;
 
   function active() { return root.querySelector("[data-active]") !== null; }
   // Never pull the list from under someone about to press a button in it.
@@ -28,6 +29,7 @@
         if (fresh && !busy()) { root.innerHTML = fresh.html; etag = fresh.tag; }
         delay = 2000; polling = false;
         if (active()) later(document.hidden ? 10000 : delay);
+        else if (source) { source.close(); source = null; }  // nothing left to follow
       }).catch(function () {
         polling = false;
         delay = Math.min(delay * 2, 30000);
@@ -38,7 +40,7 @@
   function listen() {
     var events = root.dataset.eventsUrl;
     if (!events || !window.EventSource) return;
-    var source = new EventSource(events);
+    source = new EventSource(events);
     ["start", "end", "status"].forEach(function (kind) {
       source.addEventListener(kind, function () { if (!polling) later(0); });
     });

@@ -10,7 +10,7 @@
   if (!root) return;
   var statusUrl = root.dataset.statusUrl, partUrl = root.dataset.partUrl;
   var announce = document.getElementById("announce");
-  var etag = null, delay = 1000, failures = 0, timer = null, inFlight = false;
+  var etag = null, delay = 1000, failures = 0, timer = null, inFlight = false, source = null;
 
   function body() { return root.querySelector(".status-body"); }
   function working() { var b = body(); return b && b.dataset.state === "working"; }
@@ -68,7 +68,10 @@
   var MAX_FAILURES = 4, last = null;
 
   function next() {
-    if (!working()) return;  // finished: the page now shows the result, stop polling
+    if (!working()) {  // finished: the page now shows the result, stop polling
+      if (source) source.close();  // and free the server's stream
+      return;
+    }
     timer = setTimeout(poll, document.hidden ? Math.max(delay, 5000) : delay);
   }
 
@@ -76,7 +79,7 @@
   function listen() {
     var url = root.dataset.eventsUrl, token = root.dataset.token;
     if (!url || !window.EventSource) return;
-    var source = new EventSource(url);
+    source = new EventSource(url);
     function onEvent(e) {
       var data;
       try { data = JSON.parse(e.data); } catch (err) { return; }

@@ -24,15 +24,26 @@ COLUMNS = [
 ]
 
 
+# The reconciler looks for the few records being deleted and notices to e-mail each pass.
+INDEXES = [
+    ("ix_records_delete_requested", "records", ["delete_requested"]),
+    ("ix_notifications_email_to", "notifications", ["email_to"]),
+]
+
+
 def upgrade() -> None:
-    """Add the columns."""
+    """Add the columns and their indexes."""
     for table, column in COLUMNS:
         with op.batch_alter_table(table) as batch:
             batch.add_column(column)
+    for name, table, columns in INDEXES:
+        op.create_index(name, table, columns)
 
 
 def downgrade() -> None:
     """Drop them again."""
+    for name, table, _ in INDEXES:
+        op.drop_index(name, table_name=table)
     for table, column in reversed(COLUMNS):
         with op.batch_alter_table(table) as batch:
             batch.drop_column(column.name)
