@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from sqlalchemy import select
 
 from formrules.errors import GENERIC_FAILURE, PermanentError, RetryableError, user_message
@@ -28,7 +29,7 @@ from formrules.store.models import Notification, Record, Run, RunStatus
 from tests.fixture_actions import read_calls
 from tests.helpers import submit, token_of, wait_until, work
 from tests.helpers import tokens as page_tokens
-from tests.journey import WebProcess
+from tests.journey import ARTIFACTS, WebProcess
 from tests.web_helpers import Browser, make_user, post
 
 SECRET = "hunter2"
@@ -253,6 +254,11 @@ def test_status_json_has_started_updated_and_an_eta_once_progress_moves(client, 
     api = tokens_auth(rt)
     body = client.get(f"/api/records/{token}", headers=api).json
     assert {"started_at", "updated_at", "eta_seconds"} <= set(body)
+    spec = client.get("/api/openapi.json").json
+    Draft202012Validator({"$ref": "#/components/schemas/Record",
+                          "components": spec["components"]}).validate(body)
+    assert {"started_at", "updated_at", "eta_seconds"} <= set(
+        spec["components"]["schemas"]["Record"]["properties"])
 
 
 def tokens_auth(rt) -> dict[str, str]:
@@ -292,6 +298,7 @@ class Stream:
 
 def test_start_and_end_are_pushed_live_noticed_and_emailed(rt, subprocess_env, worker):
     make_user(rt, "nina")
+    make_user(rt, "otto")
     server = WebProcess(subprocess_env).start()
     try:
         person = Browser(server.url)
@@ -308,6 +315,9 @@ def test_start_and_end_are_pushed_live_noticed_and_emailed(rt, subprocess_env, w
 
         stream = Stream(person)
         assert stream.first.startswith("retry: ")
+        other = Browser(server.url)
+        other.post_form("/login", {"name": "otto", "password": "correct horse battery"})
+        others = Stream(other)
         wait_path = person.post_form("/forms/notified", {"name": "Nina"})
         token = wait_path.rsplit("/", 1)[-1]
         seen = []
@@ -318,6 +328,7 @@ def test_start_and_end_are_pushed_live_noticed_and_emailed(rt, subprocess_env, w
         assert seen[0][0] == "start" and seen[0][1]["status"] == "running"
         assert seen[-1][1]["status"] == "done" and seen[-1][1]["title"] == "Report for Nina"
         # Someone else's stream carries nothing of Nina's; no cookie at all: 404.
+        assert others.events.empty()
         assert Browser(server.url).request("/events")[0] == 404
         page = person.get(wait_path)
         assert 'data-events-url="/events"' in page
@@ -361,6 +372,11 @@ def test_api_delete_of_a_running_record_cancels_then_deletes_without_later_write
                            for line in read_calls(rt.settings.instance_dir)), timeout=60)
     answer = client.delete(f"/api/records/{token}", headers=auth)
     assert answer.status_code == 202 and answer.json["state"] == "deleting"
+    spec = client.get("/api/openapi.json").json
+    Draft202012Validator({"$ref": "#/components/schemas/Deleting",
+                          "components": spec["components"]}).validate(answer.json)
+    assert set(spec["paths"]["/api/records/{token}"]["delete"]["responses"]) >= {
+        "202", "204", "404"}
     assert client.get(f"/api/records/{token}", headers=auth).status_code == 404
     assert client.delete(f"/api/records/{token}", headers=auth).status_code == 404
 
@@ -406,6 +422,7 @@ def test_in_a_browser_the_owner_tries_again_and_the_page_follows_live(
     context = browser.new_context()
     page = context.new_page()
     problems, streams = [], []
+    ARTIFACTS.mkdir(exist_ok=True)
     page.on("console", lambda m: problems.append(m.text)
             if "Content Security Policy" in m.text or m.type == "error" else None)
     page.on("request", lambda r: streams.append(r.url) if r.url.endswith("/events") else None)
@@ -415,7 +432,9 @@ def test_in_a_browser_the_owner_tries_again_and_the_page_follows_live(
         page.get_by_role("button", name="Submit").click()
         page.wait_for_url("**/r/*")
         page.locator('.status-body[data-state="failed"]').wait_for(timeout=60000)
-        assert page.get_by_text("The step “fail first time” failed.").is_visible()
+        assert page.locator("#summary").get_by_text(
+            "The step “fail first time” failed.").is_visible()
+        page.screenshot(path=str(ARTIFACTS / "user-retry-failed.png"), full_page=True)
         assert SECRET not in page.content()
         assert streams, "the waiting page opened no live event stream"
         page.get_by_role("button", name="Try Booking for Hal again").click()
