@@ -442,3 +442,35 @@ def test_in_a_browser_the_owner_tries_again_and_the_page_follows_live(
         assert problems == [], problems
     finally:
         context.close()
+
+
+def test_notify_can_email_an_address_from_the_record_or_stay_quiet(client, rt):
+    (Path(rt.settings.rules_dir) / "mailed.yaml").write_text("""
+form: mailed
+title: Mailed
+fields:
+  - {name: email, type: email, required: true}
+events:
+  submit:
+    - background:
+        title: Export for {{ record.email }}
+        notify: {events: [end], email: "{{ record.email }}"}
+        do: [{log: exported}]
+    - background:
+        title: Quiet work
+        notify: false
+        do: [{log: quiet}]
+""")
+    wait_until(lambda: client.get("/forms/mailed").status_code == 200)
+    token = token_of(submit(client, "mailed", {"email": "ann@example.com"}))
+    work(rt)
+    assert {r.status for r in runs(rt, token)} == {RunStatus.DONE}
+    with rt.store.session() as s:
+        notes = list(s.scalars(select(Notification).where(Notification.record_token == token)))
+    assert [(n.message, n.email_to) for n in notes] == [
+        ("Export for ann@example.com: done.", "ann@example.com")]
+    assert notes[0].emailed_at is not None
+    (sent,) = [email.message_from_bytes(p.read_bytes())
+               for p in rt.settings.outbox_dir.glob("notice-*.eml")]
+    assert sent["To"] == "ann@example.com"
+    assert sent["Subject"] == "Export for ann@example.com: done."
