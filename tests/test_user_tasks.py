@@ -352,6 +352,27 @@ def test_start_and_end_are_pushed_live_noticed_and_emailed(rt, subprocess_env, w
     assert {m["To"] for m in sent} == {"nina@example.com"}
 
 
+def test_a_stream_holds_no_database_connection_and_ends_by_itself(app, client, rt):
+    from formrules.runs import control
+    from formrules.web import events
+    token = token_of(submit(client, "long", {"name": "Hep"}))  # an owner, and a Run
+    runtime = app.extensions["formrules"]
+    runtime.settings = rt.settings.with_overrides(sse_seconds=1.5)
+    response = client.get("/events", buffered=False)
+    assert response.status_code == 200 and response.mimetype == "text/event-stream"
+    chunks = iter(response.response)
+    assert next(chunks).startswith(b"retry: 3000")
+    assert runtime.store.engine.pool.checkedout() == 0  # streaming, no connection held
+    assert events._open == 1
+    with rt.store.session() as s:  # the Run ends (cancelled): published after the commit
+        control.cancel(s, s.get(Run, runs(rt, token)[0].id), "a test")
+    rest = b"".join(chunks).decode()  # ends after sse_seconds: the browser reconnects
+    response.close()
+    assert events._open == 0
+    assert "event: end\ndata: " in rest and f'"record": "{token}"' in rest
+    assert '"status": "cancelled"' in rest
+
+
 def test_the_event_stream_is_owner_only_and_refuses_streams_past_the_limit(app, client, rt):
     assert client.get("/events").status_code == 404  # no owner yet: nothing to stream
     submit(client, "long", {"name": "Gus"})  # now this browser owns something
