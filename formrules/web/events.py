@@ -3,15 +3,16 @@
 The worker's lifecycle transitions publish each change of a Run on its owner's Redis
 pub/sub channel (`formrules.runs.notifications`); this relays the current owner's channel
 and nothing else (owner-only: the channel is chosen from the session, never from the
-request). Pages (wait.js, tasks.js) refresh what changed at once and keep polling,
-slower, as the fallback when the stream fails or JavaScript is off.
+request). Pages (wait.js, tasks.js) refresh what changed at once and keep polling as
+the fallback when the stream fails or JavaScript is off.
 
 A stream never holds a database connection (the request's session is closed before the
 first byte) and holds one gunicorn thread for at most `sse_seconds`, sending a comment
 line every `HEARTBEAT` seconds (proxies close idle connections, and a gone client is
 noticed at the next write); then it ends and EventSource reconnects after `retry`. At
-most `sse_streams` streams run per web process at once: the next one is answered 503 and
-that page polls, so streams can never take every thread from ordinary requests.
+most `sse_streams` streams run per web process at once: the next one is answered 204
+(SSE's "do not reconnect") and that page polls, so streams can never take every thread
+from ordinary requests. Redis unreachable: 204 too.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from formrules.web.state import current_owner_or_none, discard_db, rt
 
 bp = Blueprint("events", __name__)
 log = logging.getLogger("formrules.web.events")
-HEARTBEAT = 15.0  # seconds between comment lines
+HEARTBEAT = 5.0  # seconds between comment lines: a page gone frees its slot this soon
 RETRY_MS = 3000  # EventSource waits this long before it reconnects
 _slots_lock = threading.Lock()
 _open = 0
@@ -61,15 +62,16 @@ def stream():
     settings = rt().settings
     discard_db()  # read what was needed: the stream holds no database connection
     if not _take_slot(settings.sse_streams):
-        return Response(f"retry: {RETRY_MS * 10}\n\n", status=503,
-                        mimetype="text/event-stream", headers={"Retry-After": "30"})
+        # 204 is how SSE says "do not reconnect": the page polls, with nothing logged as
+        # an error in the browser (a 503 would be, on every page over the limit).
+        return Response(status=204, headers={"Cache-Control": "no-store"})
     try:
         pubsub = rt().redis.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(channel(me))
     except RedisError as exc:
         _free_slot()
         log.warning("live events unavailable: %s", exc)
-        return Response(status=503, headers={"Retry-After": "30"})
+        return Response(status=204, headers={"Cache-Control": "no-store"})
     return Response(_relay(pubsub, settings.sse_seconds), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
