@@ -170,7 +170,7 @@ class Execution:
             return "not claimed"
         beat = threading.Thread(target=self.heartbeat, name=f"heartbeat-{run.id}", daemon=True)
         beat.start()
-        self.send_emails(run)  # a `notify: {on: [start], email: …}` copy goes now
+        self.send_emails(run)  # a `notify: {events: [start], email: …}` copy goes now
         node: DeferNode | None = None
         started = time.monotonic()
         try:
