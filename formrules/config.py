@@ -67,6 +67,10 @@ class Settings:
     callback_secret: str = ""
     callback_attempts: int = 8
     callback_backoff_seconds: float = 10.0
+    # Live event streams (SSE) per web process at once, each holding a thread for at most
+    # `sse_seconds`; more are answered 204 (do not reconnect) and those pages keep polling.
+    sse_streams: int = 4
+    sse_seconds: float = 120.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -119,6 +123,7 @@ _ENV = {
     "callback_secret": "FORMRULES_CALLBACK_SECRET",
     "callback_attempts": "FORMRULES_CALLBACK_ATTEMPTS",
     "callback_backoff_seconds": "FORMRULES_CALLBACK_BACKOFF",
+    "sse_streams": "FORMRULES_SSE_STREAMS", "sse_seconds": "FORMRULES_SSE_SECONDS",
 }
 
 

@@ -89,6 +89,9 @@ class ActionError(FormrulesError):
     def __init__(self, message: str, safe_message: str | None = None):
         super().__init__(message)
         self.safe_message = safe_message or GENERIC_FAILURE
+        # Whether the action's author wrote a message for end users (else the rule in
+        # `user_message` decides what they read).
+        self.has_safe_message = bool(safe_message)
 
 
 class PermanentError(ActionError):
@@ -135,6 +138,28 @@ class NotAllowed(FormrulesError):
 
 class BatchError(FormrulesError):
     """A batch cannot be started as asked (unknown batch, bad filter, no records)."""
+
+
+def step_failed(step: str) -> str:
+    """What users read when a step failed without a message meant for them."""
+    return f"The step “{step.replace('_', ' ')}” failed."
+
+
+def user_message(exc: BaseException, step: str | None) -> str:
+    """The safe message rule: what the owner of a Run may read about why a step failed.
+
+    Safe are only texts written for users: an `ActionError`'s `safe_message` when the
+    action gave one (every built-in action does, http_request from the status code it
+    got), the time limit's, the lost worker's. Anything else (a bug, a driver's error, an
+    action that gave no message) may hold host names, paths or secrets: users read only
+    which step failed ("The step “send email” failed."), or the generic sentence when no
+    step was running. The full text goes to the trace and the log, for operators.
+    """
+    if isinstance(exc, ActionError) and exc.has_safe_message:
+        return exc.safe_message
+    if type(exc).__name__ == "JobTimeoutException":  # RQ's backstop fired
+        return TIMED_OUT
+    return step_failed(step) if step else GENERIC_FAILURE
 
 
 class RunFailed(FormrulesError):

@@ -142,3 +142,22 @@ def timed(ctx, sleep: float = 0.5, hold: str = "") -> None:
     while time.monotonic() < deadline and not (hold and release.exists()):
         time.sleep(0.02)
     note("end")
+
+
+@action("fail_first_time", {"safe": "text"})
+def fail_first_time(ctx, safe: str = "") -> None:
+    """Fail for good the first time this step of this Run runs (a marker file remembers),
+    then succeed: what a person's retry after a fixed outage looks like."""
+    marker = Path(ctx.settings.instance_dir) / f"failed-{ctx.idempotency_key.replace('/', '_')}"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("failed once")
+        raise PermanentError("psycopg.OperationalError: password=hunter2 at db.internal:5432",
+                             safe or None)
+
+
+@action("sleep_then_set", {"seconds": "number!", "field": "text!", "value": "text!"})
+def sleep_then_set(ctx, seconds: float, field: str, value: str) -> None:
+    """A step that cannot be interrupted (no cancel checks) and then writes the record."""
+    time.sleep(float(seconds))
+    ctx.set(field, value)

@@ -27,13 +27,13 @@ from rq.serializers import JSONSerializer
 from sqlalchemy import select
 
 from formrules.cli import cli
-from formrules.errors import GENERIC_FAILURE
+from formrules.errors import TIMED_OUT
 from formrules.language.loader import parse_form
 from formrules.language.tree import DAY, DEFAULT_RETRY, RetryPolicy
 from formrules.process import runtime as runtime_mod
 from formrules.process.redis_server import RedisServer
 from formrules.process.runtime import install
-from formrules.runs.job import LOST_WORKER, TIMED_OUT, execute_run
+from formrules.runs.job import LOST_WORKER, execute_run
 from formrules.runs.queue import GRACE_SECONDS
 from formrules.runs.reconciler import dispatch_due, reconcile_once, run_forever
 from formrules.store.models import Notification, Record, Run, RunStatus, utcnow
@@ -52,6 +52,7 @@ from tests.helpers import (
 )
 
 SECRET = "hunter2"  # in the text `explode` raises: operators may see it, users never
+EXPLODE_FAILED = "The step “explode” failed."  # what users read instead (errors.user_message)
 INTERNAL = (SECRET, "OperationalError", "db.internal", "Traceback")
 BG = "events/submit/0/background"
 
@@ -523,7 +524,8 @@ def test_flaky_action_is_done_on_attempt_3_with_backoff_honoured(client, rt):
         assert status["max_attempts"] == 3
         assert status["next_retry_at"] == run.due_at.isoformat(timespec="seconds")
         assert status["error"] == "The booking service is busy; we will try again."
-        assert "flaky" not in json.dumps(status)  # the internal message is not shown
+        # The internal message is not shown; which step failed (its action) is.
+        assert "upstream 503" not in json.dumps(status) and status["error_step"] == "flaky"
         wait_for_due(rt, run.id)
 
     work(rt)
@@ -578,23 +580,24 @@ def test_always_failing_run_goes_dead_runs_on_error_once_user_sees_safe_message(
     run = the_run(rt, token)
     work(rt)
     assert the_run(rt, token).status == RunStatus.RETRYING
-    assert assert_user_safe(client, token)["runs"][0]["error"] == GENERIC_FAILURE
+    assert assert_user_safe(client, token)["runs"][0]["error"] == EXPLODE_FAILED
     wait_for_due(rt, run.id)
     work(rt)
 
     run = the_run(rt, token)
     assert run.status == RunStatus.DEAD and run.attempt == 2
     assert names(rt) == Counter(before=1, on_error=1)
-    # on_error saw the error; the user sees the generic text, never the internal one.
-    assert record_of(rt, token).data["status"] == f"failed: {GENERIC_FAILURE}"
+    # on_error saw the error; the user sees which step failed, never the internal text
+    # (the safe message rule: `explode` gave no message meant for users).
+    assert record_of(rt, token).data["status"] == f"failed: {EXPLODE_FAILED}"
     status = assert_user_safe(client, token)
     assert status["failed"] is True and status["done"] is True
-    assert status["runs"][0]["error"] == GENERIC_FAILURE
-    assert GENERIC_FAILURE.encode() in client.get(f"/r/{token}").data
+    assert status["runs"][0]["error"] == EXPLODE_FAILED
+    assert EXPLODE_FAILED.encode() in client.get(f"/r/{token}").data
     with rt.store.session() as s:
         notes = list(s.scalars(select(Notification.message)
                                .where(Notification.run_id == run.id)))
-    assert notes == [f"Doomed work: {GENERIC_FAILURE}"]
+    assert notes == [f"Doomed work: {EXPLODE_FAILED}"]
     # Operators see the full detail.
     assert SECRET in run.last_error and "Traceback" in run.last_error
     # Kept for an operator, and not revived: neither by RQ nor by the reconciler.
@@ -607,7 +610,7 @@ def test_always_failing_run_goes_dead_runs_on_error_once_user_sees_safe_message(
     assert listed.exit_code == 0 and run.id in listed.output and "dead" in listed.output
     shown = run_cli(rt, subprocess_env, "runs", "show", run.id)
     assert shown.exit_code == 0, shown.output
-    assert SECRET in shown.output and GENERIC_FAILURE in shown.output
+    assert SECRET in shown.output and EXPLODE_FAILED in shown.output
     for event in ("start", "checkpoint", "error", "retry", "dead"):
         assert f" {event} " in shown.output
 

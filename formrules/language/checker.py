@@ -26,6 +26,7 @@ from formrules.language.tree import (
     FIELD_TYPES,
     INPUT_TYPES,
     NO_RETRY,
+    NOTIFY_EVENTS,
     QUEUE_NAME,
     ActionNode,
     CallNode,
@@ -33,6 +34,7 @@ from formrules.language.tree import (
     IfNode,
     InputDef,
     Node,
+    Notify,
     ProgressNode,
     RetryPolicy,
     TryNode,
@@ -42,10 +44,11 @@ from formrules.language.variables import FORM_NAMES, RUN_NAMES
 
 DEFER_KEYS = {
     "background": ("title", "flag", "await", "timeout", "retry", "do", "on_error",
-                   "inline_for", "queue", "concurrency"),
+                   "inline_for", "queue", "concurrency", "user_retry", "notify"),
     "delay": ("title", "flag", "await", "timeout", "retry", "do", "on_error", "for", "at",
-              "on_change", "cancel_if", "when", "queue", "concurrency"),
+              "on_change", "cancel_if", "when", "queue", "concurrency", "user_retry", "notify"),
 }
+NOTIFY_KEYS = ("events", "email")
 KINDS = ("if", "background", "delay", "progress", "call", "try")
 IF_KEYS = ("if", "then", "else")
 TRY_KEYS = ("try", "catch", "error_field")
@@ -529,6 +532,10 @@ class Checker:
             else DEFAULT_QUEUE,
             concurrency=self.integer(args["concurrency"], pos("concurrency"), path, 1)
             if "concurrency" in args else None,
+            user_retry=self.boolean(args["user_retry"], pos("user_retry"), path)
+            if "user_retry" in args else False,
+            notify=self.notify(args["notify"], pos("notify"), path)
+            if "notify" in args else Notify(),
             raw=plain(item), trees=trees,
         )
 
@@ -539,6 +546,48 @@ class Checker:
                                   f"or '-' (at most 40, starting with a letter), got {value!r}")
             return DEFAULT_QUEUE
         return value
+
+    def notify(self, value: Any, pos: Pos | None, path: str) -> Notify:
+        """`notify: [start, end]`, `notify: false`, or `notify: {events: [...], email: …}`
+        where `email` is true (the owner's address) or a template giving an address."""
+        npath = f"{path}/notify"
+        email: str | None = None
+        on: Any = value
+        if value is False:
+            on = []
+        elif isinstance(value, dict):
+            if True in value:  # YAML 1.1 reads a key `on:` as true
+                self.error(self.key_pos(value, True), npath,
+                           "YAML reads 'on' as true here: name the moments with 'events:'")
+            self.known_keys({k: v for k, v in value.items() if k is not True},
+                            NOTIFY_KEYS, npath, "notify")
+            on = value.get("events", ["end"])
+            pos = self.value_pos(value, "events") if "events" in value else pos
+            if "email" in value:
+                mail, mpos = value["email"], self.value_pos(value, "email")
+                if mail is True:
+                    email = "owner"
+                elif isinstance(mail, str) and mail.strip() and mail != "owner":
+                    email = self.text(mail, mpos, npath)
+                elif mail is not False:
+                    self.error(mpos, npath, "'email' must be true (the owner's address) or "
+                                            f"a template giving an address, got {_kind(mail)}")
+        if isinstance(on, str):
+            on = [on]
+        if not isinstance(on, list):
+            self.error(pos, npath, "'notify' takes a list of moments (start, end), false, "
+                                   f"or a mapping of events and email; got {_kind(on)}")
+            return Notify(explicit=True)
+        moments = []
+        for i, moment in enumerate(on):
+            if moment not in NOTIFY_EVENTS:
+                where = self.value_pos(on, i) if isinstance(on, Seq) else pos
+                self.error(where, npath, f"unknown moment '{moment}' (notify on start or "
+                                         f"end){did_you_mean(moment, NOTIFY_EVENTS)}")
+            elif moment not in moments:
+                moments.append(moment)
+        ordered = tuple(m for m in NOTIFY_EVENTS if m in moments)
+        return Notify(events=ordered, email=email, explicit=True)
 
     def retry(self, value: Any, pos: Pos | None, path: str) -> RetryPolicy:
         """`retry: {attempts, backoff: [..] | exponential, base, max, jitter}`."""

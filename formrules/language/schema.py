@@ -106,6 +106,16 @@ RUN_VALUES: dict[str, Any] = {
               "description": "The queue (lane) its Runs wait in; workers serve chosen queues"},
     "concurrency": {"type": "integer", "minimum": 1,
                     "description": "At most this many of its Runs at once, across workers"},
+    "user_retry": {"type": "boolean",
+                   "description": "The owner may retry it once it failed, after its "
+                                  "completed steps"},
+    "notify": {"description": "Notices to the owner: at start and/or end, by e-mail too",
+               "anyOf": [{"type": "boolean", "const": False},
+                         {"type": "array", "items": {"enum": ["start", "end"]}},
+                         {"type": "object", "additionalProperties": False, "properties": {
+                             "events": {"type": "array",
+                                        "items": {"enum": ["start", "end"]}},
+                             "email": {"anyOf": [{"type": "boolean"}, TEXT]}}}]},
     # batches and schedules
     "stop_on_error": {"type": "boolean"},
     "started_by": {"anyOf": [{"enum": list(STARTERS)},

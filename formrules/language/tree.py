@@ -168,6 +168,23 @@ DEFAULT_QUEUE = "default"  # the lane of a node that names none; what a plain wo
 QUEUE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 
 
+NOTIFY_EVENTS = ("start", "end")
+
+
+@dataclass(frozen=True)
+class Notify:
+    """`notify:`: which moments of a Run its owner gets a notice of, and e-mail copies."""
+
+    events: tuple[str, ...] = ("end",)  # a subset of NOTIFY_EVENTS, in that order
+    # None: no e-mail from the rule (the owner's own preference may still ask for one);
+    # "owner": the owner's account address; else a template giving the address.
+    email: str | None = None
+    explicit: bool = False  # written in the rule (else the default: a notice at the end)
+
+
+DEFAULT_NOTIFY = Notify()
+
+
 @dataclass(frozen=True)
 class DeferNode(Node):
     """`background:` or `delay:`: children run later on a worker, as one Run."""
@@ -188,6 +205,8 @@ class DeferNode(Node):
     when: str | None = None
     queue: str = DEFAULT_QUEUE  # the lane its Runs wait in (`formrules worker --queues`)
     concurrency: int | None = None  # at most this many of its Runs at once; None: no limit
+    user_retry: bool = False  # the owner may retry it once it failed (after its checkpoints)
+    notify: Notify = DEFAULT_NOTIFY
     raw: Any = field(default=None, compare=False, repr=False)  # plain snapshot for the Run
     # The named trees its `call:` nodes reach ({name: plain tree}), carried by its Runs.
     trees: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

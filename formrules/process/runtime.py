@@ -13,6 +13,7 @@ from functools import cached_property
 
 from formrules.actions import registry as actions
 from formrules.config import Settings, from_env
+from formrules.runs import notifications
 from formrules.runs.queue import Dispatcher, connect
 from formrules.store.db import Store
 
@@ -59,6 +60,10 @@ def install(runtime: Runtime) -> Runtime:
     global _current
     actions.load_modules(runtime.settings.actions_modules)
     _current = (os.getpid(), runtime)
+    # Live events for open pages go out on the dispatcher's client (bounded in web
+    # requests), looked up when sent: a forked work-horse uses its own connections.
+    notifications.set_publisher(
+        lambda name, text: current().dispatcher.redis.publish(name, text))
     return runtime
 
 

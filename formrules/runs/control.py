@@ -14,10 +14,11 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from formrules.errors import NotAllowed
-from formrules.language.fieldtypes import is_upload
 from formrules.runs import lifecycle
 from formrules.runs.queue import Dispatcher
+from formrules.store import uploads
 from formrules.store.models import (
+    OPEN,
     Notification,
     Record,
     ResultFile,
@@ -44,6 +45,89 @@ def retry(s: Session, run: Run, who: str) -> None:
     """Run a dead or cancelled Run again now, resuming after its completed steps."""
     if not lifecycle.operator_retry(s, run, who):
         raise NotAllowed(f"a {run.status} run cannot be retried")
+
+
+def owner_may_retry(run: Run) -> bool:
+    """A failed Run its owner may retry: its node says `user_retry: true`."""
+    if run.status != RunStatus.DEAD or run.hidden or run.batch_id is not None:
+        return False
+    raw = (run.snapshot or {}).get("raw") or {}
+    options = next(iter(raw.values()), None) if len(raw) == 1 else None
+    return isinstance(options, dict) and options.get("user_retry") is True
+
+
+def owner_retry(s: Session, run: Run) -> None:
+    """The owner retries a failed Run whose node allows it, after its completed steps."""
+    if run.record_id is not None and s.scalar(
+            select(Record.delete_requested).where(Record.id == run.record_id)):
+        raise NotAllowed("its record is being deleted")
+    if not owner_may_retry(run) or not lifecycle.owner_retry(s, run):
+        raise NotAllowed(f"a {run.status} run cannot be retried by its owner")
+
+
+def delete_record(s: Session, record: Record, who: str) -> tuple[list[Run], list[dict]]:
+    """Delete a record with its work (owners through the API, operators). Work not started
+    is cancelled and goes with it; a step running now cannot be cut off midway, so its Run
+    is asked to stop and the record is only marked: the worker deletes it when that Run
+    has stopped (or the reconciler, if the worker died), so no step ever writes to a
+    deleted record. Returns the Runs whose state changed (for `after_commit`) and the
+    uploads of a record deleted now, which the caller removes once this has committed
+    (`formrules.store.uploads.remove`: a rollback keeps them)."""
+    # Its Runs first, then the record: the order in which workers lock them.
+    runs = list(s.scalars(select(Run).where(Run.record_id == record.id,
+                                            Run.status.in_(sorted(OPEN)))))
+    for run in runs:
+        lifecycle.cancel(s, run, who)  # None: it ended meanwhile, nothing to cancel
+    s.execute(update(Record).where(Record.id == record.id).values(delete_requested=True))
+    return runs, _delete_if_idle(s, record.id) or []
+
+
+def _delete_if_idle(s: Session, record_id: int) -> list[dict] | None:
+    """Delete a record marked for deletion once none of its Runs is running; its uploads
+    (None: not deleted yet)."""
+    running = s.scalar(select(Run.id).where(Run.record_id == record_id,
+                                            Run.status == RunStatus.RUNNING).limit(1))
+    if running is not None:
+        return None
+    # Work a running step started meanwhile (a child Run) never starts now.
+    lifecycle.cancel_not_started(s, [Run.record_id == record_id],
+                                 "cancelled: its record was deleted")
+    run_ids = select(Run.id).where(Run.record_id == record_id).scalar_subquery()
+    # Explicit deletes: the schema cascades, but not every database enforces it.
+    s.execute(delete(RunEvent).where(RunEvent.run_id.in_(run_ids)))
+    s.execute(delete(ResultFile).where(ResultFile.run_id.in_(run_ids)))
+    s.execute(delete(Run).where(Run.record_id == record_id))
+    token, data = s.execute(select(Record.token, Record.data)
+                            .where(Record.id == record_id)).one()
+    s.execute(update(Notification).where(Notification.record_token == token,
+                                         Notification.read_at.is_(None))
+              .values(read_at=utcnow()))
+    s.execute(delete(Record).where(Record.id == record_id))
+    return uploads.in_data(data)
+
+
+def finish_deletions(store, settings, record_id: int | None = None) -> int:
+    """Delete the records marked for deletion (one, or all) whose work has stopped, and
+    then their uploaded files."""
+    with store.session() as s:
+        where = [Record.delete_requested.is_(True)]
+        if record_id is not None:
+            where.append(Record.id == record_id)
+        marked = list(s.scalars(select(Record.id).where(*where).limit(100)))
+    gone = 0
+    for rid in marked:
+        files = None
+        with store.session() as s:
+            # Its Runs' rows locked, then the record's: the order every writer uses (a
+            # worker's step checkpoints its Run, then writes the record).
+            s.execute(select(Run.id).where(Run.record_id == rid).with_for_update())
+            if s.scalar(select(Record.id).where(Record.id == rid).with_for_update()) \
+                    is not None:
+                files = _delete_if_idle(s, rid)
+        if files is not None:
+            uploads.remove(settings, files)
+            gone += 1
+    return gone
 
 
 def adopt(s: Session, old: str, new: str) -> None:
@@ -79,25 +163,6 @@ def delete_run(s: Session, run: Run) -> None:
     s.execute(delete(RunEvent).where(RunEvent.run_id == run.id))
     s.execute(delete(ResultFile).where(ResultFile.run_id == run.id))
     s.delete(run)
-
-
-def delete_record(s: Session, record: Record) -> list[dict]:
-    """An operator deletes a record with its Runs, traces, files and notices. Refused
-    while any of its Runs is not final (cancel them first). Returns the record's uploads:
-    the caller removes them (`formrules.store.uploads.remove`) once this has committed."""
-    runs = list(s.scalars(select(Run).where(Run.record_id == record.id)))
-    if any(not run.is_final for run in runs):
-        raise NotAllowed("a record with pending or running work cannot be deleted; "
-                         "cancel it first")
-    ids = [run.id for run in runs]
-    if ids:  # explicit deletes: the schema cascades, but not every database enforces it
-        s.execute(delete(RunEvent).where(RunEvent.run_id.in_(ids)))
-        s.execute(delete(ResultFile).where(ResultFile.run_id.in_(ids)))
-        s.execute(delete(Notification).where(Notification.run_id.in_(ids)))
-        s.execute(delete(Run).where(Run.id.in_(ids)))
-    files = [v for v in (record.data or {}).values() if is_upload(v)]
-    s.delete(record)
-    return files
 
 
 def after_commit(dispatcher: Dispatcher, run: Run) -> None:

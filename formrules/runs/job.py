@@ -42,8 +42,6 @@ from sqlalchemy.orm import Session
 
 from formrules.actions.context import Context
 from formrules.errors import (
-    GENERIC_FAILURE,
-    TIMED_OUT,
     ActionError,
     Cancelled,
     LeaseLost,
@@ -51,12 +49,13 @@ from formrules.errors import (
     RuleError,
     RunFailed,
     TimedOut,
+    user_message,
 )
 from formrules.language.sandbox import evaluate, render
 from formrules.language.tree import ActionNode, CallNode, DeferNode, ProgressNode, TryNode, walk
 from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
-from formrules.runs import lifecycle, observe, pause
+from formrules.runs import control, lifecycle, notifications, observe, pause
 from formrules.runs.engine import Walker, call_action, call_of, new_run
 from formrules.runs.heartbeat import heartbeats
 from formrules.runs.slots import FULL, TAKEN, Slots
@@ -117,6 +116,7 @@ class Execution:
         self.slots: Slots | None = None  # the node's `concurrency:` slots, one held by us
         self.slot_taken = False  # this execution took it (not one left by a killed one)
         self.slots_form = self.slots_path = ""  # whose slots: the next waiter is woken
+        self.current_action = ""  # its action's name (what users read of a failure)
 
     # -- ownership ---------------------------------------------------------------------
     def claim(self) -> Run | None:
@@ -265,6 +265,7 @@ class Execution:
             self.give_slot_back(None)
             return "not claimed"
         heartbeats.add(self, self.settings.heartbeat_seconds)
+        self.send_emails(run)  # a `notify: {events: [start], email: …}` copy goes now
         node: DeferNode | None = None
         started = time.monotonic()
         try:
@@ -297,9 +298,19 @@ class Execution:
             heartbeats.discard(self)
             self.give_slot_back(run)
             self.rt.dispatcher.dispatch_all(self.pending_children)
+            self.send_emails(run)
+            if run.record_id is not None:  # its owner deleted it meanwhile: now it can go
+                control.finish_deletions(self.store, self.settings, run.record_id)
             if run.batch_id is not None:  # a batch child ended (or will retry): a free slot
                 from formrules.runs.batch import child_finished
                 child_finished(self.rt, run)
+
+    def send_emails(self, run: Run) -> None:
+        """E-mail copies of this Run's notices (the reconciler retries any that fail)."""
+        try:
+            notifications.send_emails(self.store, self.settings, run.id)
+        except Exception:  # the database blinked: the reconciler sends them later
+            log.exception("run %s: sending notice e-mails failed", run.id)
 
     def check_when(self, run: Run, node: DeferNode) -> bool:
         """A Delay's `when:` is re-checked at fire time; false means skipped."""
@@ -340,6 +351,7 @@ class Execution:
         ctx = self.context(run, node.path, **extra)
         started = time.monotonic()
         self.current_path = node.path  # a failure's trace line names the step
+        self.current_action = node.action
         call_action(node, ctx)
         with self.store.session() as s:
             # The checkpoint first: it proves the lease (a lost one writes nothing) and
@@ -353,7 +365,7 @@ class Execution:
             for item in ctx.attachments:
                 s.add(ResultFile(run_id=run.id, owner=owned.owner, filename=item.filename,
                                  content_type=item.content_type, data=item.data))
-        self.current_path = ""
+        self.current_path = self.current_action = ""
 
     def progress(self, run: Run, done: float | None, total: float | None,
                  message: str | None, force: bool = False, title: str | None = None) -> None:
@@ -401,9 +413,9 @@ class Execution:
         # heal by waiting: dead at once, for an operator to retry once the code is back.
         retryable = exc.retryable if isinstance(exc, ActionError) \
             else not isinstance(exc, RuleError)
-        safe = exc.safe_message if isinstance(exc, ActionError) else GENERIC_FAILURE
-        if type(exc).__name__ == "JobTimeoutException":  # RQ's backstop fired
-            safe = TIMED_OUT
+        # The safe message rule (`formrules.errors.user_message`): what the owner reads.
+        step = self.current_action or None
+        safe = user_message(exc, step)
         with self.store.session() as s:
             owned = lifecycle.hold(s, run.id, self.lease)
             # A cancel asked for while this step ran wins over any retry: a cancelled Run
@@ -413,7 +425,7 @@ class Execution:
                 return "cancelled"
             log.warning("run %s attempt %s failed: %s", run.id, run.attempt, exc)
             owned = lifecycle.hold(s, run.id, self.lease, last_error=detail[-20000:],
-                                   safe_error=safe[:500])
+                                   safe_error=safe[:500], error_step=step)
             lifecycle.note(s, owned, EventKind.ERROR, detail,
                            getattr(exc, "path", "") or self.current_path)
             if retryable and owned.attempt < owned.max_attempts:

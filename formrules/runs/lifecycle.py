@@ -19,7 +19,7 @@ when the Run leaves `running`, and tells the owner (`formrules.runs.notification
                             │ └── RECOVER* (heartbeat stopped) ──> queued | cancelled | dead
     not started ── CANCEL_NOW ──> cancelled;   running ── REQUEST_CANCEL ──> running (stopping)
     not fired (Delay) ── EDIT_CANCEL | EDIT_SKIP | EDIT_MOVE ──> cancelled | skipped | pending
-    dead | cancelled ── OPERATOR_RETRY ──> queued
+    dead | cancelled ── OPERATOR_RETRY ──> queued;   dead ── OWNER_RETRY (`user_retry:`) ──> queued
 
 The named sets of statuses (PENDING, NOT_STARTED, ACTIVE, FINAL, …) live with `RunStatus`
 in `formrules.store.models`; this module is the only writer of `Run.status`.
@@ -102,6 +102,8 @@ EDIT_SKIP = Transition("edit skip", NOT_FIRED, RunStatus.SKIPPED, EventKind.SKIP
 EDIT_MOVE = Transition("edit move", NOT_FIRED, None, EventKind.RESCHEDULE)
 OPERATOR_RETRY = Transition("operator retry", RETRYABLE_BY_OPERATOR, RunStatus.QUEUED,
                             EventKind.RETRY)
+OWNER_RETRY = Transition("owner retry", frozenset({RunStatus.DEAD}), RunStatus.QUEUED,
+                         EventKind.RETRY)
 
 
 def move(s: Session, t: Transition, where: Iterable[Any], *,
@@ -131,9 +133,13 @@ def move(s: Session, t: Transition, where: Iterable[Any], *,
             s.add(RunEvent(run_id=run.id, attempt=run.attempt, event=t.event.value,
                            path=run.node_path if path is None else path,
                            detail=text[:20000], at=now))
+        if t is CLAIM:
+            notifications.run_started(s, run)
         if t.notice is not None:
             level, message = t.notice
             notifications.run_ended(s, run, level, message(run))
+        notifications.changed(s, run, "start" if t is CLAIM else
+                              "end" if t.finishes else "status")
     if t.finishes:  # a record's awaited work that ended: its callbacks become due, here
         from formrules.runs import callbacks
         for record_id in sorted({r.record_id for r in moved if r.record_id is not None
@@ -298,15 +304,21 @@ def end_cancelled_between_attempts(s: Session, now: datetime) -> list[str]:
                               "cancelled: the cancel was asked for between attempts")
 
 
-def operator_retry(s: Session, run: Run, who: str) -> bool:
+def operator_retry(s: Session, run: Run, who: str, t: Transition = OPERATOR_RETRY) -> bool:
     """Run a dead or cancelled Run again now, resuming after its completed steps."""
     now = utcnow()
-    moved = move(s, OPERATOR_RETRY, [Run.id == run.id], path="", now=now,
+    # A fresh start (recoveries=0): a crash loop that made it dead may be fixed.
+    moved = move(s, t, [Run.id == run.id], path="", now=now,
                  detail=f"retried by {who}", due_at=now, finished_at=None, attempt=0,
-                 cancel_requested=False, lease=None, safe_error=None, waiting_for=None,
-                 recoveries=0)  # a fresh start: a crash loop that made it dead may be fixed
+                 cancel_requested=False, lease=None, safe_error=None, error_step=None,
+                 waiting_for=None, recoveries=0)
     s.refresh(run)
     return bool(moved)
+
+
+def owner_retry(s: Session, run: Run) -> bool:
+    """The owner runs a dead Run again (its node allows it), after its completed steps."""
+    return operator_retry(s, run, "its owner", OWNER_RETRY)
 
 
 def recover(s: Session, run: Run, *, stale_before: datetime, max_recoveries: int,

@@ -13,6 +13,8 @@ changes hands):
 3. fire due cron schedules (`formrules.runs.schedule`), one Run per slot;
 4. advance batches (`formrules.runs.batch`): start waiting children in free slots;
 5. purge finished Runs past their retention (`formrules.runs.purge`), a bounded batch.
+6. delete records marked for deletion whose work has stopped, and send the notice
+   e-mails a worker left unsent (`formrules.runs.control`, `.notifications`).
 Between passes, `dispatch_due` (every `tick_seconds`) enqueues the Delays and retries
 that just came due, so they start on time.
 
@@ -74,6 +76,12 @@ def reconcile_once(rt: Runtime, schedules: bool = True,
         result.dispatched += advance_all(rt)
     except Exception:
         log.exception("batches failed")
+    from formrules.runs import control, notifications
+    try:  # what a worker that died left undone: deletions and notice e-mails
+        control.finish_deletions(rt.store, rt.settings)
+        notifications.send_emails(rt.store, rt.settings)
+    except Exception:
+        log.exception("deletions or notice e-mails failed")
     from formrules.runs import purge
     try:  # last: what is due now comes before tidying up what ended long ago
         removed = purge.purge_due(rt)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, exists, func, select
@@ -16,7 +18,7 @@ from sqlalchemy.orm import Session, defer
 from formrules.language import sandbox
 from formrules.language.tree import Form
 from formrules.language.variables import form_variables
-from formrules.store.models import CANCELLABLE, PENDING, Record, ResultFile, Run, RunStatus
+from formrules.store.models import CANCELLABLE, PENDING, Record, ResultFile, Run, RunStatus, utcnow
 
 # What users read for each status (the status itself stays the CSS class and JSON value).
 LABELS = {
@@ -32,8 +34,30 @@ def _iso(value) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
 
 
-def run_view(run: Run, files: list[ResultFile] | None = None) -> dict[str, Any]:
+def eta_seconds(started_at: datetime | None, now: datetime, fraction: float) -> int | None:
+    """Seconds left at the rate progress moved since `started_at`: elapsed × (1 − f) / f,
+    rounded up. None until it has started and moved (or once it is complete: nothing
+    is left to estimate); never negative (a clock behind the start counts as no time)."""
+    if started_at is None or not 0 < fraction < 1 or math.isnan(fraction):
+        return None
+    elapsed = max(0.0, (now - started_at).total_seconds())
+    return math.ceil(elapsed * (1 - fraction) / fraction)
+
+
+def fraction_done(run: Run) -> float:
+    """How much of a Run is done, 0–1 (1 once done)."""
+    if run.status == RunStatus.DONE:
+        return 1.0
+    if run.progress_total <= 0:
+        return 0.0
+    return max(0.0, min(1.0, run.progress_done / run.progress_total))
+
+
+def run_view(run: Run, files: list[ResultFile] | None = None,
+             now: datetime | None = None) -> dict[str, Any]:
     """A Run as its owner may see it: no internal error detail, ever."""
+    from formrules.runs.control import owner_may_retry
+    now = now or utcnow()
     stopping = run.status == RunStatus.RUNNING and run.cancel_requested
     # Due, but its node's `concurrency:` is reached: it runs when a slot frees.
     for_slot = run.waiting_for == "slot" and run.status in PENDING
@@ -57,7 +81,11 @@ def run_view(run: Run, files: list[ResultFile] | None = None) -> dict[str, Any]:
         "due_at": _iso(run.due_at),
         "created_at": _iso(run.created_at),
         "started_at": _iso(run.started_at),
+        "updated_at": _iso(run.updated_at),
         "finished_at": _iso(run.finished_at),
+        "eta_seconds": eta_seconds(run.started_at, now, fraction_done(run))
+        if run.status == RunStatus.RUNNING else None,
+        "user_retry": owner_may_retry(run),
         "files": [{"id": f.id, "filename": f.filename} for f in files or []],
     }
     if for_slot:
@@ -65,7 +93,8 @@ def run_view(run: Run, files: list[ResultFile] | None = None) -> dict[str, Any]:
     if run.status == RunStatus.RETRYING:
         view["next_retry_at"] = view["due_at"]
     if run.status in (RunStatus.RETRYING, RunStatus.DEAD) and run.safe_error:
-        view["error"] = run.safe_error
+        view["error"] = run.safe_error  # the safe message rule: `errors.user_message`
+        view["error_step"] = (run.error_step or "").replace("_", " ") or None
     return view
 
 
@@ -142,14 +171,17 @@ def etag_for(tag: str, form: Form | None) -> str:
 
 
 def record_status(s: Session, record: Record | int, form: Form | None,
-                  owner: str | None = None) -> dict[str, Any]:
+                  owner: str | None = None, now: datetime | None = None) -> dict[str, Any]:
     """The waiting page's state: `state` is working, done, failed, cancelled or expired
     (its Runs were removed after the form's retention period).
 
     Awaited Runs (`await: true | optional`) decide the state and the overall progress;
     the others (`await: false`) are listed as continuing in the background. `record`
     may be an id (with its `owner`): it is read after the Runs either way.
+    `started_at` is when the first awaited Run started, `updated_at` the last change to
+    the record or any Run listed, `eta_seconds` the time left at the overall rate.
     """
+    now = now or utcnow()
     record_id = record if isinstance(record, int) else record.id
     owner = owner if isinstance(record, int) else record.owner
     # Runs of one submit share a creation time: the tree's order (node path) breaks the tie.
@@ -173,14 +205,22 @@ def record_status(s: Session, record: Record | int, form: Form | None,
     from formrules.runs.pause import is_paused
     paused = state == "working" and is_paused(s, record.form_id)
     percent = (sum(r.percent for r in awaited) // len(awaited)) if awaited else 100
+    starts = [r.started_at for r in awaited if r.started_at is not None]
+    started = min(starts) if starts else None
+    overall = sum(fraction_done(r) for r in awaited) / len(awaited) if awaited else 1.0
+    changes = [record.updated_at, *(r.updated_at for r in runs)]
+    updated = max((c for c in changes if c is not None), default=None)
     return {
         "state": state,
         "done": done,
         "failed": failed,
         "progress": percent,
         "record": dict(record.data),
-        "runs": [run_view(r, files.get(r.id)) for r in awaited],
-        "other_runs": [run_view(r, files.get(r.id)) for r in runs if r not in awaited],
+        "started_at": _iso(started),
+        "updated_at": _iso(updated),
+        "eta_seconds": eta_seconds(started, now, overall) if state == "working" else None,
+        "runs": [run_view(r, files.get(r.id), now) for r in awaited],
+        "other_runs": [run_view(r, files.get(r.id), now) for r in runs if r not in awaited],
         "message": _message(record, form) if state == "done" else None,
         "paused": paused,  # an operator paused the form's work: it waits for a resume
     }

@@ -152,6 +152,10 @@ class Record(Base):
     # What the API request with an Idempotency-Key asked for (a hash of the submitted
     # values): the same key with another body is refused, not answered with this record.
     submit_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # Its deletion was asked for while work of it still ran: that work is cancelled, and
+    # the record goes once none of it runs (`runs.control.finish_deletions`).
+    delete_requested: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                   server_default="0", index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     # When retention last purged Runs of this record: a waiting page with no Runs left
@@ -200,6 +204,7 @@ class Run(Base):
     progress_message: Mapped[str] = mapped_column(String(500), default="")
     last_error: Mapped[str | None] = mapped_column(Text)  # full detail: operators only
     safe_error: Mapped[str | None] = mapped_column(String(500))  # what the user sees
+    error_step: Mapped[str | None] = mapped_column(String(100))  # the failed step's action
     recoveries: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     hidden: Mapped[bool] = mapped_column(Boolean, default=False)  # deleted from "my tasks"
@@ -267,6 +272,9 @@ class User(Base):
     # Sessions carry the generation they were started in; bumping it (log out everywhere,
     # a new password) ends every session of the account at its next request.
     session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Notification preferences: an address, and whether tasks ending are e-mailed there.
+    email: Mapped[str | None] = mapped_column(String(254))
+    email_on_end: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -294,6 +302,10 @@ class Notification(Base):
     message: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     read_at: Mapped[datetime | None] = mapped_column()
+    # An e-mail copy: where to (None: none), and when it went (None: not yet; the worker
+    # sends after the commit, the reconciler catches up on any left behind).
+    email_to: Mapped[str | None] = mapped_column(String(254), index=True)
+    emailed_at: Mapped[datetime | None] = mapped_column()
 
 
 class ApiToken(Base):

@@ -93,6 +93,7 @@ def create_app(test_config: dict[str, Any] | None = None,
         api,
         auth,
         batches,
+        events,
         forms,
         headers,
         limits,
@@ -103,8 +104,8 @@ def create_app(test_config: dict[str, Any] | None = None,
         tasks,
         updates,
     )
-    for module in (forms, records, tasks, my_batches, auth, admin, updates, batches, api,
-                   ops, web_uploads):
+    for module in (forms, records, tasks, events, my_batches, auth, admin, updates, batches,
+                   api, ops, web_uploads):
         app.register_blueprint(module.bp)
     app.context_processor(tasks.inject_notifications)
     from formrules.web.state import rules_health

@@ -3,6 +3,7 @@
     POST  /api/forms/<form_id>    201 {token, status_url, …}; 422 with field messages
     GET   /api/records/<token>    the record, its state and its Runs
     PATCH /api/records/<token>    change fields: update events and Delay policies follow
+    DELETE /api/records/<token>   delete it; work still running is cancelled first
 
 Same validation (the form's WTForms class) and the same events as the HTML form. Every
 call but the document needs `Authorization: Bearer <token>` (`formrules tokens add NAME`);
@@ -23,7 +24,7 @@ from werkzeug.datastructures import CombinedMultiDict, MultiDict
 from formrules.errors import ActionError
 from formrules.language.fieldtypes import field_type, is_upload
 from formrules.language.tree import Form
-from formrules.runs import callbacks, submit, updates
+from formrules.runs import callbacks, control, submit, updates
 from formrules.runs.status import record_status
 from formrules.store import tokens, uploads
 from formrules.store.models import Record, ResultFile, Run
@@ -216,7 +217,9 @@ def create(form_id: str):
 def _record(token: str) -> Record | None:
     if len(token) > 64:
         return None
-    return db().scalar(select(Record).where(Record.token == token))
+    # One being deleted (its work stopping) is gone already as far as clients can tell.
+    return db().scalar(select(Record).where(Record.token == token,
+                                            Record.delete_requested.is_(False)))
 
 
 @bp.get("/records/<token>")
@@ -270,6 +273,28 @@ def upload(token: str, name: str):
     if found is None or found.owner != f"api:{g.api_token.name}":
         return error(404, "not_found", "There is no such file.")
     return upload_response(found, name)
+
+
+@bp.delete("/records/<token>")
+def remove(token: str):
+    """Delete a record with its work and files. Work not started is cancelled; a step
+    running now is asked to stop and the record goes once it has (202), else at once
+    (204). Either way it answers 404 from now on; no step writes to it any more."""
+    found = _record(token)
+    if found is None:
+        return error(404, "not_found", "There is no record with this token.")
+    runs, files = control.delete_record(db(), found, f"API client {g.api_token.name}")
+    db().commit()
+    uploads.remove(rt().settings, files)
+    for run in runs:
+        if run.status == "cancelled":
+            control.after_commit(rt().dispatcher, run)
+    db().expire_all()
+    if db().scalar(select(Record.id).where(Record.token == token)) is None:
+        return "", 204
+    return jsonify({"token": token, "state": "deleting",
+                    "message": "Work in progress is stopping; the record is deleted as "
+                               "soon as it has stopped."}), 202
 
 
 @bp.get("/files/<file_id>")

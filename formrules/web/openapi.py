@@ -70,7 +70,21 @@ SHARED: dict[str, Any] = {
         "waiting_for": {"const": "slot", "description": "Due, but its node's `concurrency:` "
                         "is reached: it starts when a slot frees (label: Waiting for a "
                         "slot)."},
-        "error": {"type": "string", "description": "Safe to show to people."}}},
+        "started_at": {"type": ["string", "null"], "format": "date-time"},
+        "updated_at": {"type": ["string", "null"], "format": "date-time"},
+        "finished_at": {"type": ["string", "null"], "format": "date-time"},
+        "eta_seconds": {"type": ["integer", "null"], "minimum": 0,
+                        "description": "Estimated seconds left while running, from the "
+                                       "rate progress moved since it started; null before "
+                                       "progress moves."},
+        "user_retry": {"type": "boolean",
+                       "description": "Failed, and its owner may try it again."},
+        "error": {"type": "string", "description": "Safe to show to people."},
+        "error_step": {"type": ["string", "null"],
+                       "description": "The action of the step that failed."}}},
+    "Deleting": {"type": "object", "required": ["token", "state"], "properties": {
+        "token": {"type": "string"}, "state": {"const": "deleting"},
+        "message": {"type": "string"}}},
     "Record": {"type": "object", "required": ["token", "form", "status_url", "state"],
                "properties": {
                    "token": {"type": "string"}, "form": {"type": "string"},
@@ -83,6 +97,15 @@ SHARED: dict[str, Any] = {
                               "description": "Working, but an operator paused the form."},
                    "done": {"type": "boolean"}, "failed": {"type": "boolean"},
                    "progress": {"type": "integer"},
+                   "started_at": {"type": ["string", "null"], "format": "date-time",
+                                  "description": "When the first awaited Run started."},
+                   "updated_at": {"type": ["string", "null"], "format": "date-time",
+                                  "description": "The last change to the record or "
+                                                 "its work."},
+                   "eta_seconds": {"type": ["integer", "null"], "minimum": 0,
+                                   "description": "Estimated seconds left while working, "
+                                                  "from the overall progress rate; null "
+                                                  "before progress moves."},
                    "record": {"type": "object", "description": "Every field's value."},
                    "runs": {"type": "array", "items": _ref("Run")},
                    "other_runs": {"type": "array", "items": _ref("Run")},
@@ -148,6 +171,15 @@ def document(ruleset: RuleSet, server: str) -> dict[str, Any]:
                   "parameters": token,
                   "requestBody": {"required": True, "content": _content(patch_body)},
                   "responses": _responses(200, 400, 401, 404, 422, 500)},
+        "delete": {"operationId": "delete_record",
+                   "summary": "Delete a record; work still running is cancelled first",
+                   "parameters": token,
+                   "responses": {
+                       "204": {"description": "Deleted, with its work and files."},
+                       "202": {"description": "Its running work is stopping; the record "
+                                              "is deleted once it has (404 from now on).",
+                               "content": _content(_ref("Deleting"))},
+                       **_responses(401, 404)}},
     }
     paths["/api/records/{token}/files/{name}"] = {"get": {
         "operationId": "get_upload",

@@ -28,7 +28,7 @@ def _record(token: str) -> Record:
     if len(token) > 64:
         abort(404)
     record = db().scalar(select(Record).where(Record.token == token))
-    if record is None:
+    if record is None or record.delete_requested:
         abort(404)
     # A record submitted through the API has no browser owner: its page is a link the API
     # client may hand to a person (`page_url`), so the unguessable token is the key there.

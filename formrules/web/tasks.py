@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from urllib.parse import urlsplit
 
 from flask import (
@@ -15,6 +16,7 @@ from flask import (
     redirect,
     render_template,
     request,
+    session,
     url_for,
 )
 from sqlalchemy import func, or_, select, update
@@ -28,12 +30,14 @@ from formrules.store.models import (
     Record,
     Run,
     RunStatus,
+    User,
     utcnow,
 )
 from formrules.web import my_batches
 from formrules.web.state import current_owner_or_none, db, rt, rules
 
 bp = Blueprint("tasks", __name__)
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
 
 def _own_run(run_id: str) -> Run:
@@ -132,6 +136,22 @@ def cancel(run_id: str):
     return redirect(_back(url_for("tasks.index")), 303)
 
 
+@bp.post("/tasks/<run_id>/retry")
+def retry(run_id: str):
+    """Try one of my failed Runs again, after its completed steps (`user_retry: true`)."""
+    run = _own_run(run_id)
+    try:
+        control.owner_retry(db(), run)
+    except control.NotAllowed:
+        db().rollback()
+        flash(f"“{run.title}” cannot be tried again.", "error")
+        return redirect(_back(url_for("tasks.index")), 303)
+    db().commit()
+    control.after_commit(rt().dispatcher, run)
+    flash(f"Trying “{run.title}” again…", "info")
+    return redirect(_back(url_for("tasks.index")), 303)
+
+
 @bp.post("/tasks/<run_id>/delete")
 def delete(run_id: str):
     """Remove a Run (and its files) from my list; one still going is cancelled first."""
@@ -146,6 +166,32 @@ def delete(run_id: str):
     return redirect(url_for("tasks.index"), 303)
 
 
+def _account() -> User | None:
+    """The logged-in user (preferences are an account's, not an anonymous browser's)."""
+    user_id = session.get("user_id")
+    return db().get(User, user_id) if user_id is not None else None
+
+
+@bp.post("/notifications/preferences")
+def preferences():
+    """Save my notification preferences: an address, and e-mail when a task ends."""
+    user = _account()
+    if user is None:
+        abort(404)
+    address = request.form.get("email", "").strip()
+    wanted = request.form.get("email_on_end") == "y"
+    if address and (len(address) > 254 or not EMAIL.fullmatch(address)):
+        flash("That e-mail address does not look right.", "error")
+        return redirect(url_for("tasks.notifications"), 303)
+    if wanted and not address:
+        flash("Give an e-mail address to get e-mails.", "error")
+        return redirect(url_for("tasks.notifications"), 303)
+    user.email, user.email_on_end = address or None, wanted
+    db().commit()
+    flash("Your notification preferences were saved.", "info")
+    return redirect(url_for("tasks.notifications"), 303)
+
+
 @bp.get("/notifications")
 def notifications():
     """All my notices; opening the list marks them read."""
@@ -158,7 +204,7 @@ def notifications():
                                                 Notification.read_at.is_(None))
                      .values(read_at=utcnow()))
         db().commit()
-    return render_template("tasks/notifications.html", items=items)
+    return render_template("tasks/notifications.html", items=items, account=_account())
 
 
 @bp.post("/notifications/<int:note_id>/dismiss")

@@ -2,13 +2,15 @@
 // <noscript>) reloads the page; with it, this polls the status JSON (ETag, so an
 // unchanged status costs a 304), moves the progress bars in place, and when a status
 // changes swaps in the server-rendered part: the same markup either way, no reload.
+// Live events (server-sent, `data-events-url`) about this record make it poll at once
+// instead of at the next tick; polling stays, as the fallback when the stream fails.
 (function () {
   "use strict";
   var root = document.getElementById("status");
   if (!root) return;
   var statusUrl = root.dataset.statusUrl, partUrl = root.dataset.partUrl;
   var announce = document.getElementById("announce");
-  var etag = null, delay = 1000, failures = 0;
+  var etag = null, delay = 1000, failures = 0, timer = null, inFlight = false, source = null;
 
   function body() { return root.querySelector(".status-body"); }
   function working() { var b = body(); return b && b.dataset.state === "working"; }
@@ -66,13 +68,34 @@
   var MAX_FAILURES = 4, last = null;
 
   function next() {
-    if (!working()) return;  // finished: the page now shows the result, stop polling
-    setTimeout(poll, document.hidden ? Math.max(delay, 5000) : delay);
+    if (!working()) {  // finished: the page now shows the result, stop polling
+      if (source) source.close();  // and free the server's stream
+      return;
+    }
+    timer = setTimeout(poll, document.hidden ? Math.max(delay, 5000) : delay);
+  }
+
+  // A live event about this record: poll now (unless a poll is already under way).
+  function listen() {
+    var url = root.dataset.eventsUrl, token = root.dataset.token;
+    if (!url || !window.EventSource) return;
+    source = new EventSource(url);
+    function onEvent(e) {
+      var data;
+      try { data = JSON.parse(e.data); } catch (err) { return; }
+      if (data.record !== token || inFlight) return;
+      clearTimeout(timer);
+      poll();
+    }
+    ["start", "end", "status"].forEach(function (kind) { source.addEventListener(kind, onEvent); });
+    // EventSource reconnects by itself (the server's retry:); a refusal closes it, and
+    // the polling above carries on either way.
   }
 
   function HttpError(what, status) { this.message = what + " " + status; }
 
   function poll() {
+    inFlight = true;
     var headers = etag && last ? { "If-None-Match": etag } : {};
     fetch(statusUrl, { headers: headers, credentials: "same-origin", cache: "no-cache" })
       .then(function (r) {
@@ -85,8 +108,9 @@
         updateBars(s);
         return statusKey(s) !== shownKey() ? swap() : null;
       }).then(function () {
-        failures = 0; delay = 1000; next();
+        inFlight = false; failures = 0; delay = 1000; next();
       }).catch(function (error) {
+        inFlight = false;
         failures += 1;
         if (error instanceof HttpError && failures >= MAX_FAILURES) {
           window.location.reload();
@@ -97,5 +121,5 @@
       });
   }
 
-  if (working()) setTimeout(poll, 500);
+  if (working()) { timer = setTimeout(poll, 500); listen(); }
 })();
