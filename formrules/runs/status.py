@@ -18,7 +18,16 @@ from sqlalchemy.orm import Session, defer
 from formrules.language import sandbox
 from formrules.language.tree import Form
 from formrules.language.variables import form_variables
-from formrules.store.models import CANCELLABLE, PENDING, Record, ResultFile, Run, RunStatus, utcnow
+from formrules.store.models import (
+    CANCELLABLE,
+    PENDING,
+    FormPause,
+    Record,
+    ResultFile,
+    Run,
+    RunStatus,
+    utcnow,
+)
 
 # What users read for each status (the status itself stays the CSS class and JSON value).
 LABELS = {
@@ -128,7 +137,9 @@ def _message(record: Record, form: Form | None) -> str:
 
 POLL_TAG = (
     select(Record.id, Record.owner, Record.form_id, Record.version, Record.updated_at,
-           func.count(Run.id), func.max(Run.updated_at))
+           func.count(Run.id), func.max(Run.updated_at),
+           # A pause changes no row of the record or its Runs, but what the page says.
+           exists().where(FormPause.form_id == Record.form_id))
     .outerjoin(Run, (Run.record_id == Record.id) & Run.hidden.is_(False)
                & (Run.owner == Record.owner))
     .where(Record.token == bindparam("token"))
@@ -146,8 +157,9 @@ STATUS_ROWS = (
     .execution_options(populate_existing=True))
 
 
-def poll_tag(s: Session, token: str) -> tuple[int, str, str, str] | None:
-    """(record id, owner, form id, change tag) for a record token, in one statement.
+def poll_tag(s: Session, token: str) -> tuple[int, str, str, str, bool] | None:
+    """(record id, owner, form id, change tag, form paused) for a record token, in one
+    statement.
 
     The tag changes whenever the status view can: every write to a record bumps its
     version (`lock_record`), and every write to a Run bumps its `updated_at` (files are
@@ -158,10 +170,10 @@ def poll_tag(s: Session, token: str) -> tuple[int, str, str, str] | None:
     row = s.connection().execute(POLL_TAG, {"token": token}).first()
     if row is None:
         return None
-    record_id, owner, form_id, version, updated, runs, last = row
+    record_id, owner, form_id, version, updated, runs, last, paused = row
     tag = f"{version}:{updated.timestamp() if updated else ''}:{runs}:" \
-          f"{last.timestamp() if last else ''}"
-    return record_id, owner, form_id, tag
+          f"{last.timestamp() if last else ''}:{int(bool(paused))}"
+    return record_id, owner, form_id, tag, bool(paused)
 
 
 def etag_for(tag: str, form: Form | None) -> str:
@@ -171,7 +183,8 @@ def etag_for(tag: str, form: Form | None) -> str:
 
 
 def record_status(s: Session, record: Record | int, form: Form | None,
-                  owner: str | None = None, now: datetime | None = None) -> dict[str, Any]:
+                  owner: str | None = None, now: datetime | None = None,
+                  paused: bool | None = None) -> dict[str, Any]:
     """The waiting page's state: `state` is working, done, failed, cancelled or expired
     (its Runs were removed after the form's retention period).
 
@@ -202,8 +215,11 @@ def record_status(s: Session, record: Record | int, form: Form | None,
         "cancelled" if cancelled else "done"
     if not awaited and record.purged_at is not None:
         state = "expired"  # retention removed its Runs: "done" would be a guess
-    from formrules.runs.pause import is_paused
-    paused = state == "working" and is_paused(s, record.form_id)
+    if state != "working":
+        paused = False
+    elif paused is None:  # not known from `poll_tag`
+        from formrules.runs.pause import is_paused
+        paused = is_paused(s, record.form_id)
     percent = (sum(r.percent for r in awaited) // len(awaited)) if awaited else 100
     starts = [r.started_at for r in awaited if r.started_at is not None]
     started = min(starts) if starts else None

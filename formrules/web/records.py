@@ -14,7 +14,6 @@ from flask import Blueprint, Response, abort, render_template, request
 from sqlalchemy import select, update
 
 from formrules.language.fieldtypes import format_size, is_upload
-from formrules.runs import pause
 from formrules.runs.status import etag_for, poll_tag, record_status
 from formrules.store.models import Notification, Record, ResultFile, Run, utcnow
 from formrules.web.auth import is_operator
@@ -90,17 +89,16 @@ def status_json(token: str):
     found = poll_tag(db(), token) if len(token) <= 64 else None
     if found is None:
         abort(404)
-    record_id, record_owner, form_id, tag = found
+    record_id, record_owner, form_id, tag, paused = found
     if record_owner != current_owner_or_none() and not record_owner.startswith("api:") \
             and not is_operator():
         abort(404)  # as `_record`: whether someone else's record exists is not ours to say
     form = rules().form(form_id)
-    # A pause changes no row of the record or its Runs, but it changes what the page says.
-    etag = etag_for(f"{tag}:{int(pause.is_paused(db(), form_id))}", form)
+    etag = etag_for(tag, form)
     headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
     if request.if_none_match.contains(etag):
         return Response(status=304, headers=headers)
-    status = record_status(db(), record_id, form, owner=record_owner)
+    status = record_status(db(), record_id, form, owner=record_owner, paused=paused)
     return Response(json.dumps(status, default=str), mimetype="application/json",
                     headers=headers)
 
