@@ -139,6 +139,12 @@ class NotAllowed(FormrulesError):
 class BatchError(FormrulesError):
     """A batch cannot be started as asked (unknown batch, bad filter, no records)."""
 
+    @property
+    def sentence(self) -> str:
+        """The message as a sentence for a page."""
+        message = str(self)
+        return message[:1].upper() + message[1:] + "."
+
 
 def step_failed(step: str) -> str:
     """What users read when a step failed without a message meant for them."""

@@ -137,6 +137,22 @@ def _counts(s: Session, batch_id: str) -> dict[str, int]:
                           .group_by(Run.status)).all())
 
 
+def launch(rt: Runtime, s: Session, form: Form, name: str, *, owner: str,
+           starter: str, record_ids: list[int] | None = None,
+           where: str | None = None) -> Batch:
+    """Start a batch from a page (operators or users): create it, commit, then release
+    its first records. A `BatchError` leaves nothing behind (rolled back)."""
+    try:
+        started = start(s, form, name, owner=owner, settings=rt.settings,
+                        record_ids=record_ids, where=where, starter=starter)
+        s.commit()
+    except BatchError:
+        s.rollback()
+        raise
+    advance(rt, started.id)
+    return started
+
+
 def advance(rt: Runtime, batch_id: str) -> int:
     """Start waiting children while slots are free; finish the batch when all have ended."""
     to_dispatch: list[Run] = []

@@ -35,10 +35,6 @@ class StartForm(FlaskForm):
                         description="e.g. record.status == 'reserved' (empty: all records)")
 
 
-def _sentence(message: str) -> str:
-    return message[:1].upper() + message[1:] + "."
-
-
 def _who() -> str:
     return f"operator {session.get('user_name', '?')}"
 
@@ -78,16 +74,13 @@ def new(form_id: str, name: str):
             error = "Select at least one record, or run on every record matching the filter."
         else:
             try:
-                started = batches.start(
-                    db(), form, name, owner=f"user:{session.get('user_id')}",
-                    settings=rt().settings, record_ids=ids if scope == "selected" else None,
-                    where=(wtf.where.data or "").strip() or None, starter=OPERATORS)
-                db().commit()
+                started = batches.launch(
+                    rt(), db(), form, name, owner=f"user:{session.get('user_id')}",
+                    starter=OPERATORS, record_ids=ids if scope == "selected" else None,
+                    where=(wtf.where.data or "").strip() or None)
             except batches.BatchError as exc:
-                db().rollback()
-                error = _sentence(str(exc))
+                error = exc.sentence
             else:
-                batches.advance(rt(), started.id)
                 flash(f"Started {started.title} over {started.total} record(s).", "success")
                 return redirect(url_for("batches.show", batch_id=started.id), 303)
     records = list(db().scalars(select(Record).where(Record.form_id == form.id)
@@ -127,7 +120,7 @@ def cancel(batch_id: str):
     try:
         outcome = batches.cancel(rt(), item.id, _who())
     except batches.BatchError as exc:
-        flash(_sentence(str(exc)), "error")
+        flash(exc.sentence, "error")
     else:
         flash("Batch cancelled." if outcome == "cancelled"
               else "Cancelled; running items stop at their next step.", "info")

@@ -84,10 +84,6 @@ def _own_batch(batch_id: str) -> Batch:
     return found
 
 
-def _sentence(message: str) -> str:
-    return message[:1].upper() + message[1:] + "."
-
-
 @bp.route("/new/<form_id>/<name>", methods=("GET", "POST"))
 def new(form_id: str, name: str):
     """The user's own records of the form, with boxes; start the batch over those ticked."""
@@ -104,14 +100,11 @@ def new(form_id: str, name: str):
             error = "Select at least one of your records."
         else:
             try:
-                started = batches.start(db(), form, name, owner=me, settings=rt().settings,
-                                        record_ids=ids, starter=USERS)
-                db().commit()
+                started = batches.launch(rt(), db(), form, name, owner=me, starter=USERS,
+                                         record_ids=ids)
             except batches.BatchError as exc:
-                db().rollback()
-                error = _sentence(str(exc))
+                error = exc.sentence
             else:
-                batches.advance(rt(), started.id)
                 flash(f"Started “{started.title}” over {started.total} record(s).", "success")
                 return redirect(url_for("my_batches.show", batch_id=started.id), 303)
     elif request.method == "POST":
