@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -347,19 +348,27 @@ class Checker:
         call one written after it)."""
         if value is None or self.mapping(value, pos, "trees", "trees") is None:
             return
+        for name, _path, body in self.named_trees(value, "trees", "tree", TREE_KEYS):
+            self.trees[name] = body
+
+    def named_trees(self, value: Map, section: str, noun: str,
+                    keys: tuple[str, ...]) -> Iterator[tuple[str, str, Map]]:
+        """The entries of a `name: {…, do: [...]}` section (`trees:`, `batches:`) whose
+        name and body are usable: (name, path, body); problems reported on the way."""
         for name, body in value.items():
-            path = f"trees/{name}"
+            path = f"{section}/{name}"
             if not isinstance(name, str) or not _NAME.match(name):
                 self.error(self.key_pos(value, name), path,
-                           "a tree name is lowercase letters, digits and '_'")
+                           f"a {noun} name is lowercase letters, digits and '_'")
                 continue
-            body = self.mapping(body, self.value_pos(value, name), path, "a tree")
+            body = self.mapping(body, self.value_pos(value, name), path, f"a {noun}")
             if body is None:
                 continue
-            self.known_keys(body, TREE_KEYS, path, "tree")
+            self.known_keys(body, keys, path, noun)
             if "do" not in body:
-                self.error(self.key_pos(value, name), path, "a tree needs a 'do:' list of nodes")
-            self.trees[name] = body
+                self.error(self.key_pos(value, name), path,
+                           f"a {noun} needs a 'do:' list of nodes")
+            yield name, path, body
             self.tree_inputs[name] = self.inputs(body.get("inputs"),
                                                  self.value_pos(body, "inputs"), path)
 

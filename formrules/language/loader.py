@@ -277,19 +277,8 @@ def _batch_defs(c: Checker, value: Any, pos) -> dict[str, BatchDef]:
     if value is None or c.mapping(value, pos, "batches", "batches") is None:
         return {}
     out = {}
-    for name, body in value.items():
-        path = f"batches/{name}"
-        if not isinstance(name, str) or not NAME.match(name):
-            c.error(c.key_pos(value, name), path, "a batch name is lowercase letters, "
-                                                  "digits and '_'")
-            continue
-        body = c.mapping(body, c.value_pos(value, name), path, "a batch")
-        if body is None:
-            continue
-        c.known_keys(body, BATCH_KEYS, path, "batch")
-        vp = lambda k: c.value_pos(body, k)  # noqa: E731
-        if "do" not in body:
-            c.error(c.key_pos(value, name), path, "a batch needs a 'do:' list of nodes")
+    for name, path, body in c.named_trees(value, "batches", "batch", BATCH_KEYS):
+        vp = lambda k, body=body: c.value_pos(body, k)  # noqa: E731
         node = _background(c, body, path, c.key_pos(value, name), name)
         out[name] = BatchDef(
             name=name, title=node.title, do=node.do,
