@@ -271,3 +271,22 @@ def test_result_files_download_with_a_token(client, rt, auth):
     assert response.headers["Content-Disposition"] == 'attachment; filename="receipt.csv"'
     assert client.get(f"/api/files/{listed['id']}").status_code == 401
     assert client.get("/api/files/nope", headers=auth).status_code == 404
+
+
+def test_only_the_submitting_token_changes_or_deletes_a_record(client, rt, auth):
+    """A record token seen elsewhere (a person's page link, another client's logs) lets
+    another API client read it, never change or delete it."""
+    created = client.post("/api/forms/ticket", headers=auth,
+                          json={"subject": "Printer",
+                                "due": (date.today() + timedelta(days=20)).isoformat()})
+    assert created.status_code == 201, created.json
+    record_token = created.json["token"]
+    with rt.store.session() as s:
+        other = {"Authorization": f"Bearer {tokens.create(s, 'intruder')}"}
+    url = f"/api/records/{record_token}"
+    assert client.get(url, headers=other).status_code == 200
+    assert client.patch(url, headers=other, json={"subject": "Hacked"}).status_code == 404
+    assert client.delete(url, headers=other).status_code == 404
+    assert client.get(url, headers=auth).json["record"]["subject"] == "Printer"
+    assert client.delete(url, headers=auth).status_code in (202, 204)
+    assert client.get(url, headers=auth).status_code == 404

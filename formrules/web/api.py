@@ -222,6 +222,13 @@ def _record(token: str) -> Record | None:
                                             Record.delete_requested.is_(False)))
 
 
+def _own_record(token: str) -> Record | None:
+    """A record this API token submitted: only its submitter changes or deletes it (a
+    record token read elsewhere, e.g. from a person's page link, grants no more)."""
+    found = _record(token)
+    return found if found is not None and found.owner == f"api:{g.api_token.name}" else None
+
+
 @bp.get("/records/<token>")
 def record(token: str):
     """A record: its fields, state (working, done, failed, cancelled) and Runs."""
@@ -234,7 +241,7 @@ def record(token: str):
 @bp.patch("/records/<token>")
 def patch(token: str):
     """Change some fields; the form's update events and Delay policies follow."""
-    found = _record(token)
+    found = _own_record(token)
     if found is None:
         return error(404, "not_found", "There is no record with this token.")
     form = rules().form(found.form_id)
@@ -269,8 +276,8 @@ def patch(token: str):
 @bp.get("/records/<token>/files/<name>")
 def upload(token: str, name: str):
     """A file uploaded with a record, for the API client that submitted it."""
-    found = _record(token)
-    if found is None or found.owner != f"api:{g.api_token.name}":
+    found = _own_record(token)
+    if found is None:
         return error(404, "not_found", "There is no such file.")
     return upload_response(found, name)
 
@@ -280,7 +287,7 @@ def remove(token: str):
     """Delete a record with its work and files. Work not started is cancelled; a step
     running now is asked to stop and the record goes once it has (202), else at once
     (204). Either way it answers 404 from now on; no step writes to it any more."""
-    found = _record(token)
+    found = _own_record(token)
     if found is None:
         return error(404, "not_found", "There is no record with this token.")
     runs, files = control.delete_record(db(), found, f"API client {g.api_token.name}")
