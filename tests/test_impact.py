@@ -208,3 +208,38 @@ def test_without_a_folder_the_applied_edit_leaves_the_runs_on_their_old_tree(
         f"    {delay}  events/submit/1/delay  (scheduled)",
         *[line.format(r2=delay) for line in IMPACT],
     ]
+
+
+CALLER = """\
+form: caller
+title: Caller
+fields: [{name: name, type: string}]
+trees:
+  greet:
+    inputs: {who: {type: string}}
+    do: [{send_email: {to: a@example.com, subject: "Hi {{ inputs.who }}", body: Hi}}]
+events:
+  submit:
+    - background:
+        title: Greeting
+        do: [{call: {tree: greet, with: {who: "{{ record.name }}"}}}]
+"""
+
+
+def test_a_run_that_calls_a_named_tree_is_analysed_with_the_tree_it_carries():
+    """A pending Run's snapshot carries the named trees it calls: an edit of the tree
+    alone keeps it on its old tree, and an action removed from the tree is still used."""
+    old = form(CALLER, "caller.yaml")
+    new = form(CALLER.replace("send_email: {to: a@example.com, subject: \"Hi {{ inputs.who }}\","
+                              " body: Hi}", "log: \"hi {{ inputs.who }}\""), "caller.yaml")
+    node = next(n for n in walk(old.events["submit"]) if isinstance(n, DeferNode))
+    run = PendingRun("r1", "caller", node.path, "queued", node.raw, old.field_types,
+                     node.trees)
+    assert lines(compare({"caller": old}, {"caller": new}, [run])) == [
+        "form caller: changed",
+        "  pending Runs keeping their old tree: 1",
+        "    r1  events/submit/0/background  (queued)",
+        "  removed but used by 1 pending Run(s): action send_email at "
+        "events/submit/0/background/do/0/call/0  [r1]",
+    ]
+    assert lines(compare({"caller": old}, {"caller": old}, [run]))[0].startswith("No impact")

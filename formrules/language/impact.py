@@ -42,6 +42,14 @@ class PendingRun:
     status: str
     raw: dict[str, Any]  # the subtree its snapshot carries
     fields: dict[str, str]  # the field types its snapshot carries
+    trees: dict[str, Any] = field(default_factory=dict)  # the named trees its calls reach
+    tree: str | None = None  # the named tree its node is written in, if any
+    inputs: tuple[str, ...] = ()  # that tree's call inputs
+
+    @property
+    def source(self) -> Any:
+        """What it runs: its subtree with the named trees it calls."""
+        return [self.raw, self.trees] if self.trees else self.raw
 
 
 @dataclass
@@ -126,7 +134,7 @@ def _form(form_id: str, old: Form | None, new: Form | None,
     # Runs of one node version share its subtree: work each distinct one out once.
     seen: dict[tuple[str, str, str], tuple[tuple[str, str] | None, list[str], list[str]]] = {}
     for run in sorted(pending, key=lambda r: (r.path, r.id)):
-        raw = _canonical(run.raw)
+        raw = _canonical(run.source)
         if raw == new_canonical.get(run.path, _canonical(None)):
             continue  # the tree on disk has this very subtree at this path
         impact.keeping_old.append(run)
@@ -188,14 +196,14 @@ def _schedules(old: Form | None, new: Form | None) -> list[str]:
 
 def _rebuild(run: PendingRun) -> DeferNode | None:
     try:
-        return rebuild_defer(run.raw, run.path, run.fields)
+        return rebuild_defer(run.raw, run.path, run.fields, run.trees, run.tree, run.inputs)
     except (RuleError, ValueError, TypeError, KeyError):
         return None  # a snapshot this code cannot read: listed, not analysed
 
 
 def _fields_named(run: PendingRun, node: DeferNode) -> set[str]:
     """Fields the Run writes (`set:`, `flag:`) or names (`record.x` in its text)."""
-    names = set(_FIELD_NAME.findall(json.dumps(run.raw)))
+    names = set(_FIELD_NAME.findall(json.dumps(run.source)))
     if node.flag:
         names.add(node.flag)
     for child in walk((node,)):
@@ -216,12 +224,19 @@ def _trees(form: Form) -> list[tuple[Node, ...]]:
 
 
 def _deferred_raws(form: Form) -> dict[str, Any]:
-    """Path -> the raw subtree a new Run of that path would carry."""
+    """Path -> what a new Run of that path would carry (as `PendingRun.source`)."""
     out: dict[str, Any] = {}
     for nodes in form.events.values():
-        out.update((n.path, n.raw) for n in walk(nodes) if isinstance(n, DeferNode))
-    out.update((f"batches/{b.name}", b.raw) for b in form.batches.values())
-    out.update((f"schedules/{i}", s.raw) for i, s in enumerate(form.schedules))
+        out.update((n.path, [n.raw, n.trees] if n.trees else n.raw)
+                   for n in walk(nodes) if isinstance(n, DeferNode))
+    roots = [(f"batches/{b.name}", b.raw) for b in form.batches.values()]
+    roots += [(f"schedules/{i}", s.raw) for i, s in enumerate(form.schedules)]
+    for path, raw in roots:  # their nodes are built when they start: the trees they reach
+        try:
+            trees = rebuild_defer(raw, path, form.field_types, form.tree_sources).trees
+        except (RuleError, ValueError, TypeError, KeyError):
+            trees = {}
+        out[path] = [raw, trees] if trees else raw
     return out
 
 

@@ -29,8 +29,10 @@ def pending_runs(s: Session, limit: int | None = None) -> list[PendingRun]:
     out = []
     for row in s.execute(query):
         snapshot = Snapshot.load(row.snapshot or {})
+        call = snapshot.call or {}
         out.append(PendingRun(row.id, row.form_id, row.node_path, row.status, snapshot.raw,
-                              snapshot.fields))
+                              snapshot.fields, snapshot.trees, call.get("tree"),
+                              tuple(sorted(call.get("inputs") or ()))))
     return out
 
 
