@@ -394,7 +394,7 @@ class FileType(FieldType):
     def to_storage(self, value: Any) -> Any:
         if value is None or value == "":
             return None
-        if isinstance(value, dict) and STORAGE_KEY.match(str(value.get("key", ""))):
+        if isinstance(value, dict) and STORAGE_KEY.fullmatch(str(value.get("key", ""))):
             return {k: value.get(k) for k in UPLOAD_KEYS}
         raise ValueError("a file is uploaded with the form; it cannot be set to a value")
 
@@ -449,7 +449,7 @@ REGISTRY: dict[str, FieldType] = {t.name: t for t in (
 
 def is_upload(value: Any) -> bool:
     """Whether a stored value is an uploaded file's metadata."""
-    return isinstance(value, dict) and STORAGE_KEY.match(str(value.get("key", ""))) is not None
+    return isinstance(value, dict) and STORAGE_KEY.fullmatch(str(value.get("key", ""))) is not None
 
 
 def field_type(name: str) -> FieldType:

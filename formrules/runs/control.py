@@ -43,8 +43,16 @@ def cancel(s: Session, run: Run, who: str) -> str:
 
 def retry(s: Session, run: Run, who: str) -> None:
     """Run a dead or cancelled Run again now, resuming after its completed steps."""
+    _refuse_if_deleting(s, run)
     if not lifecycle.operator_retry(s, run, who):
         raise NotAllowed(f"a {run.status} run cannot be retried")
+
+
+def _refuse_if_deleting(s: Session, run: Run) -> None:
+    """A retry must not run steps on a record whose deletion is waiting for its work."""
+    if run.record_id is not None and s.scalar(
+            select(Record.delete_requested).where(Record.id == run.record_id)):
+        raise NotAllowed("its record is being deleted")
 
 
 def owner_may_retry(run: Run) -> bool:
@@ -58,9 +66,7 @@ def owner_may_retry(run: Run) -> bool:
 
 def owner_retry(s: Session, run: Run) -> None:
     """The owner retries a failed Run whose node allows it, after its completed steps."""
-    if run.record_id is not None and s.scalar(
-            select(Record.delete_requested).where(Record.id == run.record_id)):
-        raise NotAllowed("its record is being deleted")
+    _refuse_if_deleting(s, run)
     if not owner_may_retry(run) or not lifecycle.owner_retry(s, run):
         raise NotAllowed(f"a {run.status} run cannot be retried by its owner")
 

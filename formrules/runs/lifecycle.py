@@ -138,8 +138,9 @@ def move(s: Session, t: Transition, where: Iterable[Any], *,
         if t.notice is not None:
             level, message = t.notice
             notifications.run_ended(s, run, level, message(run))
-        notifications.changed(s, run, "start" if t is CLAIM else
-                              "end" if t.finishes else "status")
+        if t.target is not None or t.event is not None:  # not a slot's wait or wake-up
+            notifications.changed(s, run, "start" if t is CLAIM else
+                                  "end" if t.finishes else "status")
     if t.finishes:  # a record's awaited work that ended: its callbacks become due, here
         from formrules.runs import callbacks
         for record_id in sorted({r.record_id for r in moved if r.record_id is not None
@@ -185,13 +186,16 @@ def wait_for_slot(s: Session, run_id: str, due: datetime) -> bool:
 def wake_for_slot(s: Session, form_id: str, node_path: str, now: datetime) -> Run | None:
     """A slot of this node was given back: the Run waiting for one longest is due now
     (first come, first served); None when nobody waits."""
+    from formrules.runs.pause import not_paused
     oldest = s.scalar(select(Run.id).where(
         Run.form_id == form_id, Run.node_path == node_path, Run.waiting_for == "slot",
-        Run.status.in_(sorted(PENDING)), Run.cancel_requested.is_(False))
+        Run.status.in_(sorted(PENDING)), Run.cancel_requested.is_(False), not_paused())
         .order_by(Run.created_at, Run.id).limit(1))
     if oldest is None:
         return None
-    moved = move(s, WAKE, [Run.id == oldest, Run.waiting_for == "slot"], now=now, due_at=now)
+    # No longer waiting: the next slot given back goes to the next Run in line.
+    moved = move(s, WAKE, [Run.id == oldest, Run.waiting_for == "slot"], now=now, due_at=now,
+                 waiting_for=None)
     return moved[0] if moved else None
 
 

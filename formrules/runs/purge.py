@@ -100,7 +100,7 @@ def purge_due(rt: Runtime, now: datetime | None = None, limit: int | None = None
             # Lock them, guarded again: an operator's retry meanwhile keeps its Run (and
             # its checkpoints); one that comes after this waits, then finds nothing.
             ids = list(s.scalars(select(Run.id).where(Run.id.in_([r for r, _ in rows]),
-                                                      *where).with_for_update()))
+                                                      *where, *keep).with_for_update()))
             # Explicit deletes: the schema cascades, but SQLite only with foreign keys on.
             result.events += s.execute(delete(RunEvent).where(RunEvent.run_id.in_(ids))
                                        ).rowcount or 0

@@ -72,8 +72,20 @@ def stream():
         _free_slot()
         log.warning("live events unavailable: %s", exc)
         return Response(status=204, headers={"Cache-Control": "no-store"})
-    return Response(_relay(pubsub, settings.sse_seconds), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = Response(_relay(pubsub, settings.sse_seconds), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # Freed when the response closes, whether or not its body was ever read (a client
+    # gone before the first byte must not keep the slot and the subscription).
+    released = threading.Event()
+
+    def release() -> None:
+        if not released.is_set():
+            released.set()
+            pubsub.close()
+            _free_slot()
+
+    response.call_on_close(release)
+    return response
 
 
 def _relay(pubsub, lifetime: float) -> Iterator[str]:
@@ -94,6 +106,3 @@ def _relay(pubsub, lifetime: float) -> Iterator[str]:
                 beat = time.monotonic() + HEARTBEAT
     except RedisError as exc:  # the page reconnects, and polls meanwhile
         log.warning("live events stream ended: %s", exc)
-    finally:
-        pubsub.close()
-        _free_slot()
