@@ -33,13 +33,12 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from formrules.language.tree import RetryPolicy
-from formrules.store.models import OPEN, Callback, CallbackState, Record, Run, utcnow
+from formrules.store.models import AWAITED, OPEN, Callback, CallbackState, Record, Run, utcnow
 
 log = logging.getLogger("formrules.runs.callbacks")
 JOB_FUNCTION = "formrules.runs.callbacks.deliver"
 LEASE = timedelta(seconds=60)  # a delivery job lost with its worker is sent again after this
 TIMEOUT = 10.0
-AWAITED = ("true", "optional")
 
 
 def check_url(url: Any, allow: tuple[str, ...]) -> str | None:
@@ -81,12 +80,15 @@ def record_ended(s: Session, record_id: int, now: datetime | None = None) -> Non
         Callback.record_id == record_id, Callback.state == CallbackState.WAITING.value)))
     if not waiting:
         return
+    # What its page waits for (`formrules.runs.status`): the submitter's own awaited
+    # Runs, not an operator's batch or a schedule that touched the record.
+    record = s.get(Record, record_id)
     runs = list(s.scalars(select(Run).where(Run.record_id == record_id,
+                                            Run.owner == record.owner, Run.hidden.is_(False),
                                             Run.awaited.in_(AWAITED))
                           .order_by(Run.created_at, Run.node_path)))
     if any(r.status in OPEN for r in runs):
         return
-    record = s.get(Record, record_id)
     state = "failed" if any(r.status == "dead" for r in runs) else \
         "cancelled" if any(r.status == "cancelled" for r in runs) else "done"
     now = now or utcnow()

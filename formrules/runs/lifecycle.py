@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from formrules.errors import GENERIC_FAILURE, Cancelled, LeaseLost
 from formrules.runs import notifications
 from formrules.store.models import (
+    AWAITED,
     NOT_FIRED,
     NOT_STARTED,
     PENDING,
@@ -144,7 +145,7 @@ def move(s: Session, t: Transition, where: Iterable[Any], *,
     if t.finishes:  # a record's awaited work that ended: its callbacks become due, here
         from formrules.runs import callbacks
         for record_id in sorted({r.record_id for r in moved if r.record_id is not None
-                                 and r.awaited in callbacks.AWAITED}):
+                                 and r.awaited in AWAITED}):
             callbacks.record_ended(s, record_id, now)
     return moved
 

@@ -27,6 +27,7 @@ from formrules.language import retention
 from formrules.language.registry import current_rules
 from formrules.process.runtime import Runtime
 from formrules.store.models import (
+    AWAITED,
     OPEN,
     OPEN_BATCH,
     Batch,
@@ -38,7 +39,6 @@ from formrules.store.models import (
 )
 
 log = logging.getLogger("formrules.runs.purge")
-AWAITED = ("true", "optional")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from formrules.language import sandbox
 from formrules.language.tree import Form
 from formrules.language.variables import form_variables
 from formrules.store.models import (
+    AWAITED,
     CANCELLABLE,
     PENDING,
     FormPause,
@@ -207,7 +208,7 @@ def record_status(s: Session, record: Record | int, form: Form | None,
     record = rows[0][0]
     runs = [run for _, run, _ in rows if run is not None]
     files = files_by_run(s, [run for _, run, has_files in rows if has_files])
-    awaited = [r for r in runs if r.awaited in ("true", "optional")]
+    awaited = [r for r in runs if r.awaited in AWAITED]
     done = all(r.is_final for r in awaited)
     failed = any(r.status == RunStatus.DEAD for r in awaited)
     cancelled = not failed and any(r.status == RunStatus.CANCELLED for r in awaited)

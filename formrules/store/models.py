@@ -87,6 +87,8 @@ NOT_FIRED = frozenset({RunStatus.SCHEDULED, RunStatus.QUEUED})
 ACTIVE = PENDING | {RunStatus.RUNNING}
 # OPEN: will still change by itself or with its batch.
 OPEN = NOT_STARTED | {RunStatus.RUNNING}
+# `await:` values whose Runs the record's page waits for (and its completion callback).
+AWAITED = ("true", "optional")
 # FINAL: will not change by itself any more (an operator may retry DEAD or CANCELLED).
 FINAL = frozenset({RunStatus.DONE, RunStatus.DEAD, RunStatus.CANCELLED, RunStatus.SKIPPED})
 RETRYABLE_BY_OPERATOR = frozenset({RunStatus.DEAD, RunStatus.CANCELLED})
