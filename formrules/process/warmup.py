@@ -60,7 +60,7 @@ class _WarmRuntime:
 
 def warm(rt: Runtime) -> bool:
     """Run one trivial Run in a rolled-back transaction; True when that went through."""
-    from formrules.runs import job  # imported here on purpose: the fork inherits it
+    from formrules.runs import job, lifecycle  # imported here on purpose: forks inherit it
 
     configure_mappers()
     try:
@@ -78,7 +78,8 @@ def warm(rt: Runtime) -> bool:
                 conn.execute(insert(Run).values(
                     id=run_id, record_id=record_id, form_id="__warmup__", owner="__warmup__",
                     kind="background", node_path="events/submit/0/background",
-                    title="warm-up", status="queued", awaited="true", flag="done",
+                    title="warm-up", status=lifecycle.initial(now, now), awaited="true",
+                    flag="done",
                     due_at=now, created_at=now, updated_at=now, max_attempts=1,
                     snapshot=Snapshot(raw=NODE, fields=FIELDS).dump()))
                 runtime = _WarmRuntime(rt.settings, _RolledBackStore(conn), rt.dispatcher)

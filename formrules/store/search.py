@@ -1,6 +1,6 @@
 """Text search for the operator's runs and records lists, through an index where there is one.
 
-Revision 0003 gives SQLite FTS5 trigram tables (`runs_search`, `records_search`, kept
+Revision 0006_perf gives SQLite FTS5 trigram tables (`runs_search`, `records_search`, kept
 current by triggers) and PostgreSQL pg_trgm GIN indexes; both find a substring in a few
 index probes however large the tables are. The pages ask here for the ids that match,
 up to a limit: a few matches (the slow case for a scan: "nothing matches" reads every
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 MIN_CHARS = 3  # trigram indexes cannot find less; shorter text keeps the LIKE query
 RUN_COLUMNS = ("title", "node_path", "owner", "safe_error", "last_error")
-# The indexed expression on PostgreSQL: must equal the one in revision 0003.
+# The indexed expression on PostgreSQL: must equal the one in revision 0006_perf.
 RUNS_TEXT = " || chr(10) || ".join(f"coalesce({c}, '')" for c in RUN_COLUMNS)
 _HEX = re.compile(r"[0-9a-f]+")
 
@@ -98,7 +98,7 @@ def _contains(text: str) -> str:
 
 def include_name(name: str | None, type_: str, _parent: dict) -> bool:
     """Alembic's `include_name` hook: autogenerate leaves out the search tables and
-    indexes (revision 0003 makes them per database; models.py cannot say them)."""
+    indexes (revision 0006_perf makes them per database; models.py cannot say them)."""
     if type_ == "table" and name and (name.endswith("_search")
                                       or re.search(r"_search_(data|idx|config|docsize|"
                                                    r"content)$", name)):
