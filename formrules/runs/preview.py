@@ -111,12 +111,18 @@ def _node(node: Node, ctx: Context, lines: list[Line], depth: int, now: datetime
         lines.append(Line(node.path, f"try {len(node.body)} node(s); on an error: catch "
                                      f"{len(node.handler)} node(s){stored}, then go on",
                           depth))
-        body: list[Line] = []
-        _nodes(node.body, ctx, body, depth + 1, now, settings, deferred)
-        lines.extend(body)
-        failed = next((line for line in body if line.text.startswith("FAILS")), None)
+        failed = None
+        for step in node.body:  # as at run time: the first failing step ends the body
+            body: list[Line] = []
+            _nodes((step,), ctx, body, depth + 1, now, settings, deferred)
+            lines.extend(body)
+            failed = next((line for line in body if line.text.startswith("FAILS")), None)
+            if failed is not None:
+                break
         if failed is not None:  # the preview saw a step fail: show the handler it runs
             lines.append(Line(f"{node.path}/catch", f"catch: {failed.path} failed", depth + 1))
+            if node.error_field:
+                ctx.data[node.error_field] = "(the step's safe message)"
             outer = ctx.extra
             ctx.extra = {**outer, "error": {"message": "(the step's safe message)",
                                             "step": failed.path}}
