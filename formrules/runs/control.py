@@ -59,9 +59,11 @@ def owner_may_retry(run: Run) -> bool:
     """A failed Run its owner may retry: its node says `user_retry: true`."""
     if run.status != RunStatus.DEAD or run.hidden or run.batch_id is not None:
         return False
-    raw = (run.snapshot or {}).get("raw") or {}
-    options = next(iter(raw.values()), None) if len(raw) == 1 else None
-    return isinstance(options, dict) and options.get("user_retry") is True
+    from formrules.runs.snapshot import Snapshot  # the checker, loaded when needed
+    try:  # rebuilt once per distinct snapshot (cached): the checker's own reading
+        return Snapshot.load(run.snapshot or {}).node(run.node_path).user_retry
+    except Exception:  # a snapshot this code cannot rebuild offers no retry
+        return False
 
 
 def owner_retry(s: Session, run: Run) -> None:
