@@ -154,8 +154,8 @@ def test_the_old_batches_key_is_a_warning_and_batch_options_complete(client, tmp
     options = client.request("textDocument/completion", {"textDocument": {"uri": uri},
                              "position": {"line": 10, "character": 4}})
     assert [item["label"] for item in options["items"]] == \
-        ["title", "do", "retry", "timeout", "on_error", "concurrency", "stop_on_error",
-         "started_by"]
+        ["title", "do", "retry", "timeout", "on_error", "queue", "concurrency",
+         "stop_on_error", "started_by"]
     top = client.request("textDocument/completion", {"textDocument": {"uri": uri},
                          "position": {"line": 11, "character": 0}})
     labels = [item["label"] for item in top["items"]]
