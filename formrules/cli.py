@@ -426,6 +426,20 @@ def db_current() -> None:
         sys.exit(1)
 
 
+@db.command("reindex")
+def db_reindex() -> None:
+    """Rebuild the admin's text search tables (SQLite; run after a VACUUM)."""
+    from formrules.store import search
+    from formrules.store.db import Store
+    store = Store(from_env().sqlalchemy_url)
+    with store.session() as s:
+        done = search.rebuild(s)
+    store.engine.dispose()
+    click.echo("Search tables rebuilt." if done else
+               "Nothing to rebuild: PostgreSQL indexes follow their rows, and a SQLite "
+               "without the search tables searches every row.")
+
+
 @db.command("history")
 def db_history() -> None:
     """List the schema revisions this version ships, newest first."""

@@ -107,3 +107,56 @@ def test_pages_answer_alike_through_the_index_and_like(operator, rt, monkeypatch
     assert "Reminder for Bo" not in unindexed and "2 results" in unindexed
     assert "1 result" in page("/admin/records?q=searcher-4")
     assert "No records match." in page("/admin/records?q=nobody-here")
+
+
+def _triggers(engine) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger'").scalars())
+
+
+def test_a_downgrade_past_a_table_rebuild_keeps_sqlite_search_current(tmp_path):
+    """Dropping a column rebuilds a SQLite table, and its triggers went with it: the
+    revision after the search tables puts them back, so search still follows writes."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from formrules.store import migrate
+    url = f"sqlite:///{tmp_path / 'down.db'}"
+    migrate.upgrade(url)
+    engine = migrate.migration_engine(url)
+    before = _triggers(engine)
+    assert len(before) == 6
+    with engine.begin() as conn:
+        command.downgrade(migrate.alembic_config(conn), "0006_perf")
+    assert _triggers(engine) == before
+    engine.dispose()
+    plain = create_engine(url)
+    with plain.begin() as conn:  # the schema of 0006: written as that code wrote it
+        conn.exec_driver_sql(
+            "INSERT INTO records (token, form_id, owner, data, version, created_at, "
+            "updated_at) VALUES ('tok', 'f', 'anon:after-downgrade', '{}', 1, "
+            "'2030-01-01 00:00:00', '2030-01-01 00:00:00')")
+    from sqlalchemy.orm import Session
+    with Session(plain) as s:
+        assert len(search.record_ids(s, "after-downgrade", 10)) == 1
+    plain.dispose()
+
+
+def test_reindex_rebuilds_the_sqlite_search_tables(rt, tmp_path):
+    """`formrules db reindex` (after a VACUUM): the tables are rebuilt from the rows."""
+    ids = _runs(rt)
+    if rt.store.engine.dialect.name != "sqlite":
+        with rt.store.session() as s:
+            assert search.rebuild(s) is False
+        return
+    with rt.store.engine.begin() as conn:  # as a VACUUM that renumbered rowids leaves it
+        conn.exec_driver_sql("INSERT INTO runs_search(runs_search) VALUES ('delete-all')")
+    assert _indexed(rt, "Invoice") == []
+    from click.testing import CliRunner
+
+    from formrules.cli import cli
+    done = CliRunner().invoke(cli, ["db", "reindex"],
+                              env={"DATABASE_URL": rt.settings.sqlalchemy_url})
+    assert done.exit_code == 0 and done.output == "Search tables rebuilt.\n", done.output
+    assert _indexed(rt, "Invoice") == sorted([ids["Invoice for Åsa"], ids["Invoice for Cy"]])

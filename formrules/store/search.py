@@ -86,6 +86,17 @@ def indexed(session: Session) -> bool:
     return known
 
 
+def rebuild(session: Session) -> bool:
+    """Rebuild the SQLite search tables from `runs` and `records` (after a `VACUUM`, which
+    may renumber the rowids of `runs`, whose key is text); False where there is nothing
+    to rebuild (PostgreSQL's indexes follow their rows by themselves)."""
+    if session.get_bind().dialect.name != "sqlite" or not indexed(session):
+        return False
+    for table in ("runs_search", "records_search"):
+        session.execute(sql(f"INSERT INTO {table}({table}) VALUES ('rebuild')"))
+    return True
+
+
 def _phrase(text: str) -> str:
     """`text` as one FTS5 phrase: with the trigram tokenizer, a substring match."""
     return '"' + text.replace('"', '""') + '"'

@@ -5,6 +5,8 @@ Revision ID: 0007_usertasks
 Revises: 0006_perf
 """
 
+import importlib
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -41,9 +43,18 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Drop them again."""
+    """Drop them again. On SQLite dropping a column rebuilds the table, which takes its
+    search triggers with it and may renumber `runs`' rowids: the search tables of
+    revision 0006_perf are dropped first and made again (rebuilt) afterwards."""
+    search = importlib.import_module(
+        "formrules.store.migrations.versions.0006_perf_search")
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    if sqlite:
+        search.downgrade()
     for name, table, _ in INDEXES:
         op.drop_index(name, table_name=table)
     for table, column in reversed(COLUMNS):
         with op.batch_alter_table(table) as batch:
             batch.drop_column(column.name)
+    if sqlite:
+        search.upgrade()
