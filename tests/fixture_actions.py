@@ -156,8 +156,14 @@ def fail_first_time(ctx, safe: str = "") -> None:
                              safe or None)
 
 
-@action("sleep_then_set", {"seconds": "number!", "field": "text!", "value": "text!"})
-def sleep_then_set(ctx, seconds: float, field: str, value: str) -> None:
-    """A step that cannot be interrupted (no cancel checks) and then writes the record."""
-    time.sleep(float(seconds))
+@action("sleep_then_set", {"seconds": "number!", "field": "text!", "value": "text!",
+                            "hold": "text"})
+def sleep_then_set(ctx, seconds: float, field: str, value: str, hold: str = "") -> None:
+    """A step that cannot be interrupted (no cancel checks) and then writes the record:
+    it sleeps `seconds`, or with `hold` waits (at most `seconds`) for the test to create
+    `<instance>/release-<hold>`, so the test knows the step is still running."""
+    release = Path(ctx.settings.instance_dir) / f"release-{hold}"
+    deadline = time.monotonic() + float(seconds)
+    while time.monotonic() < deadline and not (hold and release.exists()):
+        time.sleep(0.02)
     ctx.set(field, value)

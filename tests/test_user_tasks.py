@@ -81,7 +81,7 @@ events:
         title: Long work
         do:
           - record_call: {name: before}
-          - sleep_then_set: {seconds: 2, field: note, value: written}
+          - sleep_then_set: {seconds: 60, hold: long, field: note, value: written}
           - record_call: {name: after}
 """
 
@@ -105,6 +105,13 @@ def rules_dir(rules_dir):
                        ("progressing", SLOW)):
         (rules_dir / f"{name}.yaml").write_text(text)
     return rules_dir
+
+
+def release(rt) -> None:
+    """Let the held step of the `long` form end (`sleep_then_set` with `hold: long`)."""
+    path = Path(rt.settings.instance_dir) / "release-long"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
 
 
 def runs(rt, token: str) -> list[Run]:
@@ -391,8 +398,9 @@ def test_api_delete_of_a_running_record_cancels_then_deletes_without_later_write
     (run,) = runs(rt, token)
     wait_until(lambda: any(line.startswith("before") and run.id in line
                            for line in read_calls(rt.settings.instance_dir)), timeout=60)
-    answer = client.delete(f"/api/records/{token}", headers=auth)
+    answer = client.delete(f"/api/records/{token}", headers=auth)  # its step is held
     assert answer.status_code == 202 and answer.json["state"] == "deleting"
+    release(rt)  # now the running step ends: it writes, and nothing after it runs
     spec = client.get("/api/openapi.json").json
     Draft202012Validator({"$ref": "#/components/schemas/Deleting",
                           "components": spec["components"]}).validate(answer.json)
@@ -428,6 +436,7 @@ def test_my_tasks_delete_of_a_running_task_cancels_it_first(client, rt, worker):
     answer = post(client, f"/tasks/{run.id}/delete", {}, headers={
         "Referer": "http://localhost/tasks"})
     assert answer.status_code == 303
+    release(rt)
     wait_until(lambda: status_of(rt, token) == RunStatus.CANCELLED, timeout=60)
     assert run.id not in client.get("/tasks").get_data(as_text=True)
     assert not any(line.startswith("after") and run.id in line
