@@ -47,27 +47,13 @@ from rq.registry import FinishedJobRegistry
 from rq.utils import str_to_date
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.bench_submit import BENCH_RULES  # noqa: E402
+
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TOKEN = re.compile(rb'name="(csrf_token|submit_key)" type="hidden" value="([^"]*)"')
 RULES = {
-    "quick.yaml": """
-form: quick
-title: Quick flag
-fields:
-  - {name: name, type: string, required: true}
-  - {name: status, type: string, hidden: true}
-  - {name: done, type: boolean, hidden: true, default: false}
-events:
-  submit:
-    - set: {status: received}
-    - if: "record.name == 'x'"
-      then: [{set: {status: special}}]
-    - background:
-        title: Quick work
-        flag: done
-        do:
-          - set: {status: worked}
-""",
+    "quick.yaml": BENCH_RULES["quick.yaml"],  # the flag form bench_submit.py times
     "later.yaml": """
 form: later
 title: Later
