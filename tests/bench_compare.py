@@ -250,6 +250,9 @@ def make_env(tmp: Path, name: str, db: str, redis_url: str, pg_schema_url) -> di
     return env
 
 
+MEASURES = ("submits", "drains", "flags", "delays", "polls", "rss")
+
+
 def rotate(items: list, r: int) -> list:
     return items[r % len(items):] + items[:r % len(items)]
 
@@ -309,7 +312,8 @@ def run_db(db: str, args, tmp: Path, redis_port: int) -> None:
             s.agent.call(cmd="inproc", n=3)
             s.agent.browser.submit(
                 "/forms/quick" if s.name.startswith("formrules") else "/quick", "warm")
-        for r in range(args.rounds):
+        only = set(args.only.split(","))
+        for r in range(args.rounds if "submits" in only else 0):
             for s in rotate(web, r):
                 add("submit_inproc", s.name, s.agent.call(cmd="inproc", n=args.submits))
             for s in rotate(web, r):
@@ -322,7 +326,7 @@ def run_db(db: str, args, tmp: Path, redis_port: int) -> None:
         for s in systems:
             if s.name != "raw RQ":
                 s.drain(simple=True)
-        for simple in (False, True):
+        for simple in (False, True) if "drains" in only else ():
             key = "drain_simple" if simple else "drain_fork"
             for r in range(args.rounds):
                 for s in rotate(systems, r):
@@ -339,7 +343,7 @@ def run_db(db: str, args, tmp: Path, redis_port: int) -> None:
             wait_for(lambda s=s: Worker.all(connection=s.redis), 180, f"{s.name} worker")
         time.sleep(1)
         tokens: dict[str, str] = {}
-        for r in range(args.flags):
+        for r in range(args.flags if only & {"flags", "polls"} else 0):
             for s in rotate(systems, r):
                 if s.name == "raw RQ":
                     q = Queue(s.queue, connection=s.redis)
@@ -366,7 +370,7 @@ def run_db(db: str, args, tmp: Path, redis_port: int) -> None:
 
         # Delays vs RQ enqueue_at, all due in one window, interleaved due times.
         first, spread = 2.0, 0.13
-        n = args.delays
+        n = args.delays if "delays" in only else 0
         pending: dict[str, list[str]] = {}
         raw = next(s for s in systems if s.name == "raw RQ")
         raw_jobs = []
@@ -378,8 +382,8 @@ def run_db(db: str, args, tmp: Path, redis_port: int) -> None:
         for i in range(n):
             due = start + timedelta(seconds=first + i * spread + spread / 2)
             raw_jobs.append((q.enqueue_at(due, "tests.peer.noop.noop"), due))
-        time.sleep(first + n * spread)
-        for name, ids in pending.items():
+        time.sleep(first + n * spread if n else 0)
+        for name, ids in pending.items() if n else ():
             s = next(x for x in systems if x.name == name)
             late = wait_for(lambda s=s, ids=ids: (v := s.agent.call(cmd="lateness", ids=ids))
                             and all(x is not None for x in v) and v, 120, "delays", 0.5)
@@ -393,20 +397,21 @@ def run_db(db: str, args, tmp: Path, redis_port: int) -> None:
                     return None
                 out.append((job.ended_at.replace(tzinfo=UTC) - due).total_seconds())
             return out
-        add("late", "raw RQ", wait_for(raw_done, 120, "raw delays", 0.5))
+        if n:
+            add("late", "raw RQ", wait_for(raw_done, 120, "raw delays", 0.5))
         print("delays measured", flush=True)
 
         # Status polls: a finished record's status, fresh (200) and unchanged (304); hello.
         polls = [(s, tokens[s.name]) for s in web]
-        for r in range(args.rounds):
+        for r in range(args.rounds if "polls" in only else 0):
             for s, path in rotate(polls, r):
                 add("poll", s.name, rate(s.agent.browser, path + "/status", args.poll))
                 if s.name.startswith("formrules"):
                     add("poll304", s.name, rate(s.agent.browser, path + "/status",
                                                 args.poll, conditional=True))
             add("poll", "hello", rate(hello.browser, "/hello", args.poll))
-        time.sleep(3)
-        for s in systems:
+        time.sleep(3 if "rss" in only else 0)
+        for s in systems if "rss" in only else ():
             add("rss", s.name, tree_rss(s.worker.pid))
         print_table(db, res, [s.name for s in systems])
     finally:
@@ -501,6 +506,8 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=1.5, help="seconds per poll sample")
     parser.add_argument("--base", help="another formrules checkout to compare (its code, "
                                        "this checkout's Python environment)")
+    parser.add_argument("--only", default=",".join(MEASURES),
+                        help="measures to take, of " + ",".join(MEASURES))
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="formrules-compare-"))
     (tmp / "rules").mkdir()
