@@ -357,7 +357,9 @@ def web(port: int, host: str, workers: int, threads: int) -> None:
 
 
 @cli.command()
-@click.option("--simple", is_flag=True, help="run jobs in-process (no fork per job)")
+@click.option("--simple", is_flag=True, help="run jobs in this process, with no guard process")
+@click.option("--fork", is_flag=True, help="fork a work-horse per job (RQ's Worker): slower, "
+                                          "isolated per job")
 @click.option("--burst", is_flag=True, help="stop when the queue is empty")
 @click.option("--no-reconciler", is_flag=True, help="leave reconciling to other workers")
 @click.option("--health-port", type=int, help="serve /healthz and /metrics on this port")
@@ -365,17 +367,21 @@ def web(port: int, host: str, workers: int, threads: int) -> None:
               help="address for --health-port")
 @click.option("--queues", help="queues to serve, first first: 'slow,default' (default: "
                                "FORMRULES_QUEUES, else 'default'; '*': every queue named)")
-def worker(simple: bool, burst: bool, no_reconciler: bool, health_port: int | None,
-           health_host: str, queues: str | None) -> None:
-    """Run a worker: RQ worker + scheduler + reconciler."""
+def worker(simple: bool, fork: bool, burst: bool, no_reconciler: bool,
+           health_port: int | None, health_host: str, queues: str | None) -> None:
+    """Run a worker: jobs in-process under a guard process (default), RQ scheduling and,
+    when elected, the reconciler."""
     _observed()
-    from formrules.config import parse_queues
-    from formrules.process.worker import run_worker
-    settings = from_env()
+    from formrules.process.worker import main
+    if simple and fork:
+        raise click.UsageError("--simple and --fork exclude each other")
+    argv = [flag for flag, on in (("--simple", simple), ("--fork", fork), ("--burst", burst),
+                                  ("--no-reconciler", no_reconciler)) if on]
+    if health_port:
+        argv += ["--health-port", str(health_port), "--health-host", health_host]
     if queues:
-        settings = settings.with_overrides(queues=parse_queues(queues))
-    run_worker(settings, simple=simple, burst=burst, with_reconciler=not no_reconciler,
-               health=(health_host, health_port) if health_port else None)
+        argv += ["--queues", queues]
+    main(argv)
 
 
 @cli.command()

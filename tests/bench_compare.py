@@ -189,9 +189,13 @@ class System:
         self.redis = Redis.from_url(redis_url)
         self.worker: subprocess.Popen | None = None
 
-    def worker_cmd(self, simple: bool, burst: bool) -> list[str]:
+    def worker_cmd(self, simple: bool | None, burst: bool) -> list[str]:
+        """simple: True RQ's SimpleWorker, False its forking Worker, None the system's
+        default (formrules: in-process under a guard; the others: the forking Worker)."""
         flags = (["--simple"] if simple else []) + (["--burst"] if burst else [])
         if self.name.startswith("formrules"):
+            if simple is False and self.guarded():
+                flags.append("--fork")
             return [sys.executable, str(self.tree / "worker.py"), *flags]
         if self.name == "peer":
             return [sys.executable, "-m", "tests.peer.worker", *flags]
@@ -199,7 +203,11 @@ class System:
         return [sys.executable, "-m", "rq.cli", "worker", "-u", self.redis_url, "-w", cls,
                 "-q", *(["--burst"] if burst else []), "--with-scheduler", self.queue]
 
-    def start_worker(self, simple: bool = False, burst: bool = False) -> subprocess.Popen:
+    def guarded(self) -> bool:
+        """Does this formrules checkout's default worker run jobs in-process (guarded)?"""
+        return (self.tree / "formrules" / "process" / "guard.py").exists()
+
+    def start_worker(self, simple: bool | None = None, burst: bool = False) -> subprocess.Popen:
         return subprocess.Popen(self.worker_cmd(simple, burst), env=self.env, cwd=self.tree,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -217,7 +225,7 @@ class System:
         else:
             self.agent.call(cmd="inproc", n=n)
 
-    def drain(self, simple: bool) -> float:
+    def drain(self, simple: bool | None) -> float:
         """Run a burst worker over the queued jobs; jobs/s from the jobs' own timestamps."""
         self.start_worker(simple=simple, burst=True).wait(600)
         registry = FinishedJobRegistry(self.queue, connection=self.redis)
@@ -326,10 +334,12 @@ def run_db(db: str, args, tmp: Path, redis_port: int) -> None:
         for s in systems:
             if s.name != "raw RQ":
                 s.drain(simple=True)
-        for simple in (False, True) if "drains" in only else ():
-            key = "drain_simple" if simple else "drain_fork"
+        for simple in (False, True, None) if "drains" in only else ():
+            key = {False: "drain_fork", True: "drain_simple", None: "drain_default"}[simple]
             for r in range(args.rounds):
                 for s in rotate(systems, r):
+                    if simple is None and not s.name.startswith("formrules"):
+                        continue  # the others' default is the forking Worker (above)
                     s.fill(args.drain)
                     add(key, s.name, s.drain(simple))
         print("drains measured", flush=True)
@@ -452,9 +462,17 @@ def print_table(db: str, res: dict, names: list[str]) -> None:
         v = med.get((measure, system))
         return "–" if v is None else fmt.format(v * scale)
 
+    def theirs(measure, other):
+        """(system, measure) of a comparison: `other` is a system name (hello's figure is
+        its poll) or a (system, measure) pair."""
+        if isinstance(other, tuple):
+            return other
+        return other, "poll" if other == "hello" else measure
+
     def ratio(measure, a, b):
+        system, their_measure = theirs(measure, b)
         va = med.get((measure, a))
-        vb = med.get(("poll" if b == "hello" else measure, b))
+        vb = med.get((their_measure, system))
         if not va or not vb:
             return "–"
         return f"{va / vb:.2f}×"
@@ -468,6 +486,10 @@ def print_table(db: str, res: dict, names: list[str]) -> None:
         ("submit POST p50, HTTP (ms)", "submit_http", 1000, "peer", None),
         ("worker drain, forking Worker (jobs/s)", "drain_fork", 1, "peer", "raw RQ"),
         ("worker drain, SimpleWorker (jobs/s)", "drain_simple", 1, "peer", "raw RQ"),
+        # formrules' default (in-process, guarded) against the peer on the same class
+        # (SimpleWorker) and raw RQ's default (forking Worker, no-op jobs).
+        ("worker drain, formrules' default worker (jobs/s)", "drain_default", 1,
+         ("peer", "drain_simple"), ("raw RQ", "drain_fork")),
         ("submit → flag p50 (ms)", "flag", 1000, "peer", "raw RQ"),
         ("status poll, HTTP (req/s)", "poll", 1, "peer", "hello"),
         ("unchanged poll 304 (req/s)", "poll304", 1, None, "hello"),
@@ -478,13 +500,13 @@ def print_table(db: str, res: dict, names: list[str]) -> None:
         ratios = []
         for n in fr:
             short = "fr" if n == "formrules" else "base"
-            if peer:
-                ratios.append(f"{short}/peer {ratio(m, n, peer)}")
-            if other:
-                ratios.append(f"{short}/{other} {ratio(m, n, other)}")
-        theirs = get("poll" if other == "hello" else m, other, scale) if other else "–"
-        print(f"| {label} | " + " | ".join(cells) + f" | {get(m, 'peer', scale) if peer else '–'}"
-              f" | {theirs} | {', '.join(ratios)} |")
+            for against in (peer, other):
+                if against:
+                    ratios.append(f"{short}/{theirs(m, against)[0]} {ratio(m, n, against)}")
+        cols = [get(*reversed(theirs(m, against)), scale) if against else "–"
+                for against in (peer, other)]
+        print(f"| {label} | " + " | ".join(cells) + f" | {cols[0]} | {cols[1]} | "
+              f"{', '.join(ratios)} |")
     for n in [*fr, "raw RQ"]:
         late = res.get(("late", n))
         if late:

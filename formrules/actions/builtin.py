@@ -36,7 +36,7 @@ def _check_set(checker, args, pos, path) -> list[str]:
     return []
 
 
-@action("set", render_args=False, extra_check=_check_set)
+@action("set", render_args=False, extra_check=_check_set, fields_only=True)
 def set_fields(ctx: Context, args: dict[str, Any]) -> None:
     """Set fields of the record; values are templates (`{{ expr }}` keeps its type)."""
     variables = ctx.variables()

@@ -49,6 +49,10 @@ class ActionSpec:
     positional: str | None = None  # a scalar arg is passed as this parameter
     render_args: bool = True  # False: the action renders its own templates (e.g. `set`)
     extra_check: Callable[..., list[str]] | None = field(default=None, compare=False)
+    # True: its only effect is its field writes (`ctx.updates`), so running it again
+    # after a crash changes nothing outside the record. A worker commits such a step
+    # with the next transaction it makes (the next step's, or the ending), not alone.
+    fields_only: bool = False
 
 
 _REGISTRY: dict[str, ActionSpec] = {}
@@ -61,6 +65,7 @@ def action(
     positional: str | None = None,
     render_args: bool = True,
     extra_check: Callable[..., list[str]] | None = None,
+    fields_only: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `fn` as the action `name`. Param values are kinds or `Param`s.
 
@@ -84,7 +89,7 @@ def action(
             raise ValueError(f"action {name!r} is already registered by "
                              f"{existing.fn.__module__}.{existing.fn.__qualname__}")
         _REGISTRY[name] = ActionSpec(name, fn, declared, positional,
-                                     render_args, extra_check)
+                                     render_args, extra_check, fields_only)
         return fn
 
     return decorate

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 
 from redis.exceptions import RedisError
@@ -27,6 +28,7 @@ from formrules.language.registry import current_rules
 from formrules.language.tree import DEFAULT_QUEUE, queues_of
 from formrules.process import health as health_mod
 from formrules.process import logs
+from formrules.process.guard import Reporter
 from formrules.process.leader import QUIET, Leader
 from formrules.process.outage import Outage, QuietOutage
 from formrules.process.runtime import Runtime, install
@@ -56,7 +58,19 @@ class ForkingWorker(_Stoppable, Worker):
 
 
 class InProcessWorker(_Stoppable, SimpleWorker):
-    """RQ's worker that runs jobs in its own process."""
+    """RQ's worker that runs jobs in its own process; under a guard (the default worker,
+    `formrules.process.guard`) it reports each job's start and end to it."""
+
+    reporter: Reporter = Reporter(None)
+
+    def execute_job(self, job, queue) -> None:
+        """Run the job, with its hard time limit told to the guard first."""
+        self.reporter.began(job.timeout if job.timeout and job.timeout > 0
+                            else self.default_worker_ttl)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.reporter.ended()
 
 
 def served_lanes(settings: Settings) -> list[str]:
@@ -72,13 +86,16 @@ def served_lanes(settings: Settings) -> list[str]:
     return list(dict.fromkeys(lanes))
 
 
-def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
+def run_worker(settings: Settings, *, simple: bool = True, burst: bool = False,
                with_reconciler: bool = True, health: tuple[str, int] | None = None) -> bool:
     """Run an RQ worker on the lanes `settings.queues` names until stopped (or drained,
     with `burst`). RQ takes jobs from the first non-empty queue in that order.
 
+    `simple`: jobs run in this process (RQ's `SimpleWorker`; under a guard, see `main`),
+    else in a forked work-horse each (RQ's `Worker`).
     `health` (host, port): serve /healthz and /metrics there (see `process.health`).
     """
+    reporter = Reporter.from_env()
     logs.configure(replace=False)  # here, not in one caller: `formrules worker` and worker.py alike
     rt = install(Runtime(settings))
     current_rules(settings.rules_dir, max_age=0)  # load now: problems are logged at start
@@ -93,6 +110,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
     queues = [rt.dispatcher.lane(name) for name in lanes]
     log.info("serving queue(s) %s", ", ".join(lanes))
     worker_class = InProcessWorker if simple else ForkingWorker
+    reporter.ready()
     outage = Outage("Redis", log)
     logging.getLogger("rq.worker").addFilter(QuietOutage())
     worked = False
@@ -104,6 +122,7 @@ def run_worker(settings: Settings, *, simple: bool = False, burst: bool = False,
         while not stopping.is_set():
             worker = worker_class(queues, connection=rt.redis, serializer=JSONSerializer)
             worker.stopping = stopping
+            worker.reporter = reporter
             try:
                 worked = worker.work(burst=burst, logging_level=logs.level_name()) or worked
                 if burst or stopping.is_set():
@@ -161,10 +180,19 @@ def _await_redis(rt: Runtime, outage: Outage, stopping: threading.Event) -> None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python worker.py [--simple] [--burst]`."""
+    """`python worker.py [--simple | --fork] [--burst] …` (see `formrules worker --help`).
+
+    The default runs jobs in-process under a guard: this process becomes the guard (an
+    exec, so none of what was imported here stays), which starts the worker itself as
+    its child (`--in-process`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description="Run a formrules worker.")
-    parser.add_argument("--simple", action="store_true",
-                        help="run jobs in this process (no fork per job)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--simple", action="store_true",
+                     help="run jobs in this process, with no guard process")
+    how.add_argument("--fork", action="store_true",
+                     help="fork a work-horse per job (RQ's Worker): slower, isolated per job")
+    how.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--burst", action="store_true", help="stop when the queue is empty")
     parser.add_argument("--no-reconciler", action="store_true",
                         help="never become the leader (leave reconciling to other workers)")
@@ -173,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queues", help="queues to serve, in priority order (default: "
                                          "FORMRULES_QUEUES, else 'default'; '*': all named)")
     args = parser.parse_args(argv)
+    if not (args.simple or args.fork or args.in_process):
+        os.execv(sys.executable, [sys.executable, "-m", "formrules.process.guard", *argv])
     logs.configure()
     settings = from_env()
     if args.queues:
@@ -180,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             settings = settings.with_overrides(queues=parse_queues(args.queues))
         except ConfigError as exc:
             parser.error(str(exc))
-    run_worker(settings, simple=args.simple, burst=args.burst,
+    run_worker(settings, simple=not args.fork, burst=args.burst,
                with_reconciler=not args.no_reconciler,
                health=(args.health_host, args.health_port) if args.health_port else None)
 

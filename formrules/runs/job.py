@@ -33,6 +33,8 @@ import random
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -40,6 +42,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from formrules.actions import registry as actions
 from formrules.actions.context import Context
 from formrules.errors import (
     ActionError,
@@ -60,7 +63,7 @@ from formrules.runs.engine import Walker, call_action, call_of, new_run
 from formrules.runs.heartbeat import heartbeats
 from formrules.runs.slots import FULL, TAKEN, Slots
 from formrules.runs.snapshot import Snapshot
-from formrules.store.db import merge_record
+from formrules.store.db import KNOWN_RECORDS, RecordFacts, merge_record
 from formrules.store.models import (
     CHECKPOINT_KINDS,
     EventKind,
@@ -68,6 +71,7 @@ from formrules.store.models import (
     ResultFile,
     Run,
     RunEvent,
+    RunStatus,
     new_id,
     utcnow,
 )
@@ -78,11 +82,17 @@ LOST_WORKER = "This task stopped unexpectedly several times."
 CATCH = "/catch"  # a `try:` node's path + this: the checkpoint of an error it caught
 
 
-def execute_run(run_id: str) -> str:
-    """RQ job function: run one Run; returns the outcome as text."""
+def execute_run(run_id: str, concurrency: int | None = None) -> str:
+    """RQ job function: run one Run; returns the outcome as text.
+
+    `concurrency`: the node's `concurrency:` (0: none), carried by the job so that a
+    Run without a limit is not read before its claim; None (a job enqueued by an older
+    version) reads it from the Run."""
     rt = runtime_mod.current()
-    with observe.attempt(rt, run_id) as attempt:  # log context and metrics
-        attempt.outcome = Execution(rt, run_id).execute()
+    execution = Execution(rt, run_id, concurrency)
+    with observe.attempt(run_id) as attempt:  # log context and metrics
+        execution.attempt = attempt
+        attempt.outcome = execution.execute()
         return attempt.outcome
 
 
@@ -94,8 +104,11 @@ class Execution:
     re-reads the record for the next step), plus the claim and the ending.
     """
 
-    def __init__(self, rt: runtime_mod.Runtime, run_id: str):
+    def __init__(self, rt: runtime_mod.Runtime, run_id: str, concurrency: int | None = None):
         self.rt = rt
+        self.concurrency = concurrency
+        self.attempt = observe.Attempt()
+        self.facts: dict[int, RecordFacts] = {}  # the record's, read by the claim
         self.settings = rt.settings
         self.store = rt.store
         self.run_id = run_id
@@ -117,15 +130,27 @@ class Execution:
         self.slot_taken = False  # this execution took it (not one left by a killed one)
         self.slots_form = self.slots_path = ""  # whose slots: the next waiter is woken
         self.current_action = ""  # its action's name (what users read of a failure)
+        # Completed fields-only steps (`set`) not committed yet: (path, action, ms), and
+        # their field writes. They go with the next transaction (see `save_unsaved`).
+        self.unsaved_steps: list[tuple[str, str, int]] = []
+        self.unsaved: dict[str, Any] = {}
 
     # -- ownership ---------------------------------------------------------------------
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction of this execution's, knowing what the claim read of the record."""
+        with self.store.session() as s:
+            s.info[KNOWN_RECORDS] = dict(self.facts)
+            yield s
+
     def claim(self) -> Run | None:
         """Take the Run if it is due and pending; wait out a slightly early start."""
         while True:
             now = utcnow()
             with self.store.session() as s:
-                run = lifecycle.claim(s, self.run_id, self.lease, now)
-                if run is not None:
+                claimed = lifecycle.claim(s, self.run_id, self.lease, now)
+                if claimed is not None:
+                    run = claimed.run
                     # Its first start ever (started_at set by this claim) has no
                     # checkpoints to skip; a retry or a resumed Run reads them.
                     done = [] if run.started_at == now else s.execute(
@@ -135,7 +160,8 @@ class Execution:
                     self.done_paths = {path for path, _ in done}
                     self.caught = {path: detail or "" for path, detail in done
                                    if path.endswith(CATCH)}
-                    self.data = self.read_record(s, run)
+                    self.data, self.version = claimed.data, claimed.version
+                    self.facts = dict(s.info.get(KNOWN_RECORDS, {}))
                     return run
                 run = s.get(Run, self.run_id)
                 if run is None:
@@ -167,6 +193,26 @@ class Execution:
         """Merge `updates` into the record's data (see `merge_record`)."""
         self.data, self.version = merge_record(s, run.record_id, updates,
                                                self.version, self.data)
+
+    def save_unsaved(self, s: Session, run: Run, updates: dict[str, Any] | None = None,
+                     owner: str | None = None) -> None:
+        """Commit the fields-only steps run since the last transaction, with `updates`, in
+        `s` (whose first statement proved the lease and locked the Run row).
+
+        Until then they are this execution's alone: lost with it (a crash, a lost lease)
+        they run again on the resume, which changes nothing but the record, as if they
+        ran then. Every transaction after the claim calls this, so a slower step never
+        starts before the fields written ahead of it are visible.
+        """
+        for path, action, duration_ms in self.unsaved_steps:
+            s.add(RunEvent(run_id=run.id, attempt=run.attempt, path=path,
+                           event=EventKind.CHECKPOINT.value, detail=action,
+                           duration_ms=duration_ms))
+        self.unsaved_steps = []
+        writes = {**self.unsaved, **(updates or {})}
+        self.unsaved = {}
+        if writes and run.record_id is not None:
+            self.write_record(s, run, writes)
 
     def beat(self) -> None:
         """Keep the lease alive and notice cancellation (from the heartbeat thread)."""
@@ -214,6 +260,8 @@ class Execution:
     def take_slot(self) -> bool:
         """A slot of the node's `concurrency:` (True with none declared); when all are
         taken the Run stays pending, waiting for a slot, and is dispatched again soon."""
+        if self.concurrency == 0:
+            return True  # the job says the node has no limit: nothing to read
         try:
             with self.store.session() as s:
                 run = s.get(Run, self.run_id)
@@ -264,6 +312,8 @@ class Execution:
         if run is None:
             self.give_slot_back(None)
             return "not claimed"
+        known = self.facts.get(run.record_id) if run.record_id is not None else None
+        self.attempt.ran(run.form_id, run.node_path, known.token if known else None)
         heartbeats.add(self, self.settings.heartbeat_seconds)
         self.send_emails(run)  # a `notify: {events: [start], email: …}` copy goes now
         node: DeferNode | None = None
@@ -282,6 +332,7 @@ class Execution:
                 return "skipped"
             self.steps(run, node.do)
             self.succeed(run, node)
+            self.attempt.status = RunStatus.DONE.value
             return "done"
         except LeaseLost:
             log.warning("run %s: lease lost; another execution continues it", run.id)
@@ -299,7 +350,9 @@ class Execution:
             self.give_slot_back(run)
             self.rt.dispatcher.dispatch_all(self.pending_children)
             self.send_emails(run)
-            if run.record_id is not None:  # its owner deleted it meanwhile: now it can go
+            # Its owner deleted the record meanwhile: now it can go. (Not after a success:
+            # a delete asks running work to stop first, so a Run that ended done had none.)
+            if run.record_id is not None and self.attempt.status != RunStatus.DONE.value:
                 control.finish_deletions(self.store, self.settings, run.record_id)
             if run.batch_id is not None:  # a batch child ended (or will retry): a free slot
                 from formrules.runs.batch import child_finished
@@ -316,9 +369,10 @@ class Execution:
         """A Delay's `when:` is re-checked at fire time; false means skipped."""
         if evaluate(node.when, self.context(run, "").variables()):
             return True
-        with self.store.session() as s:
-            lifecycle.skip_at_fire(s, run.id, self.lease, path=node.path,
-                                   detail=f"when: {node.when!r} was false at fire time")
+        with self.session() as s:
+            self.attempt.status = lifecycle.skip_at_fire(
+                s, run.id, self.lease, path=node.path,
+                detail=f"when: {node.when!r} was false at fire time").status
         return False
 
     def context(self, run: Run, path: str, **extra: Any) -> Context:
@@ -348,16 +402,27 @@ class Execution:
         """Run one action, then commit its effects with its checkpoint: one transaction."""
         if self.cancelled():  # seen by the last checkpoint, the claim or the heartbeat
             raise Cancelled()
+        spec = actions.get(node.action)
+        fields_only = spec is not None and spec.fields_only
+        if not fields_only and (self.unsaved_steps or self.unsaved):
+            with self.session() as s:  # what ran before this step is visible while it runs
+                self.save_unsaved(s, lifecycle.hold(s, run.id, self.lease))
         ctx = self.context(run, node.path, **extra)
         started = time.monotonic()
         self.current_path = node.path  # a failure's trace line names the step
         self.current_action = node.action
         call_action(node, ctx)
-        with self.store.session() as s:
+        duration_ms = int((time.monotonic() - started) * 1000)
+        if fields_only:  # committed with the next transaction (`save_unsaved`)
+            self.unsaved_steps.append((node.path, node.action, duration_ms))
+            self.unsaved.update(ctx.updates)
+            self.data.update(ctx.updates)
+            self.current_path = self.current_action = ""
+            return
+        with self.session() as s:
             # The checkpoint first: it proves the lease (a lost one writes nothing) and
             # locks the Run row, as before the record row (the order every writer uses).
-            owned = self.checkpoint(s, run, node.path, node.action,
-                                    int((time.monotonic() - started) * 1000))
+            owned = self.checkpoint(s, run, node.path, node.action, duration_ms)
             if ctx.updates and run.record_id is not None:
                 self.write_record(s, run, ctx.updates)
             else:
@@ -388,23 +453,24 @@ class Execution:
             values["progress_total"] = float(total)
         if message is not None:
             values["progress_message"] = str(message)[:500]
-        with self.store.session() as s:
+        with self.session() as s:
             written = s.execute(update(Run).where(Run.id == run.id, Run.lease == self.lease)
                                 .values(**values, heartbeat_at=utcnow())).rowcount
-        if not written:
-            raise LeaseLost(f"run {run.id}: lease lost")
+            if not written:
+                raise LeaseLost(f"run {run.id}: lease lost")
+            self.save_unsaved(s, run)
 
     # -- endings -----------------------------------------------------------------------
     def succeed(self, run: Run, node: DeferNode) -> None:
         """All steps done: set the flag and finish, in one transaction (unless cancelled)."""
         if self.cancelled():
             raise Cancelled()
-        with self.store.session() as s:
+        with self.session() as s:
             # Raises Cancelled (rolling the flag back) when a cancel came during the last
             # step: the Run row is written first, so a cancel racing us waits or loses.
-            lifecycle.succeed(s, run.id, self.lease)
-            if node.flag and run.record_id is not None:
-                self.write_record(s, run, {node.flag: True})
+            # The steps not committed yet go with it, in the same record write.
+            ended = lifecycle.succeed(s, run.id, self.lease)
+            self.save_unsaved(s, ended, {node.flag: True} if node.flag else None)
 
     def fail(self, run: Run, node: DeferNode | None, exc: BaseException) -> str:
         """Classify a failure: cancelled, retry later, or dead (after on_error)."""
@@ -416,12 +482,13 @@ class Execution:
         # The safe message rule (`formrules.errors.user_message`): what the owner reads.
         step = self.current_action or None
         safe = user_message(exc, step)
-        with self.store.session() as s:
+        with self.session() as s:
             owned = lifecycle.hold(s, run.id, self.lease)
+            self.save_unsaved(s, owned)  # the steps before the failure did complete
             # A cancel asked for while this step ran wins over any retry: a cancelled Run
             # must end cancelled, not wait for an attempt nothing will ever claim.
             if isinstance(exc, Cancelled) or owned.cancel_requested:
-                lifecycle.stop(s, run.id, self.lease)
+                self.attempt.status = lifecycle.stop(s, run.id, self.lease).status
                 return "cancelled"
             log.warning("run %s attempt %s failed: %s", run.id, run.attempt, exc)
             owned = lifecycle.hold(s, run.id, self.lease, last_error=detail[-20000:],
@@ -433,7 +500,7 @@ class Execution:
                 lifecycle.retry_later(s, run.id, self.lease,
                                       utcnow() + timedelta(seconds=wait),
                                       owned.attempt, owned.max_attempts)
-                outcome = "retrying"
+                outcome = self.attempt.status = RunStatus.RETRYING.value
             else:
                 outcome = "dead"
         if outcome == "dead":
@@ -451,12 +518,16 @@ class Execution:
             except LeaseLost:
                 raise
             except Exception as branch_exc:  # noqa: BLE001 — record it, still go dead
-                with self.store.session() as s:
-                    lifecycle.note(s, lifecycle.hold(s, run.id, self.lease), EventKind.ERROR,
+                with self.session() as s:
+                    owned = lifecycle.hold(s, run.id, self.lease)
+                    self.save_unsaved(s, owned)
+                    lifecycle.note(s, owned, EventKind.ERROR,
                                    "".join(traceback.format_exception(branch_exc)),
                                    f"{node.path}/on_error")
-        with self.store.session() as s:
-            lifecycle.die(s, run.id, self.lease, run.attempt)
+        with self.session() as s:
+            ended = lifecycle.die(s, run.id, self.lease, run.attempt)
+            self.save_unsaved(s, ended)
+            self.attempt.status = ended.status
 
 
 class RunWalker(Walker):
@@ -495,9 +566,11 @@ class RunWalker(Walker):
                         record_id=run.record_id, now=utcnow(), tz=ex.settings.timezone,
                         parent_id=run.id, inputs=ex.snapshot.inputs,
                         call=call_of(self.tree, scope))
-        with ex.store.session() as s:
+        with ex.session() as s:
             # The owner as of now: a login may have adopted this Run meanwhile.
-            child.owner = ex.checkpoint(s, run, node.path, f"started run {child.id}").owner
+            owned = ex.checkpoint(s, run, node.path, f"started run {child.id}")
+            ex.save_unsaved(s, owned)
+            child.owner = owned.owner
             s.add(child)
         ex.pending_children.append(child)
         ex.done_paths.add(node.path)
@@ -515,9 +588,10 @@ class RunWalker(Walker):
         if any(n.path in self.ex.done_paths for n in walk(node.body)):
             return
         detail = f"call tree {node.tree} with {json.dumps(inputs, default=str, sort_keys=True)}"
-        with self.ex.store.session() as s:
-            lifecycle.note(s, lifecycle.hold(s, self.run.id, self.ex.lease), EventKind.CALL,
-                           detail[:2000], node.path)
+        with self.ex.session() as s:
+            owned = lifecycle.hold(s, self.run.id, self.ex.lease)
+            self.ex.save_unsaved(s, owned)
+            lifecycle.note(s, owned, EventKind.CALL, detail[:2000], node.path)
 
     def catches(self, exc: Exception) -> bool:
         ex = self.ex
@@ -532,10 +606,11 @@ class RunWalker(Walker):
                scope: dict[str, Any]) -> None:
         ex, run = self.ex, self.run
         path = node.path + CATCH
-        with ex.store.session() as s:
+        with ex.session() as s:
             owned = ex.checkpoint(s, run, path, f"caught {error['step']}: {error['message']}")
             if owned.cancel_requested:  # a cancel asked for meanwhile wins: nothing caught
                 raise Cancelled()
+            ex.save_unsaved(s, owned)
             lifecycle.note(s, owned, EventKind.CAUGHT,
                            "".join(traceback.format_exception(exc)), error["step"])
             if node.error_field and run.record_id is not None:

@@ -32,18 +32,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from formrules.errors import GENERIC_FAILURE, Cancelled, LeaseLost
 from formrules.runs import notifications
+from formrules.store.db import RecordFacts, known_record, remember_record
 from formrules.store.models import (
     AWAITED,
     NOT_FIRED,
     NOT_STARTED,
     PENDING,
     RETRYABLE_BY_OPERATOR,
+    Callback,
+    CallbackState,
     EventKind,
+    Record,
     Run,
     RunEvent,
     RunStatus,
@@ -107,14 +111,31 @@ OWNER_RETRY = Transition("owner retry", frozenset({RunStatus.DEAD}), RunStatus.Q
                          EventKind.RETRY)
 
 
+def _record_column(column: Any) -> Any:
+    return select(column).where(Record.id == Run.record_id).scalar_subquery()
+
+
+# What the worker's claim reads of the Run's record with it: token, waiting callbacks
+# (`RecordFacts`), then the data and version its first step starts from.
+_RECORD_FACTS = (
+    _record_column(Record.token),
+    exists().where(Callback.record_id == Run.record_id,
+                   Callback.state == CallbackState.WAITING.value),
+    _record_column(Record.data),
+    _record_column(Record.version),
+)
+CLAIMED_ROWS = "formrules.claimed_rows"  # Session.info: the claim's rows, with the facts
+
+
 def move(s: Session, t: Transition, where: Iterable[Any], *,
          detail: str | Callable[[Run], str] = "",
          path: str | None = None, now: datetime | None = None,
-         target: RunStatus | None = None, **values: Any) -> list[Run]:
+         target: RunStatus | None = None, facts: bool = False, **values: Any) -> list[Run]:
     """Apply `t` to the Runs matching `where` that are in one of its from-states.
 
     One UPDATE … RETURNING; returns the Runs that moved (fresh), with their trace line,
-    timestamps and notices written in the same transaction.
+    timestamps and notices written in the same transaction. `facts`: also read each
+    Run's record in that statement (see `claim`).
     """
     now = now or utcnow()
     target = target or t.target
@@ -125,9 +146,20 @@ def move(s: Session, t: Transition, where: Iterable[Any], *,
     if t.releases:
         values["lease"] = None
     values.setdefault("updated_at", now)
-    moved = list(s.scalars(
-        update(Run).where(Run.status.in_(sorted(t.sources)), *where).values(**values)
-        .returning(Run).execution_options(synchronize_session=False, populate_existing=True)))
+    statement = update(Run).where(Run.status.in_(sorted(t.sources)), *where).values(**values)
+    options = dict(synchronize_session=False, populate_existing=True)
+    if facts:
+        # The record's facts in the same statement (subqueries of its RETURNING): the
+        # notices below and the later transactions of this session need not ask again.
+        moved, rows = [], s.execute(statement.returning(Run, *_RECORD_FACTS)
+                                    .execution_options(**options)).all()
+        for run, token, waiting, *_ in rows:
+            moved.append(run)
+            if run.record_id is not None and token is not None:
+                remember_record(s, run.record_id, RecordFacts(token, bool(waiting)))
+        s.info[CLAIMED_ROWS] = rows
+    else:
+        moved = list(s.scalars(statement.returning(Run).execution_options(**options)))
     for run in moved:
         if t.event is not None:
             text = detail(run) if callable(detail) else detail
@@ -146,7 +178,9 @@ def move(s: Session, t: Transition, where: Iterable[Any], *,
         from formrules.runs import callbacks
         for record_id in sorted({r.record_id for r in moved if r.record_id is not None
                                  and r.awaited in AWAITED}):
-            callbacks.record_ended(s, record_id, now)
+            known = known_record(s, record_id)
+            if known is None or known.callbacks_waiting:
+                callbacks.record_ended(s, record_id, now)
     return moved
 
 
@@ -163,16 +197,31 @@ def born(run: Run, *, waiting: bool = False) -> Run:
 
 # -- the worker's transitions (guarded by its lease) --------------------------------------
 
-def claim(s: Session, run_id: str, lease: str, now: datetime) -> Run | None:
+@dataclass(frozen=True)
+class Claimed:
+    """A claimed Run, with its record's data and version as of the claim (the record's
+    token is remembered in the session: `formrules.store.db.known_record`)."""
+
+    run: Run
+    data: dict[str, Any]
+    version: int | None
+
+
+def claim(s: Session, run_id: str, lease: str, now: datetime) -> Claimed | None:
     """Take a due, pending Run for the execution holding `lease`; None if not claimable
-    (a paused form's Run among them: it stays pending, its attempt unused)."""
+    (a paused form's Run among them: it stays pending, its attempt unused). One
+    statement takes it and reads its record."""
     from formrules.runs.pause import not_paused
     moved = move(s, CLAIM, [Run.id == run_id, Run.due_at <= now,
                             Run.cancel_requested.is_(False), not_paused()],
-                 path="", now=now, detail=lambda run: f"attempt {run.attempt}",
+                 path="", now=now, detail=lambda run: f"attempt {run.attempt}", facts=True,
                  lease=lease, heartbeat_at=now, attempt=Run.attempt + 1,
                  started_at=func.coalesce(Run.started_at, now), waiting_for=None)
-    return moved[0] if moved else None
+    rows = s.info.pop(CLAIMED_ROWS, [])
+    if not moved:
+        return None
+    _, _, _, data, version = rows[0]
+    return Claimed(moved[0], dict(data) if data else {}, version)
 
 
 def wait_for_slot(s: Session, run_id: str, due: datetime) -> bool:

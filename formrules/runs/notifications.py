@@ -31,6 +31,7 @@ from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
 from formrules.language.tree import DEFAULT_NOTIFY, Notify
+from formrules.store.db import known_record
 from formrules.store.models import Batch, Notification, Record, Run, RunStatus, User, utcnow
 
 log = logging.getLogger("formrules.runs.notifications")
@@ -68,6 +69,9 @@ def node_notify(run: Run) -> Notify:
 def _token(s: Session, run: Run) -> str | None:
     if run.record_id is None or run.batch_id is not None:
         return None
+    known = known_record(s, run.record_id)  # the worker's claim read it already
+    if known is not None:
+        return known.token
     return s.scalar(select(Record.token).where(Record.id == run.record_id))
 
 

@@ -1,7 +1,8 @@
 """One place where a Run's execution meets logs and metrics.
 
 `attempt` binds the Run id and record token to every log line of the attempt, and
-records the attempt's duration and outcome (done, retrying, dead...) by form and node.
+records the attempt's duration and outcome (done, retrying, dead...) by form and node,
+from what the execution read anyway (its claim): no statement of its own.
 """
 
 from __future__ import annotations
@@ -12,12 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
-
 from formrules.process import logs, metrics
-from formrules.process.runtime import Runtime
-from formrules.store.models import Record, Run
 
 log = logging.getLogger("formrules.runs.observe")
 NOT_RUN = {"not claimed"}  # the job found nothing to do: no attempt to record
@@ -25,37 +21,32 @@ NOT_RUN = {"not claimed"}  # the job found nothing to do: no attempt to record
 
 @dataclass
 class Attempt:
-    """What the job sets once it knows how the attempt went (None: it raised)."""
+    """What the execution tells of the attempt as it goes: whose it is once claimed
+    (`ran`), the Run's status when it ended, and the outcome (None: it raised)."""
 
     outcome: str | None = None
+    status: str | None = None
+    labels: tuple[str, str] | None = None  # (form, node) once claimed
+
+    def ran(self, form: str, node: str, token: str | None) -> None:
+        """The Run was claimed: its labels, and its record's token for log lines."""
+        self.labels = (form, node)
+        logs.record_token.set(token)
 
 
 @contextmanager
-def attempt(rt: Runtime, run_id: str) -> Iterator[Attempt]:
-    """Wrap one execution of `run_id` (see `formrules.runs.job.execute_run`)."""
-    try:
-        with rt.store.session() as s:
-            row = s.execute(select(Run.form_id, Run.node_path, Record.token)
-                            .outerjoin(Record, Record.id == Run.record_id)
-                            .where(Run.id == run_id)).first()
-    except SQLAlchemyError as exc:  # the execution meets the same trouble and handles it
-        log.warning("run %s: no labels for logs and metrics: %s", run_id, exc)
-        row = None
+def attempt(run_id: str) -> Iterator[Attempt]:
+    """Wrap one execution of `run_id` (see `formrules.runs.job.execute_run`): nothing is
+    read for it; what the execution learns it says through the `Attempt`."""
     started = time.monotonic()
     result = Attempt()
-    with logs.bound(run_id, row.token if row else None):
+    with logs.bound(run_id, None):
         try:
             yield result
         finally:
-            if row is not None and result.outcome not in NOT_RUN:
-                _record(rt, run_id, row.form_id, row.node_path, time.monotonic() - started)
-
-
-def _record(rt: Runtime, run_id: str, form: str, node: str, seconds: float) -> None:
-    try:
-        with rt.store.session() as s:
-            status = s.scalar(select(Run.status).where(Run.id == run_id)) or "gone"
-    except SQLAlchemyError as exc:  # metrics never fail a job
-        log.warning("run %s: status for metrics unavailable: %s", run_id, exc)
-        return
-    metrics.run_attempt(form, node, status, seconds)
+            if result.labels is not None and result.outcome not in NOT_RUN:
+                form, node = result.labels
+                # Raised past the job (a lost lease, a database gone): its status is
+                # another execution's to tell, or still running.
+                metrics.run_attempt(form, node, result.status or "running",
+                                    time.monotonic() - started)

@@ -43,6 +43,7 @@ from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.utils import str_to_date
 
+from formrules.errors import RuleError
 from formrules.language.tree import DEFAULT_QUEUE
 from formrules.runs.snapshot import Snapshot
 from formrules.store.models import Run
@@ -205,10 +206,12 @@ class Dispatcher:
             if due > datetime.now(UTC):
                 # `enqueue_at` ignores unique=True (RQ 2.12); `schedule_job` honours it.
                 job = queue.create_job(JOB_FUNCTION, args=(run.id,),
+                                       kwargs=self.job_kwargs(run),
                                        status=JobStatus.SCHEDULED, **kwargs)
                 queue.schedule_job(job, due, unique=True)
             else:
-                job = queue.create_job(JOB_FUNCTION, args=(run.id,), **kwargs)
+                job = queue.create_job(JOB_FUNCTION, args=(run.id,),
+                                       kwargs=self.job_kwargs(run), **kwargs)
                 queue.enqueue_job(job, at_front=state.exists, unique=True)
         except DuplicateJobError:
             return False  # another dispatcher won the race: one job is what we want
@@ -218,6 +221,16 @@ class Dispatcher:
         """RQ's hard limit: the node's `timeout:` (or the default) plus a grace period."""
         timeout = Snapshot.load(run.snapshot).timeout_seconds(self.default_timeout)
         return int(timeout + GRACE_SECONDS)
+
+    @staticmethod
+    def job_kwargs(run: Run) -> dict[str, int]:
+        """What the job is told besides the Run id: its node's `concurrency:` (0: none),
+        so a Run without a limit is not read before its claim."""
+        try:
+            return {"concurrency": Snapshot.load(run.snapshot).node(run.node_path)
+                    .concurrency or 0}
+        except RuleError:  # a snapshot this code cannot rebuild: the job finds out
+            return {}
 
     def dispatch_all(self, runs: list[Run], *, new: bool = False) -> int:
         """Dispatch after commit; Redis being away is logged, the reconciler delivers.

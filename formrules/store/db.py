@@ -7,6 +7,7 @@ share the file; PostgreSQL is used when DATABASE_URL names it.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,29 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+KNOWN_RECORDS = "formrules.known_records"  # Session.info: facts of records read already
+
+
+@dataclass(frozen=True)
+class RecordFacts:
+    """What a transaction already knows of a record, so it need not ask again: its token
+    (it never changes) and whether callbacks wait for its work (registered only with
+    the record, so a Run started later sees them all)."""
+
+    token: str
+    callbacks_waiting: bool
+
+
+def remember_record(session: Session, record_id: int, facts: RecordFacts) -> None:
+    """Note `facts` for the rest of this session's transactions."""
+    session.info.setdefault(KNOWN_RECORDS, {})[record_id] = facts
+
+
+def known_record(session: Session, record_id: int) -> RecordFacts | None:
+    """The facts noted for a record in this session, if any."""
+    return session.info.get(KNOWN_RECORDS, {}).get(record_id)
 
 
 def lock_record(session: Session, record_id: int) -> Record:
