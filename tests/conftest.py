@@ -187,8 +187,8 @@ def browser():
 
 @pytest.fixture
 def worker(rt, subprocess_env):
-    """A real worker process (forking work-horses, scheduler, reconciler), ready, serving
-    every queue the rules name (as `formrules run` does)."""
+    """A real default worker (a guard around an in-process worker, scheduler,
+    reconciler), ready, serving every queue the rules name (as `formrules run` does)."""
     with WorkerProcess(subprocess_env, "--queues", "*") as process:
         wait_until(lambda: workers_alive(rt.settings.redis_url) >= 1, timeout=60)
         yield process

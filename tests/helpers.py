@@ -133,13 +133,34 @@ class WorkerProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> WorkerProcess:
-        """Start the worker (forking work-horses, scheduler, reconciler)."""
+        """Start the worker (by default a guard around an in-process worker)."""
         # A file, not a pipe: a chatty worker must never block on a full pipe buffer.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "worker.py"), *self.args], env=self.env, cwd=ROOT,
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
+
+    @property
+    def pid(self) -> int:
+        """The process that runs the jobs and may lead: the guard's in-process child for a
+        default worker (waited for; a new one after a restart), else the worker itself."""
+        if "--simple" in self.args or "--fork" in self.args:
+            return self.process.pid
+        return wait_until(lambda: self.child(), timeout=60)
+
+    def child(self) -> int | None:
+        """The guard's live in-process worker, if any."""
+        return next((p for p in descendants(self.process.pid)
+                     if b"--in-process" in cmdline(p) and alive(p)), None)
+
+    def runner(self) -> int | None:
+        """The process executing the current job: RQ's work-horse for `--fork` (the
+        child in a process group of its own), else the in-process worker."""
+        if "--fork" not in self.args:
+            return self.child() if "--simple" not in self.args else self.process.pid
+        return next((pid for pid, (ppid, group) in processes().items()
+                     if ppid == self.process.pid and group == pid), None)
 
     def kill(self) -> None:
         """SIGKILL the worker and everything it started (work-horse included)."""
@@ -201,6 +222,14 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def cmdline(pid: int) -> bytes:
+    """A process's command line, NULs and all (b"" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def alive(pid: int) -> bool:

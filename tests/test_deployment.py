@@ -98,7 +98,7 @@ class Web:
 
 def identity(worker: WorkerProcess) -> str:
     """The lease holder name a worker process uses."""
-    return f"{os.uname().nodename}:{worker.process.pid}"
+    return f"{os.uname().nodename}:{worker.pid}"
 
 
 @pytest.mark.slow

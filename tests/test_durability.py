@@ -42,7 +42,6 @@ from tests.helpers import (
     WorkerProcess,
     events_of,
     finishes,
-    processes,
     record_of,
     runs_of,
     submit,
@@ -303,9 +302,8 @@ def run_cli(rt, env: dict, *args: str):
 # -- 1 and 5: a worker SIGKILLed mid-step --------------------------------------------------
 
 def horse_of(worker: WorkerProcess) -> int | None:
-    """The pid of a worker's work-horse: the child RQ put in a process group of its own."""
-    return next((pid for pid, (ppid, group) in processes().items()
-                 if ppid == worker.process.pid and group == pid), None)
+    """The process executing the worker's job (its in-process child by default)."""
+    return worker.runner()
 
 
 @pytest.mark.slow

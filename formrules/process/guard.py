@@ -43,8 +43,10 @@ MAX_BACKOFF = 30.0
 class Guard:
     """Runs `command` (the in-process worker) as a child and keeps it healthy."""
 
-    def __init__(self, command: list[str], *, max_jobs: int = 0, max_memory: int = 0):
+    def __init__(self, command: list[str], *, max_jobs: int = 0, max_memory: int = 0,
+                 kill_grace: float = KILL_GRACE):
         self.command = command
+        self.kill_grace = kill_grace
         self.max_jobs = max_jobs
         self.max_memory = max_memory  # MiB; 0: no limit
         self.stops = 0  # stop signals received
@@ -74,9 +76,9 @@ class Guard:
             code, ready = self.run_child()
             if self.stops or self.once:
                 return 0 if code in (0, -signal.SIGTERM) else code
-            if not ready:  # it never got going (bad settings, a schema behind): say so
-                self.log(f"the worker could not start (exit code {code})")
-                return code or 1
+            if not ready and code > 0:  # it gave up before working (bad settings, a
+                self.log(f"the worker could not start (exit code {code})")  # schema behind)
+                return code
             if self.retiring:
                 self.retiring = False
                 continue  # replaced on purpose: a new one at once
@@ -127,7 +129,7 @@ class Guard:
         kind, _, value = line.partition(" ")
         if kind == "B":
             with contextlib.suppress(ValueError):
-                self.deadline = time.monotonic() + float(value) + KILL_GRACE
+                self.deadline = time.monotonic() + float(value) + self.kill_grace
         elif kind == "E":
             self.deadline = None
             self.jobs += 1
@@ -202,8 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     max_jobs = int(os.environ.get("FORMRULES_WORKER_MAX_JOBS", "0") or 0)
     max_memory = int(os.environ.get("FORMRULES_WORKER_MAX_MEMORY", "1024") or 0)
+    grace = float(os.environ.get("FORMRULES_WORKER_KILL_GRACE", KILL_GRACE))
     command = [sys.executable, "-m", "formrules.process.worker", "--in-process", *args]
-    sys.exit(Guard(command, max_jobs=max_jobs, max_memory=max_memory).run())
+    sys.exit(Guard(command, max_jobs=max_jobs, max_memory=max_memory,
+                   kill_grace=grace).run())
 
 
 if __name__ == "__main__":
