@@ -131,7 +131,8 @@ def timed(ctx, sleep: float = 0.5, hold: str = "") -> None:
     def note(kind: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            # The parent: the worker whose work-horse this is (tests tell workers apart).
+            # The parent: the guard (or forking worker) running this process (tests tell
+            # workers apart by the pid they started).
             os.write(fd, f"{kind} {ctx.run_id} {time.time():.6f} {os.getppid()}\n".encode())
         finally:
             os.close(fd)

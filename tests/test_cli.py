@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from formrules.process.redis_server import free_port
-from tests.helpers import ROOT, alive, descendants, wait_until
+from tests.helpers import ROOT, alive, cmdline, descendants, wait_until
 
 pytestmark = pytest.mark.integration  # runs the CLI in subprocesses
 
@@ -81,11 +81,16 @@ def test_run_starts_everything_and_stops_without_leftovers(tmp_path, stop_signal
                 return False
 
         wait_until(serving, timeout=60, interval=0.2)
-        tree = set(descendants(process.pid))
-        names = {Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
-                 for p in tree if alive(p)}
+
+        def started() -> tuple[set[int], set[bytes]] | None:
+            tree = set(descendants(process.pid))
+            names = {cmdline(p).replace(b"\0", b" ") for p in tree if alive(p)}
+            # The worker: its guard, which starts the worker itself a moment later.
+            return (tree, names) if any(b"formrules.process.worker --in-process" in n
+                                        for n in names) else None
+        tree, names = wait_until(started, timeout=60, interval=0.2)
         assert any(b"redis-server" in n or b"valkey-server" in n for n in names), names
-        assert any(b"formrules.process.worker" in n for n in names), names
+        assert any(b"formrules.process.guard" in n for n in names), names
         assert (tmp_path / "instance" / "secret_key").exists()
     finally:
         process.send_signal(stop_signal)

@@ -97,7 +97,7 @@ class Web:
 
 
 def identity(worker: WorkerProcess) -> str:
-    """The lease holder name a worker process uses."""
+    """The lease holder name a worker uses (its in-process child's pid, by default)."""
     return f"{os.uname().nodename}:{worker.pid}"
 
 
@@ -113,14 +113,14 @@ def test_two_webs_three_workers_one_leader_each_run_once_leader_killed(
         for web in webs:
             wait_until(web.up, timeout=60, interval=0.2)
         by_id = {identity(w): w for w in workers}
-        leader = by_id[wait_until(lambda: leader_of(rt) in by_id and leader_of(rt),
-                                  timeout=60)]
+        leader_id = wait_until(lambda: leader_of(rt) in by_id and leader_of(rt), timeout=60)
+        leader = by_id[leader_id]
         urls = [webs[i % 2].submit("steps", {"name": f"r{i}"}) for i in range(12)]
         wait_until(lambda: sum(1 for line in read_calls(rt.settings.instance_dir)
                                if line.startswith("c-")) >= 3, timeout=90)
         leader.kill()  # its machine is gone: the lease runs out, another worker takes over
-        successor = wait_until(lambda: leader_of(rt) in by_id and leader_of(rt) != identity(
-            leader) and leader_of(rt), timeout=30)
+        successor = wait_until(lambda: leader_of(rt) in by_id and leader_of(rt) != leader_id
+                               and leader_of(rt), timeout=30)
         assert by_id[successor] is not leader and by_id[successor].process.poll() is None
         urls += [webs[i % 2].submit("steps", {"name": f"s{i}"}) for i in range(6)]
 

@@ -218,7 +218,7 @@ def test_two_workers_each_run_only_their_own_queue(client, rt, subprocess_env):
                        timeout=60)
             more = token_of(submit(client, "lanes", {"name": "later"}))
             wait_until(lambda: set(statuses(rt, more).values()) == {"done"}, timeout=60)
-            pids = {"slow": slow_worker.pid, "default": default_worker.pid}
+            pids = {"slow": slow_worker.process.pid, "default": default_worker.process.pid}
     by_run = ran_under(rt.settings.instance_dir)
     for token in [*tokens, more]:
         for run in runs_of(rt, token):
@@ -298,7 +298,7 @@ def test_a_killed_worker_does_not_keep_its_slot(client, rt, subprocess_env):
         assert view["status"] == "queued" and view["waiting_for"] == "slot"
         assert view["label"] == view["message"] == "Waiting for a slot"
         holder = ran_under(rt.settings.instance_dir)[runs_of(rt, held)[0].id]
-        victim = one if holder == {one.pid} else two
+        victim = one if holder == {one.process.pid} else two
         victim.kill()  # SIGKILL, work-horse included, mid-step: the slot is not released
         killed_at = time.time()
         Path(rt.settings.instance_dir, "release-held").touch()  # the resumed step goes on
