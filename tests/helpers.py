@@ -58,10 +58,7 @@ def work(rt, *, max_jobs: int | None = None) -> None:
 
 def enqueue_due_scheduled(rt) -> int:
     """Move due scheduled jobs to the queue (what the leader does every tick); count them."""
-    registry = rt.dispatcher.queue.scheduled_job_registry
-    due = len(registry.get_jobs_to_schedule(int(time.time())))
-    rt.dispatcher.enqueue_due_scheduled()
-    return due
+    return rt.dispatcher.enqueue_due_scheduled()
 
 
 def runs_of(rt, token: str | None = None) -> list[Run]:

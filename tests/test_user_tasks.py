@@ -48,7 +48,7 @@ events:
         retry: false
         user_retry: true
         do:
-          - record_call: {name: first}
+          - record_call: {name: first, sleep: 1.5}  # still working when its page opens
           - fail_first_time: {}
           - record_call: {name: second}
 """

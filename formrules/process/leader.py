@@ -3,9 +3,9 @@
 Every worker runs a `Leader` thread; the one holding the lease (a redis-py `Lock` on
 `formrules:leader:<queue>`, `leader_lease_seconds` long, renewed every tick) is the leader.
 It alone:
-- moves due Delays and retries to the queue every `tick_seconds` (what RQ's scheduler
-  did, one per worker process, with a lock another worker took over only minutes after
-  its holder died);
+- moves due Delays and retries to the queue every `tick_seconds`, and sooner when a
+  Delay comes due before the next tick (what RQ's scheduler did, one per worker process,
+  with a lock another worker took over only minutes after its holder died);
 - runs a reconciler pass every `reconcile_seconds` (recovery, re-dispatch, schedules,
   batches: `formrules.runs.reconciler`).
 A killed leader's lease runs out and another worker's thread takes over within
@@ -78,6 +78,7 @@ class Leader(threading.Thread):
                 try:
                     with QUIET:
                         self.step()
+                        delay = self.until_next_due(delay)
                     self.redis_outage.ok()
                 except RedisError as exc:
                     self.leading = False
@@ -106,6 +107,17 @@ class Leader(threading.Thread):
             if done.recovered or done.dispatched or done.dead or done.schedules or done.purged:
                 log.info("reconciled: %s", done)
             self.next_pass = time.monotonic() + self.settings.reconcile_seconds
+
+    def until_next_due(self, tick: float) -> float:
+        """How long to rest: a tick, or less when a Delay comes due sooner, so it is
+        moved to its queue when due rather than up to a tick later (never before: RQ's
+        scheduler moves only jobs whose time has come)."""
+        if not self.leading:
+            return tick
+        due = self.rt.dispatcher.next_scheduled()
+        if due is None:
+            return tick
+        return min(tick, max(0.005, due - time.time() + 0.002))
 
     def campaign(self) -> bool:
         """True while this worker holds the lease (renewed here)."""

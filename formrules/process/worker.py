@@ -23,7 +23,7 @@ from rq import SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 
 from formrules.config import Settings, from_env, parse_queues
-from formrules.errors import ConfigError
+from formrules.errors import ConfigError, FormrulesError
 from formrules.language.registry import current_rules
 from formrules.language.tree import DEFAULT_QUEUE, queues_of
 from formrules.process import health as health_mod
@@ -210,9 +210,13 @@ def main(argv: list[str] | None = None) -> None:
             settings = settings.with_overrides(queues=parse_queues(args.queues))
         except ConfigError as exc:
             parser.error(str(exc))
-    run_worker(settings, simple=not args.fork, burst=args.burst,
-               with_reconciler=not args.no_reconciler,
-               health=(args.health_host, args.health_port) if args.health_port else None)
+    try:
+        run_worker(settings, simple=not args.fork, burst=args.burst,
+                   with_reconciler=not args.no_reconciler,
+                   health=(args.health_host, args.health_port) if args.health_port else None)
+    except FormrulesError as exc:  # a database behind, a bad setting: said, not a traceback
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

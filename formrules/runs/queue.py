@@ -5,7 +5,7 @@ A Run's RQ job id is the Run id; the job's only argument is that id (JSON serial
 runs; RQ only carries it, so every call here may fail without losing work.
 
 What RQ does on its own, and how each is kept from doing harm here (through RQ's public
-API only: `Job.delete`, `Queue.enqueue_job`/`schedule_job`, the registries, `RQScheduler`):
+API only: `Job.delete`, `Queue.enqueue_job`/`schedule_job`, the registries):
 - a job whose worker died stays "started" until someone cleans the started registry
   (60–90 s later); replacing it (`dispatch(replace_started=True)`) deletes the job with
   `Job.delete`, which also drops the dead worker's executions, so that later cleanup
@@ -17,8 +17,8 @@ API only: `Job.delete`, `Queue.enqueue_job`/`schedule_job`, the registries, `RQS
 - lanes: a node's `queue:` names the lane its Runs wait in; lane `default` is the RQ
   queue `settings.queue` itself, lane `slow` the RQ queue `<settings.queue>:slow`
   (`rq_name`). A Run's job always goes to its own lane (`Run.queue`), whoever dispatches
-  it (a submit, the reconciler, a retry), and RQ's scheduler moves delayed jobs of every
-  lane (the lanes RQ registered, `lanes`).
+  it (a submit, the reconciler, a retry), and the leader moves delayed jobs of every
+  lane (the lanes RQ registered, `lanes`) when due (`enqueue_due_scheduled`).
 - RQ's Retry is not used: the database owns retry timing (`Run.due_at`), and the leader
   (`formrules.process.leader`) enqueues a retrying Run when it is due. A failed attempt
   leaves RQ's job failed; the retry replaces it.
@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -39,7 +39,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
-from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.utils import str_to_date
 
@@ -208,7 +207,12 @@ class Dispatcher:
                 job = queue.create_job(JOB_FUNCTION, args=(run.id,),
                                        kwargs=self.job_kwargs(run),
                                        status=JobStatus.SCHEDULED, **kwargs)
-                queue.schedule_job(job, due, unique=True)
+                # RQ scores it by the whole second: the next one (never early), then the
+                # exact time (`enqueue_due_scheduled` moves it to the millisecond).
+                queue.schedule_job(job, due.replace(microsecond=0) + timedelta(seconds=1)
+                                   if due.microsecond else due, unique=True)
+                self.redis.zadd(queue.scheduled_job_registry.key,
+                                {job.id: due.timestamp()}, xx=True)
             else:
                 job = queue.create_job(JOB_FUNCTION, args=(run.id,),
                                        kwargs=self.job_kwargs(run), **kwargs)
@@ -258,13 +262,38 @@ class Dispatcher:
                 log.warning("run %s not enqueued (%s); the reconciler will", run.id, exc)
         return sent
 
-    def enqueue_due_scheduled(self) -> None:
-        """Move due scheduled jobs to their queues (every lane): RQ's scheduler, run by
-        the leader."""
-        queues = [self.lane(name) for name in self.lanes()]
-        scheduler = RQScheduler(queues, connection=self.redis, serializer=JSONSerializer)
-        scheduler.prepare_registries([q.name for q in queues])
-        scheduler.enqueue_scheduled_jobs()
+    def enqueue_due_scheduled(self) -> int:
+        """Move due scheduled jobs to their queues (every lane), as RQ's scheduler does
+        but to the millisecond: RQ scores a scheduled job with its time truncated to the
+        second and moves it once the current second reaches that, up to a second early
+        (a worker would then wait for it in place). Here each score is the exact due
+        time (`dispatch`) and a job moves when that time has passed. Run by the leader."""
+        moved = 0
+        now = time.time()
+        for name in self.lanes():
+            queue = self.lane(name)
+            registry = queue.scheduled_job_registry
+            ids = [i.decode() for i in self.redis.zrangebyscore(registry.key, 0, now)]
+            if not ids:
+                continue
+            jobs = Job.fetch_many(ids, connection=self.redis, serializer=JSONSerializer)
+            with self.redis.pipeline() as pipe:
+                for job in jobs:
+                    if job is not None:
+                        queue.enqueue_job(job, pipeline=pipe)
+                pipe.zrem(registry.key, *ids)
+                pipe.execute()
+            moved += sum(job is not None for job in jobs)
+        return moved
+
+    def next_scheduled(self) -> float | None:
+        """When the earliest scheduled job (a Delay) comes due, as a Unix time; None when
+        none is scheduled. One pipelined round trip over every lane."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in self.lanes():
+                pipe.zrange(self.lane(name).scheduled_job_registry.key, 0, 0, withscores=True)
+            firsts = [entries[0][1] for entries in pipe.execute() if entries]
+        return min(firsts, default=None)
 
     def cancel(self, run_id: str) -> None:
         """Take a queued or scheduled job off RQ (a running one stops via the database)."""
