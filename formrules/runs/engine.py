@@ -49,6 +49,19 @@ def call_action(node: ActionNode, ctx: Context) -> None:
         spec.fn(ctx, **(args or {}))
 
 
+def writes_fields_only(node: DeferNode) -> bool:
+    """Whether every step of a deferred node only writes fields (`set`, and custom actions
+    declared `fields_only`), with no `when:` to check at fire time: such a Run needs no
+    checkpoint of its own between its claim and its end (see `formrules.runs.job`)."""
+    if node.when or not node.do:
+        return False
+    for step in node.do:
+        spec = actions.get(step.action) if isinstance(step, ActionNode) else None
+        if spec is None or not spec.fields_only:
+            return False
+    return True
+
+
 def render_args(node: ActionNode, variables: dict[str, Any]) -> Any:
     """An action node's arguments with their templates rendered, as the action gets them."""
     spec = actions.get(node.action)

@@ -35,7 +35,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -82,14 +82,15 @@ LOST_WORKER = "This task stopped unexpectedly several times."
 CATCH = "/catch"  # a `try:` node's path + this: the checkpoint of an error it caught
 
 
-def execute_run(run_id: str, concurrency: int | None = None) -> str:
+def execute_run(run_id: str, concurrency: int | None = None, at_once: bool = False) -> str:
     """RQ job function: run one Run; returns the outcome as text.
 
-    `concurrency`: the node's `concurrency:` (0: none), carried by the job so that a
-    Run without a limit is not read before its claim; None (a job enqueued by an older
-    version) reads it from the Run."""
+    What the job carries besides the id (`Dispatcher.job_kwargs`): `concurrency`, the
+    node's `concurrency:` (0: none), so that a Run without a limit is not read before
+    its claim (None, a job enqueued by an older version: read from the Run); `at_once`,
+    the node's steps only write fields (see `Execution.run_at_once`)."""
     rt = runtime_mod.current()
-    execution = Execution(rt, run_id, concurrency)
+    execution = Execution(rt, run_id, concurrency, at_once)
     with observe.attempt(run_id) as attempt:  # log context and metrics
         execution.attempt = attempt
         attempt.outcome = execution.execute()
@@ -104,9 +105,11 @@ class Execution:
     re-reads the record for the next step), plus the claim and the ending.
     """
 
-    def __init__(self, rt: runtime_mod.Runtime, run_id: str, concurrency: int | None = None):
+    def __init__(self, rt: runtime_mod.Runtime, run_id: str, concurrency: int | None = None,
+                 at_once: bool = False):
         self.rt = rt
         self.concurrency = concurrency
+        self.at_once = at_once
         self.attempt = observe.Attempt()
         self.facts: dict[int, RecordFacts] = {}  # the record's, read by the claim
         self.settings = rt.settings
@@ -130,9 +133,9 @@ class Execution:
         self.slot_taken = False  # this execution took it (not one left by a killed one)
         self.slots_form = self.slots_path = ""  # whose slots: the next waiter is woken
         self.current_action = ""  # its action's name (what users read of a failure)
-        # Completed fields-only steps (`set`) not committed yet: (path, action, ms), and
-        # their field writes. They go with the next transaction (see `save_unsaved`).
-        self.unsaved_steps: list[tuple[str, str, int]] = []
+        # Completed fields-only steps (`set`) not committed yet: (path, action, ms, when
+        # it ended), and their field writes. They go with the next transaction.
+        self.unsaved_steps: list[tuple[str, str, int, datetime]] = []
         self.unsaved: dict[str, Any] = {}
 
     # -- ownership ---------------------------------------------------------------------
@@ -204,15 +207,20 @@ class Execution:
         ran then. Every transaction after the claim calls this, so a slower step never
         starts before the fields written ahead of it are visible.
         """
-        for path, action, duration_ms in self.unsaved_steps:
-            s.add(RunEvent(run_id=run.id, attempt=run.attempt, path=path,
-                           event=EventKind.CHECKPOINT.value, detail=action,
-                           duration_ms=duration_ms))
-        self.unsaved_steps = []
+        self.trace_unsaved(s, run)
         writes = {**self.unsaved, **(updates or {})}
         self.unsaved = {}
         if writes and run.record_id is not None:
             self.write_record(s, run, writes)
+
+    def trace_unsaved(self, s: Session, run: Run) -> None:
+        """The checkpoint lines of the steps not committed yet (before an ending's own
+        line: they happened first)."""
+        for path, action, duration_ms, at in self.unsaved_steps:
+            s.add(RunEvent(run_id=run.id, attempt=run.attempt, path=path, at=at,
+                           event=EventKind.CHECKPOINT.value, detail=action,
+                           duration_ms=duration_ms))
+        self.unsaved_steps = []
 
     def beat(self) -> None:
         """Keep the lease alive and notice cancellation (from the heartbeat thread)."""
@@ -308,12 +316,16 @@ class Execution:
         """Claim, run every step, then finish as done, retrying, dead or cancelled."""
         if not self.take_slot():
             return "waiting for a slot"
+        if self.at_once:
+            run = self.run_at_once()
+            if run is not None:
+                self.after(run)
+                return "done"
         run = self.claim()
         if run is None:
             self.give_slot_back(None)
             return "not claimed"
-        known = self.facts.get(run.record_id) if run.record_id is not None else None
-        self.attempt.ran(run.form_id, run.node_path, known.token if known else None)
+        self.claimed(run)
         heartbeats.add(self, self.settings.heartbeat_seconds)
         self.send_emails(run)  # a `notify: {events: [start], email: …}` copy goes now
         node: DeferNode | None = None
@@ -347,16 +359,58 @@ class Execution:
                 return "lease lost"
         finally:
             heartbeats.discard(self)
-            self.give_slot_back(run)
+            self.after(run)
+
+    def claimed(self, run: Run) -> None:
+        """Metrics and log lines name the Run's form, node and record from now on."""
+        known = self.facts.get(run.record_id) if run.record_id is not None else None
+        self.attempt.ran(run.form_id, run.node_path, known.token if known else None)
+
+    def run_at_once(self) -> Run | None:
+        """A Run whose steps only write fields (`at_once`, told by its job), on its first
+        attempt: claimed, run and ended in one transaction, so it is never seen running
+        and needs no checkpoint of its own. None when it is not such a Run after all (a
+        retry, a resume, not due, paused) or a step failed: nothing of it was written,
+        and the ordinary path takes it (running those steps again changes nothing)."""
+        now = utcnow()
+        try:
+            with self.store.session() as s:
+                claimed = lifecycle.claim(s, self.run_id, self.lease, now)
+                if claimed is None or claimed.run.started_at != now:
+                    raise _NotAtOnce()
+                run = claimed.run
+                self.facts = dict(s.info.get(KNOWN_RECORDS, {}))
+                self.data, self.version = claimed.data, claimed.version
+                self.snapshot = Snapshot.load(run.snapshot)
+                node = self.snapshot.node(run.node_path)
+                self.steps(run, node.do)  # fields only: kept for `save_unsaved`, no session
+                self.trace_unsaved(s, run)
+                ended = lifecycle.succeed(s, run.id, self.lease)
+                self.save_unsaved(s, ended, {node.flag: True} if node.flag else None)
+        except Exception as exc:  # noqa: BLE001 — rolled back; the ordinary path decides
+            if not isinstance(exc, _NotAtOnce):
+                log.info("run %s: not at once (%s); taking the ordinary path", self.run_id,
+                         type(exc).__name__)
+            self.unsaved_steps, self.unsaved, self.done_paths = [], {}, set()
+            self.facts, self.data, self.version = {}, {}, None
+            return None
+        self.claimed(run)
+        self.attempt.status = RunStatus.DONE.value
+        return run
+
+    def after(self, run: Run) -> None:
+        """What follows an execution of a claimed Run, however it ended."""
+        self.give_slot_back(run)
+        if self.pending_children:
             self.rt.dispatcher.dispatch_all(self.pending_children)
-            self.send_emails(run)
-            # Its owner deleted the record meanwhile: now it can go. (Not after a success:
-            # a delete asks running work to stop first, so a Run that ended done had none.)
-            if run.record_id is not None and self.attempt.status != RunStatus.DONE.value:
-                control.finish_deletions(self.store, self.settings, run.record_id)
-            if run.batch_id is not None:  # a batch child ended (or will retry): a free slot
-                from formrules.runs.batch import child_finished
-                child_finished(self.rt, run)
+        self.send_emails(run)
+        # Its owner deleted the record meanwhile: now it can go. (Not after a success: a
+        # delete asks running work to stop first, so a Run that ended done had none.)
+        if run.record_id is not None and self.attempt.status != RunStatus.DONE.value:
+            control.finish_deletions(self.store, self.settings, run.record_id)
+        if run.batch_id is not None:  # a batch child ended (or will retry): a free slot
+            from formrules.runs.batch import child_finished
+            child_finished(self.rt, run)
 
     def send_emails(self, run: Run) -> None:
         """E-mail copies of this Run's notices (the reconciler retries any that fail)."""
@@ -414,7 +468,7 @@ class Execution:
         call_action(node, ctx)
         duration_ms = int((time.monotonic() - started) * 1000)
         if fields_only:  # committed with the next transaction (`save_unsaved`)
-            self.unsaved_steps.append((node.path, node.action, duration_ms))
+            self.unsaved_steps.append((node.path, node.action, duration_ms, utcnow()))
             self.unsaved.update(ctx.updates)
             self.data.update(ctx.updates)
             self.current_path = self.current_action = ""
@@ -469,6 +523,7 @@ class Execution:
             # Raises Cancelled (rolling the flag back) when a cancel came during the last
             # step: the Run row is written first, so a cancel racing us waits or loses.
             # The steps not committed yet go with it, in the same record write.
+            self.trace_unsaved(s, run)
             ended = lifecycle.succeed(s, run.id, self.lease)
             self.save_unsaved(s, ended, {node.flag: True} if node.flag else None)
 
@@ -525,9 +580,14 @@ class Execution:
                                    "".join(traceback.format_exception(branch_exc)),
                                    f"{node.path}/on_error")
         with self.session() as s:
+            self.trace_unsaved(s, run)
             ended = lifecycle.die(s, run.id, self.lease, run.attempt)
             self.save_unsaved(s, ended)
             self.attempt.status = ended.status
+
+
+class _NotAtOnce(Exception):
+    """The Run is not one to run at once after all (see `Execution.run_at_once`)."""
 
 
 class RunWalker(Walker):

@@ -227,14 +227,16 @@ class Dispatcher:
         return int(timeout + GRACE_SECONDS)
 
     @staticmethod
-    def job_kwargs(run: Run) -> dict[str, int]:
+    def job_kwargs(run: Run) -> dict[str, int | bool]:
         """What the job is told besides the Run id: its node's `concurrency:` (0: none),
-        so a Run without a limit is not read before its claim."""
+        so a Run without a limit is not read before its claim, and whether its steps
+        only write fields (`at_once`: claim, steps and end in one transaction)."""
+        from formrules.runs.engine import writes_fields_only
         try:
-            return {"concurrency": Snapshot.load(run.snapshot).node(run.node_path)
-                    .concurrency or 0}
+            node = Snapshot.load(run.snapshot).node(run.node_path)
         except RuleError:  # a snapshot this code cannot rebuild: the job finds out
             return {}
+        return {"concurrency": node.concurrency or 0, "at_once": writes_fields_only(node)}
 
     def dispatch_all(self, runs: list[Run], *, new: bool = False) -> int:
         """Dispatch after commit; Redis being away is logged, the reconciler delivers.

@@ -1,0 +1,177 @@
+"""The worker's job path stays cheap and keeps its promises (issue 9): a Run whose steps
+only write fields is claimed, run and ended in one transaction; a `set` goes with the next
+step's transaction but is visible before that step starts; a failure on the one-transaction
+path leaves nothing behind and the ordinary path decides; jobs carry what the claim would
+otherwise read. Real Redis, real databases, a real RQ worker; counts, never timings."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from rq import Queue
+from rq.serializers import JSONSerializer
+from sqlalchemy import event, select
+
+from formrules.process import runtime
+from formrules.runs.queue import JOB_FUNCTION
+from formrules.store.models import Record, Run, RunEvent, RunStatus
+from tests.fixture_actions import read_calls
+from tests.helpers import submit, token_of, wait_until, work
+
+FORMS = {
+    "quick": """
+form: quick
+fields:
+  - {name: name, type: string, required: true}
+  - {name: status, type: string, hidden: true}
+  - {name: greeting, type: string, hidden: true}
+  - {name: done, type: boolean, hidden: true, default: false}
+events:
+  submit:
+    - background:
+        title: Quick
+        flag: done
+        do:
+          - set: {status: worked}
+          - set: {greeting: "Hello {{ record.name }}"}
+""",
+    "broken": """
+form: broken
+fields:
+  - {name: name, type: string, required: true}
+  - {name: n, type: integer, hidden: true}
+  - {name: done, type: boolean, hidden: true, default: false}
+events:
+  submit:
+    - background:
+        title: Broken
+        flag: done
+        retry: false
+        do:
+          - set: {n: "{{ record.name + 1 }}"}
+""",
+    "mixed": """
+form: mixed
+fields:
+  - {name: name, type: string, required: true}
+  - {name: status, type: string, hidden: true}
+  - {name: done, type: boolean, hidden: true, default: false}
+events:
+  submit:
+    - background:
+        title: Mixed
+        flag: done
+        retry: {attempts: 2, backoff: [1s]}
+        do:
+          - set: {status: working}
+          - hold: {name: mixed}
+          - set: {status: checked}
+          - flaky: {fail_times: 1}
+          - set: {status: finished}
+""",
+}
+
+
+@pytest.fixture
+def rules_dir(rules_dir):
+    for name, text in FORMS.items():
+        (rules_dir / f"{name}.yaml").write_text(text.lstrip())
+    return rules_dir
+
+
+@contextmanager
+def transactions(rt):
+    """Commits and statements sent while the block runs (PRAGMAs left out)."""
+    seen = {"commits": 0, "statements": []}
+
+    def statement(conn, cursor, text, *args):
+        if not text.lstrip().upper().startswith("PRAGMA"):
+            seen["statements"].append(text.split(None, 1)[0].upper())
+
+    def commit(conn):
+        seen["commits"] += 1
+
+    engine = runtime.current().store.engine  # the one jobs run with here
+    event.listen(engine, "before_cursor_execute", statement)
+    event.listen(engine, "commit", commit)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", statement)
+        event.remove(engine, "commit", commit)
+
+
+def trace(rt, token: str) -> tuple[Run, list[tuple[str, str]], dict]:
+    with rt.store.session() as s:
+        record = s.scalar(select(Record).where(Record.token == token))
+        run = s.scalar(select(Run).where(Run.record_id == record.id))
+        events = [(e.event, e.path) for e in s.scalars(
+            select(RunEvent).where(RunEvent.run_id == run.id).order_by(RunEvent.id))]
+        return run, events, dict(record.data)
+
+
+def test_a_run_that_only_writes_fields_is_one_transaction_with_its_whole_trace(client, rt):
+    token = token_of(submit(client, "quick", {"name": "Ann"}))
+    with transactions(rt) as seen:
+        work(rt)
+    run, events, data = trace(rt, token)
+    assert run.status == RunStatus.DONE and run.attempt == 1
+    assert data["status"] == "worked" and data["greeting"] == "Hello Ann" and data["done"]
+    path = run.node_path
+    assert events == [("start", ""), ("checkpoint", f"{path}/do/0"),
+                      ("checkpoint", f"{path}/do/1"), ("finish", "")]
+    assert seen["commits"] == 1
+    assert "SELECT" not in seen["statements"]  # the claim read the record with the Run
+
+
+def test_a_failure_at_once_leaves_nothing_and_the_ordinary_path_records_it(client, rt):
+    token = token_of(submit(client, "broken", {"name": "Bo"}))
+    work(rt)
+    run, events, data = trace(rt, token)
+    assert run.status == RunStatus.DEAD and run.attempt == 1  # one attempt, counted once
+    assert [kind for kind, _ in events] == ["start", "error", "dead"]
+    assert data["n"] is None and not data["done"]  # as submitted
+
+
+def test_a_set_is_visible_before_the_next_step_and_a_retry_skips_it(client, rt, worker):
+    token = token_of(submit(client, "mixed", {"name": "Cy"}))
+    # The slow step runs: the set before it has been saved already.
+    wait_until(lambda: any(line.startswith("mixed") for line in
+                           read_calls(rt.settings.instance_dir)), timeout=60)
+    assert trace(rt, token)[2]["status"] == "working"
+    (Path(rt.settings.instance_dir) / "release-mixed").touch()
+    wait_until(lambda: trace(rt, token)[0].status == RunStatus.DONE, timeout=60)
+    run, events, data = trace(rt, token)
+    assert run.attempt == 2 and data["status"] == "finished" and data["done"]
+    # Each step checkpointed once: the first attempt's sets were saved with its failure,
+    # and the retry resumed after them (the held step did not run again).
+    checkpoints = [path for kind, path in events if kind == "checkpoint"]
+    assert sorted(checkpoints) == sorted(f"{run.node_path}/do/{i}" for i in range(5))
+    assert [line.split()[0] for line in read_calls(rt.settings.instance_dir)] == ["mixed"]
+
+
+def test_jobs_carry_the_nodes_limit_and_shape_and_older_jobs_still_run(client, rt):
+    token = token_of(submit(client, "quick", {"name": "Di"}))
+    run, _, _ = trace(rt, token)
+    job = rt.dispatcher.lane("default").fetch_job(run.id)
+    assert job.kwargs == {"concurrency": 0, "at_once": True}
+    work(rt)
+    assert trace(rt, token)[0].status == RunStatus.DONE
+
+    # A job as the previous version enqueued it, the Run id alone: the ordinary path.
+    token = token_of(submit(client, "quick", {"name": "Ed"}))
+    run, _, _ = trace(rt, token)
+    queue = Queue(rt.dispatcher.lane("default").name, connection=rt.redis,
+                  serializer=JSONSerializer)
+    queue.remove(run.id)
+    rt.redis.delete(f"rq:job:{run.id}")
+    queue.enqueue(JOB_FUNCTION, run.id, job_id=run.id)
+    with transactions(rt) as seen:
+        work(rt)
+    run, events, data = trace(rt, token)
+    assert run.status == RunStatus.DONE and data["greeting"] == "Hello Ed"
+    # Its node's limit read first (not in the job), the claim, the steps with the ending.
+    assert seen["commits"] == 3
+    assert [kind for kind, _ in events] == ["start", "checkpoint", "checkpoint", "finish"]
