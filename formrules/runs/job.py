@@ -374,7 +374,7 @@ class Execution:
         and the ordinary path takes it (running those steps again changes nothing)."""
         now = utcnow()
         try:
-            with self.store.session() as s:
+            with self.store.session() as s, s.no_autoflush:  # every INSERT at the end
                 claimed = lifecycle.claim(s, self.run_id, self.lease, now)
                 if claimed is None or claimed.run.started_at != now:
                     raise _NotAtOnce()

@@ -163,9 +163,11 @@ def move(s: Session, t: Transition, where: Iterable[Any], *,
     for run in moved:
         if t.event is not None:
             text = detail(run) if callable(detail) else detail
+            # Every column given: the trace lines of one transaction have the same shape,
+            # so the ORM writes them in one multi-row INSERT.
             s.add(RunEvent(run_id=run.id, attempt=run.attempt, event=t.event.value,
                            path=run.node_path if path is None else path,
-                           detail=text[:20000], at=now))
+                           detail=text[:20000], at=now, duration_ms=None))
         if t is CLAIM:
             notifications.run_started(s, run)
         if t.notice is not None:
