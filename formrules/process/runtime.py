@@ -62,9 +62,16 @@ def install(runtime: Runtime) -> Runtime:
     _current = (os.getpid(), runtime)
     # Live events for open pages go out on the dispatcher's client (bounded in web
     # requests), looked up when sent: a forked work-horse uses its own connections.
-    notifications.set_publisher(
-        lambda name, text: current().dispatcher.redis.publish(name, text))
+    notifications.set_publisher(_publish)
     return runtime
+
+
+def _publish(messages: list[tuple[str, str]]) -> None:
+    """PUBLISH each (channel, text), in one round trip."""
+    with current().dispatcher.redis.pipeline(transaction=False) as pipe:
+        for channel, text in messages:
+            pipe.publish(channel, text)
+        pipe.execute()
 
 
 def current() -> Runtime:

@@ -40,7 +40,7 @@ EMAILS_KEY = "formrules.notice_emails"  # Session.info: Runs whose notices want 
 _unsent: set[str] = set()  # Runs whose notice e-mails this process committed, not sent
 CHANNEL_PREFIX = "formrules:events:"
 
-Publisher = Callable[[str, str], Any]  # (channel, JSON text)
+Publisher = Callable[[list[tuple[str, str]]], Any]  # [(channel, JSON text)], at once
 _publisher: Publisher | None = None
 
 
@@ -89,11 +89,11 @@ def _publish(session: Session) -> None:
     items = session.info.pop(EVENTS_KEY, None)
     if not items or _publisher is None:
         return
-    for owner, payload in items:
-        try:
-            _publisher(channel(owner), json.dumps(payload))
-        except Exception as exc:  # open pages fall back to polling; nothing is lost
-            log.warning("live event for run %s not published: %s", payload["run"], exc)
+    try:  # one round trip for the transaction's events (a Run's start and end, say)
+        _publisher([(channel(owner), json.dumps(payload)) for owner, payload in items])
+    except Exception as exc:  # open pages fall back to polling; nothing is lost
+        log.warning("%d live event(s) of run %s not published: %s", len(items),
+                    items[0][1]["run"], exc)
 
 
 @event.listens_for(Session, "after_rollback")
