@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, update
+from sqlalchemy import bindparam, create_engine, event, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -95,6 +96,16 @@ def known_record(session: Session, record_id: int) -> RecordFacts | None:
     return session.info.get(KNOWN_RECORDS, {}).get(record_id)
 
 
+@cache
+def _guarded_write() -> Any:
+    """`merge_record`'s UPDATE, built once (every step of every Run writes through it)."""
+    return (update(Record)
+            .where(Record.id == bindparam("p_id"), Record.version == bindparam("p_seen"))
+            .values(data=bindparam("p_data", type_=Record.data.type),
+                    version=bindparam("p_version"), updated_at=bindparam("p_now"))
+            .execution_options(synchronize_session=False))
+
+
 def lock_record(session: Session, record_id: int) -> Record:
     """Lock a record for a read-modify-write and return it fresh.
 
@@ -124,11 +135,9 @@ def merge_record(session: Session, record_id: int, updates: dict[str, Any],
     """
     if known_version is not None and known_data is not None:
         merged = {**known_data, **updates}
-        if session.execute(update(Record).where(Record.id == record_id,
-                                                Record.version == known_version)
-                           .values(data=merged, version=known_version + 1,
-                                   updated_at=utcnow())
-                           .execution_options(synchronize_session=False)).rowcount:
+        if session.execute(_guarded_write(), {
+                "p_id": record_id, "p_seen": known_version, "p_data": merged,
+                "p_version": known_version + 1, "p_now": utcnow()}).rowcount:
             return merged, known_version + 1
     record = lock_record(session, record_id)
     record.data = {**record.data, **updates}
