@@ -6,6 +6,8 @@ otherwise read. Real Redis, real databases, a real RQ worker; counts, never timi
 
 from __future__ import annotations
 
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -175,3 +177,29 @@ def test_jobs_carry_the_nodes_limit_and_shape_and_older_jobs_still_run(client, r
     # Its node's limit read first (not in the job), the claim, the steps with the ending.
     assert seen["commits"] == 3
     assert [kind for kind, _ in events] == ["start", "checkpoint", "checkpoint", "finish"]
+
+
+def test_metrics_register_once_when_two_threads_use_them_first(monkeypatch):
+    """An in-process worker's job and its leader thread may both be first: one set of
+    metrics is registered, never two (prometheus_client refuses a duplicate)."""
+    from formrules.process import metrics
+    monkeypatch.setattr(metrics, "_built", None)
+    calls, start = [], threading.Barrier(8)
+
+    def slow_register():  # stands in for prometheus_client's registration, which raises
+        calls.append(1)   # on a second one: what is counted here is how often it runs
+        time.sleep(0.05)  # a wide window for a second thread to build them too
+        return object()
+
+    monkeypatch.setattr(metrics, "_register", slow_register)
+    seen = []
+
+    def use():
+        start.wait()
+        seen.append(metrics._m())
+    threads = [threading.Thread(target=use) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(calls) == 1 and len(seen) == 8 and all(m is seen[0] for m in seen)

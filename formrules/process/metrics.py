@@ -18,7 +18,7 @@ import atexit
 import os
 import shutil
 import tempfile
-from functools import cache
+import threading
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +48,22 @@ def use_multiprocess_dir() -> str:
     return path
 
 
-@cache
+_built: SimpleNamespace | None = None
+_building = threading.Lock()
+
+
 def _m() -> SimpleNamespace:
+    """The metrics, registered on first use, once per process: the first uses may come
+    at once from two threads (a worker's job and its leader thread, two web requests)."""
+    global _built
+    if _built is None:
+        with _building:
+            if _built is None:
+                _built = _register()
+    return _built
+
+
+def _register() -> SimpleNamespace:
     from prometheus_client import Counter, Histogram, disable_created_metrics
 
     disable_created_metrics()  # *_created series double the output and say little here

@@ -27,11 +27,13 @@ class Attempt:
     outcome: str | None = None
     status: str | None = None
     labels: tuple[str, str] | None = None  # (form, node) once claimed
+    bound: bool = False  # inside `attempt`, which resets the log context after it
 
     def ran(self, form: str, node: str, token: str | None) -> None:
         """The Run was claimed: its labels, and its record's token for log lines."""
         self.labels = (form, node)
-        logs.record_token.set(token)
+        if self.bound:  # (an execution outside `attempt`, the warm-up's, leaves it alone)
+            logs.record_token.set(token)
 
 
 @contextmanager
@@ -39,7 +41,7 @@ def attempt(run_id: str) -> Iterator[Attempt]:
     """Wrap one execution of `run_id` (see `formrules.runs.job.execute_run`): nothing is
     read for it; what the execution learns it says through the `Attempt`."""
     started = time.monotonic()
-    result = Attempt()
+    result = Attempt(bound=True)
     with logs.bound(run_id, None):
         try:
             yield result
