@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,8 +207,15 @@ def main(argv: list[str] | None = None) -> None:
     max_memory = int(os.environ.get("FORMRULES_WORKER_MAX_MEMORY", "1024") or 0)
     grace = float(os.environ.get("FORMRULES_WORKER_KILL_GRACE", KILL_GRACE))
     command = [sys.executable, "-m", "formrules.process.worker", "--in-process", *args]
-    sys.exit(Guard(command, max_jobs=max_jobs, max_memory=max_memory,
-                   kill_grace=grace).run())
+    try:
+        code = Guard(command, max_jobs=max_jobs, max_memory=max_memory,
+                     kill_grace=grace).run()
+    finally:
+        # The metrics directory `worker.py` made before its exec into this guard: it
+        # was to go when that process ended, which this one now is.
+        if os.environ.get("FORMRULES_METRICS_DIR_OWNER") == str(os.getpid()):
+            shutil.rmtree(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from formrules.process.runtime import Runtime
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+OWNER_ENV = "FORMRULES_METRICS_DIR_OWNER"  # the pid that made the private directory
 RUN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -43,6 +44,9 @@ def use_multiprocess_dir() -> str:
     path = tempfile.mkdtemp(prefix="formrules-metrics-")
     os.environ[ENV] = path
     owner = os.getpid()
+    # Said in the environment too: a process exec'd in this one's place (a worker's
+    # guard, `formrules.process.guard`) has no atexit handlers, yet the same pid.
+    os.environ[OWNER_ENV] = str(owner)
     # Forked children (gunicorn workers) inherit atexit handlers: only the maker removes it.
     atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
     return path
