@@ -3,15 +3,20 @@
     execute_run(run_id)
       a slot of the node's `concurrency:` (none free: stay pending, waiting for a slot,
       woken when one is given back; no attempt used) ── `formrules.runs.slots`
-      claim the Run (a lease: only one execution may own it) ── not due yet? wait or leave
+      claim the Run (a lease: only one execution may own it; one statement, which also
+      reads its record) ── not due yet? wait or leave
       for each action of the subtree: skip if checkpointed, else run it, then commit its
       field writes + files + checkpoint in one transaction (lease checked, a requested
       cancel read and the record re-read in the same one: no step starts after a cancel);
+      a step that only writes fields (`set`) is committed with the next transaction, which
+      comes before any other step starts;
       a `call:` walks its tree (steps under the call's path), a `try:` that catches
       checkpoints the catch with its error field, then runs `catch:` (`RunWalker`)
       success ── set the flag field, status done, notify (a cancel asked for meanwhile wins)
       failure ── retryable and attempts left: status retrying, due after its wait
               └─ otherwise: on_error branch (once), status dead, notify
+A Run whose steps all only write fields, on its first attempt: claim, steps and success
+in one transaction (`Execution.run_at_once`).
 Every status change goes through `formrules.runs.lifecycle`.
 
 The process's heartbeat thread (`runs.heartbeat`) keeps the lease alive (also through
@@ -102,7 +107,9 @@ class Execution:
 
     Statuses change only through `formrules.runs.lifecycle`; here each step costs one
     transaction (its checkpoint, which also proves the lease, reads a requested cancel and
-    re-reads the record for the next step), plus the claim and the ending.
+    re-reads the record for the next step), plus the claim and the ending. A step that
+    only writes fields (`set`) goes with the next transaction instead; a Run made of
+    such steps alone is claimed, run and ended in one (`run_at_once`).
     """
 
     def __init__(self, rt: runtime_mod.Runtime, run_id: str, concurrency: int | None = None,
@@ -197,8 +204,8 @@ class Execution:
         self.data, self.version = merge_record(s, run.record_id, updates,
                                                self.version, self.data)
 
-    def save_unsaved(self, s: Session, run: Run, updates: dict[str, Any] | None = None,
-                     owner: str | None = None) -> None:
+    def save_unsaved(self, s: Session, run: Run, updates: dict[str, Any] | None = None
+                     ) -> None:
         """Commit the fields-only steps run since the last transaction, with `updates`, in
         `s` (whose first statement proved the lease and locked the Run row).
 
@@ -460,7 +467,11 @@ class Execution:
         fields_only = spec is not None and spec.fields_only
         if not fields_only and (self.unsaved_steps or self.unsaved):
             with self.session() as s:  # what ran before this step is visible while it runs
-                self.save_unsaved(s, lifecycle.hold(s, run.id, self.lease))
+                owned = lifecycle.hold(s, run.id, self.lease)
+                self.save_unsaved(s, owned)
+            if owned.cancel_requested:  # read with that save, as with any checkpoint
+                self.cancel_seen.set()
+                raise Cancelled()
         ctx = self.context(run, node.path, **extra)
         started = time.monotonic()
         self.current_path = node.path  # a failure's trace line names the step
