@@ -203,3 +203,34 @@ def test_metrics_register_once_when_two_threads_use_them_first(monkeypatch):
     for thread in threads:
         thread.join(10)
     assert len(calls) == 1 and len(seen) == 8 and all(m is seen[0] for m in seen)
+
+
+def test_a_delay_moves_to_its_queue_when_due_to_the_millisecond_never_before(client, rt):
+    """RQ scores a scheduled job by the whole second, so its scheduler moves it up to a
+    second early; the leader's mover goes by the exact due time."""
+    from formrules.runs.reconciler import dispatch_due
+    (Path(rt.settings.rules_dir) / "soon.yaml").write_text(
+        "form: soon\nfields: [{name: name, type: string}]\nevents:\n  submit:\n"
+        "    - delay: {title: Soon, for: 1500ms, do: [{log: fired}]}\n")
+    wait_until(lambda: client.get("/forms/soon").status_code == 200)
+    token = token_of(submit(client, "soon", {"name": "Fay"}))
+    run = trace(rt, token)[0]
+    due = run.due_at.timestamp()
+    registry = rt.dispatcher.lane("default").scheduled_job_registry
+    assert rt.redis.zscore(registry.key, run.id) == pytest.approx(due, abs=1e-6)
+    assert rt.dispatcher.next_scheduled() == pytest.approx(due, abs=1e-6)
+    while True:
+        began = time.time()
+        dispatch_due(rt)  # the leader's tick (it wakes for the next Delay's due time)
+        ended = time.time()
+        if rt.dispatcher.lane("default").get_job_ids():
+            break
+        assert began < due, "a pass that began after its due time left it waiting"
+        time.sleep(0.005)
+    # Moved by the first pass that began once it was due (above), never by one that
+    # ended before its due time. Load-proof: no bound on how long a pass takes.
+    assert ended >= due
+    assert rt.dispatcher.lane("default").get_job_ids() == [run.id]
+    work(rt)
+    run = trace(rt, token)[0]
+    assert run.status == RunStatus.DONE and run.started_at >= run.due_at
