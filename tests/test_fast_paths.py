@@ -4,7 +4,9 @@ parent, capped counts on list pages. Counts of SQL statements, never timings."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 
+import time_machine
 from sqlalchemy import event, func, insert, select
 
 from formrules.language.registry import current_rules
@@ -139,9 +141,36 @@ def test_admin_list_counts_up_to_a_limit(operator, rt, monkeypatch):
 
 def test_status_polls_do_not_reissue_the_session_cookie(client):
     token = token_of(submit(client, "demo", GOOD))
-    assert "Set-Cookie" in client.get(f"/r/{token}").headers  # the page refreshes it
-    poll = client.get(f"/r/{token}/status")
-    assert poll.status_code == 200 and "Set-Cookie" not in poll.headers
+    with time_machine.travel(datetime.now(UTC) + timedelta(days=2), tick=False):
+        assert "Set-Cookie" in client.get(f"/r/{token}").headers  # the page refreshes it
+        poll = client.get(f"/r/{token}/status")
+        assert poll.status_code == 200 and "Set-Cookie" not in poll.headers
+
+
+def test_an_unchanged_cookie_is_resent_at_most_daily(client):
+    token = token_of(submit(client, "demo", GOOD))
+    assert "Set-Cookie" not in client.get(f"/r/{token}").headers  # signed moments ago
+    with time_machine.travel(datetime.now(UTC) + timedelta(hours=25), tick=False):
+        page = client.get(f"/r/{token}")
+        assert page.status_code == 200 and "Set-Cookie" in page.headers  # a year from now
+        assert "Set-Cookie" not in client.get(f"/r/{token}").headers
+        assert client.get(f"/r/{token}/status").status_code == 200  # the new one is ours
+
+
+def test_a_fresh_poll_is_one_statement_and_tags_as_a_revalidation_does(app, client, rt):
+    token = token_of(submit(client, "demo", GOOD))
+    with statements(app) as seen:
+        fresh = client.get(f"/r/{token}/status")
+    assert fresh.status_code == 200 and len(seen) == 1
+    again = client.get(f"/r/{token}/status", headers={"If-None-Match": fresh.headers["ETag"]})
+    assert again.status_code == 304 and again.headers["ETag"] == fresh.headers["ETag"]
+    with rt.store.session() as s:
+        s.scalar(select(Run)).progress_message = "halfway"
+    moved = client.get(f"/r/{token}/status")
+    assert moved.headers["ETag"] != fresh.headers["ETag"]
+    assert moved.json["runs"][0]["message"] == "halfway"
+    assert client.get(f"/r/{token}/status", headers={"If-None-Match": moved.headers["ETag"]}
+                      ).status_code == 304
 
 
 def test_rule_forms_translate_messages_as_flask_wtf_without_reloading_them(app):

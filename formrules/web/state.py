@@ -11,7 +11,7 @@ import secrets
 
 from flask import current_app, g, session
 
-from formrules.language.registry import RulesStatus, current_rules, rules_status
+from formrules.language.registry import RuleRegistry, RulesStatus
 from formrules.language.tree import RuleSet
 from formrules.process.runtime import Runtime
 
@@ -23,15 +23,21 @@ def rt() -> Runtime:
     return current_app.extensions["formrules"]
 
 
+def _registry() -> RuleRegistry:
+    # The app's registry, found once at start: `registry(dir)` resolves the path on every
+    # call, which costs a status poll more than the freshness check itself.
+    return current_app.extensions["formrules.rules"]
+
+
 def rules() -> RuleSet:
     """The rules now: files edited on disk show within a second, broken ones keep their
     last good version (`formrules.language.registry`)."""
-    return current_rules(rt().settings.rules_dir)
+    return _registry().rules()
 
 
 def rules_health() -> RulesStatus:
     """Which rule files are broken (for the operator banner and a readiness check)."""
-    return rules_status(rt().settings.rules_dir)
+    return _registry().status()
 
 
 def owner() -> str:
