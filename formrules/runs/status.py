@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, exists, func, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, defer
 
 from formrules.language import sandbox
@@ -191,7 +192,7 @@ def _tag(version: int, updated: datetime | None, runs: int, last: datetime | Non
            f"{last.timestamp() if last else ''}:{int(bool(paused))}"
 
 
-def poll_tag(s: Session, token: str) -> Polled | None:
+def poll_tag(conn: Connection, token: str) -> Polled | None:
     """The record's id, owner, form, change tag and pause for a token, in one statement.
 
     The tag changes whenever the status view can: every write to a record bumps its
@@ -199,8 +200,8 @@ def poll_tag(s: Session, token: str) -> Polled | None:
     added in a step that writes its Run too). An unchanged poll is answered from this
     alone; the tag is read before the view, so a view is never older than its tag.
     """
-    # Built once, run on the connection: no statement building or ORM work per poll.
-    row = s.connection().execute(POLL_TAG, {"token": token}).first()
+    # Built once, run on a connection: no statement building or ORM work per poll.
+    row = conn.execute(POLL_TAG, {"token": token}).first()
     if row is None:
         return None
     record_id, owner, form_id, version, updated, runs, last, paused = row

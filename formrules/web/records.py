@@ -17,7 +17,7 @@ from formrules.language.fieldtypes import format_size, is_upload
 from formrules.runs.status import etag_for, poll_status, poll_tag, polled_status, record_status
 from formrules.store.models import Notification, Record, ResultFile, Run, utcnow
 from formrules.web.auth import is_operator
-from formrules.web.state import current_owner_or_none, db, rules
+from formrules.web.state import current_owner_or_none, db, reading, rules
 
 bp = Blueprint("records", __name__)
 
@@ -91,19 +91,20 @@ def status_json(token: str):
     if len(token) > 64:
         abort(404)
     revalidating = bool(request.if_none_match)
-    found = (poll_tag if revalidating else poll_status)(db(), token)
-    if found is None:
-        abort(404)
-    if found.owner != current_owner_or_none() and not found.owner.startswith("api:") \
-            and not is_operator():
-        abort(404)  # as `_record`: whether someone else's record exists is not ours to say
-    form = rules().form(found.form_id)
-    etag = etag_for(found.tag, form)
-    headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
-    if revalidating and request.if_none_match.contains(etag):
-        return Response(status=304, headers=headers)
-    return Response(json.dumps(polled_status(db(), found, form), default=str),
-                    mimetype="application/json", headers=headers)
+    with reading() as s:
+        found = poll_tag(s.connection(), token) if revalidating else poll_status(s, token)
+        if found is None:
+            abort(404)
+        if found.owner != current_owner_or_none() and not found.owner.startswith("api:") \
+                and not is_operator():
+            abort(404)  # as `_record`: whether someone else's record exists is not ours to say
+        form = rules().form(found.form_id)
+        etag = etag_for(found.tag, form)
+        headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
+        if revalidating and request.if_none_match.contains(etag):
+            return Response(status=304, headers=headers)
+        body = json.dumps(polled_status(s, found, form), default=str)
+    return Response(body, mimetype="application/json", headers=headers)
 
 
 @bp.get("/files/<file_id>")

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from flask import current_app, g, session
+from sqlalchemy.orm import Session
 
 from formrules.language.registry import RuleRegistry, RulesStatus
 from formrules.language.tree import RuleSet
@@ -73,3 +76,19 @@ def discard_db() -> None:
             session.close()
         except Exception as exc:
             log.warning("closing the request's database session failed: %s", exc)
+
+
+@contextmanager
+def reading() -> Iterator[Session]:
+    """A session for a request that only reads (a status poll), apart from `db()`.
+
+    On PostgreSQL it runs in autocommit: no BEGIN before its first statement and no
+    ROLLBACK after the last, two round trips fewer; each statement still reads one
+    consistent snapshot. SQLite keeps the default (switching it costs more than it saves).
+    """
+    store = rt().store
+    with store.engine.connect() as conn:
+        if not store.is_sqlite:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+        with Session(bind=conn) as session:
+            yield session
