@@ -15,9 +15,25 @@ from formrules.store.models import Record, Run, RunEvent, utcnow
 from formrules.web import admin, create_app
 from formrules.web.formbuilder import form_class
 from tests.fixture_actions import read_calls
-from tests.helpers import submit, token_of, tokens
+from tests.helpers import submit, token_of, tokens, work
 
 GOOD = {"name": "Ann", "email": "ann@example.com", "count": "3"}
+PLAIN = """
+form: plain
+title: Plain
+after_submit:
+  message: "All done."
+fields:
+  - {name: name, type: string, required: true}
+  - {name: done, type: boolean, hidden: true, default: false}
+events:
+  submit:
+    - background:
+        title: Work
+        flag: done
+        do:
+          - set: {name: worked}
+"""
 NOISY = """
 form: noisy
 title: Noisy
@@ -191,3 +207,36 @@ def test_rule_forms_translate_messages_as_flask_wtf_without_reloading_them(app):
                     "Field must be at least %(min)d character long.",
                     "Field must be at least %(min)d characters long.", 2)
     assert formbuilder._catalogue.cache_info().misses <= 3  # once per locale, not per call
+
+
+def test_a_finished_answer_is_kept_until_its_tag_moves(rt, rules_dir):
+    from formrules.store.db import lock_record
+    (rules_dir / "plain.yaml").write_text(PLAIN)
+    app = create_app({"TESTING": True}, settings=rt.settings)
+    client = app.test_client()
+    token = token_of(submit(client, "plain", {"name": "Ann"}))
+    assert client.get(f"/r/{token}/status").json["state"] == "working"
+    views = app.extensions["formrules.finished_views"]
+    assert not views.known(token)  # working: its ETA moves with the clock, never kept
+    work(rt)
+    first = client.get(f"/r/{token}/status")
+    assert first.json["state"] == "done" and first.json["message"] == "All done."
+    assert views.known(token)
+    with statements(app) as seen:
+        again = client.get(f"/r/{token}/status")
+    assert len(seen) == 1 and seen[0].lstrip().startswith("SELECT records.id, records.owner")
+    assert again.data == first.data and again.headers["ETag"] == first.headers["ETag"]
+    assert app.test_client().get(f"/r/{token}/status").status_code == 404  # owner only
+    with rt.store.session() as s:
+        record = s.scalar(select(Record).where(Record.token == token))
+        lock_record(s, record.id).data = {**record.data, "name": "edited"}
+    edited = client.get(f"/r/{token}/status")
+    assert edited.json["record"]["name"] == "edited"
+    assert edited.headers["ETag"] != first.headers["ETag"]
+
+
+def test_an_answer_with_a_templated_message_is_built_each_time(app, client, rt):
+    token = token_of(submit(client, "demo", GOOD))
+    work(rt)
+    assert client.get(f"/r/{token}/status").json["state"] == "done"
+    assert not app.extensions["formrules.finished_views"].known(token)  # may call now()

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, abort, render_template, request
+from flask import Blueprint, Response, abort, current_app, render_template, request
 from sqlalchemy import select, update
 
 from formrules.language.fieldtypes import format_size, is_upload
 from formrules.runs.status import etag_for, poll_status, poll_tag, polled_status, record_status
 from formrules.store.models import Notification, Record, ResultFile, Run, utcnow
 from formrules.web.auth import is_operator
+from formrules.web.finished_views import FinishedViews
 from formrules.web.state import current_owner_or_none, db, reading, rules
 
 bp = Blueprint("records", __name__)
@@ -85,14 +86,17 @@ def status_json(token: str):
 
     Polled every second or two by every open waiting page: a revalidation reads the
     change tag alone first (`poll_tag`: one statement, and all an unchanged poll costs);
-    a poll without an ETag reads the tag and the view in one statement (`poll_status`).
+    a poll without an ETag reads the tag and the view in one statement (`poll_status`),
+    or, for finished work already answered, the tag alone (`finished_views`).
     The JSON is serialised once.
     """
     if len(token) > 64:
         abort(404)
     revalidating = bool(request.if_none_match)
+    views = _finished_views()
     with reading() as s:
-        found = poll_tag(s.connection(), token) if revalidating else poll_status(s, token)
+        found = poll_tag(s.connection(), token) if revalidating or views.known(token) \
+            else poll_status(s, token)
         if found is None:
             abort(404)
         if found.owner != current_owner_or_none() and not found.owner.startswith("api:") \
@@ -103,8 +107,19 @@ def status_json(token: str):
         headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
         if revalidating and request.if_none_match.contains(etag):
             return Response(status=304, headers=headers)
-        body = json.dumps(polled_status(s, found, form), default=str)
+        body = views.get(token, etag, form)
+        if body is None:
+            view = polled_status(s, found, form)
+            body = json.dumps(view, default=str)
+            views.keep(token, etag, form, view, body)
     return Response(body, mimetype="application/json", headers=headers)
+
+
+def _finished_views() -> FinishedViews:
+    views = current_app.extensions.get("formrules.finished_views")
+    if views is None:
+        views = current_app.extensions["formrules.finished_views"] = FinishedViews()
+    return views
 
 
 @bp.get("/files/<file_id>")
