@@ -12,6 +12,7 @@ import json
 
 from flask import Blueprint, Response, abort, current_app, render_template, request
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from formrules.language.fieldtypes import format_size, is_upload
 from formrules.runs.status import etag_for, poll_status, poll_tag, polled_status, record_status
@@ -94,8 +95,8 @@ def status_json(token: str):
         abort(404)
     revalidating = bool(request.if_none_match)
     views = _finished_views()
-    with reading() as s:
-        found = poll_tag(s.connection(), token) if revalidating or views.known(token) \
+    with reading() as conn, Session(bind=conn) as s:  # the session only if a view is read
+        found = poll_tag(conn, token) if revalidating or views.known(token) \
             else poll_status(s, token)
         if found is None:
             abort(404)

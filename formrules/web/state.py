@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from flask import current_app, g, session
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Connection
 
 from formrules.language.registry import RuleRegistry, RulesStatus
 from formrules.language.tree import RuleSet
@@ -79,8 +79,10 @@ def discard_db() -> None:
 
 
 @contextmanager
-def reading() -> Iterator[Session]:
-    """A session for a request that only reads (a status poll), apart from `db()`.
+def reading() -> Iterator[Connection]:
+    """A connection for a request that only reads (a status poll), apart from `db()`:
+    no ORM session to set up for a statement that needs none (`Session(bind=conn)` when
+    one does).
 
     On PostgreSQL it runs in autocommit: no BEGIN before its first statement and no
     ROLLBACK after the last, two round trips fewer; each statement still reads one
@@ -90,5 +92,4 @@ def reading() -> Iterator[Session]:
     with store.engine.connect() as conn:
         if not store.is_sqlite:
             conn.execution_options(isolation_level="AUTOCOMMIT")
-        with Session(bind=conn) as session:
-            yield session
+        yield conn
