@@ -240,3 +240,16 @@ def test_an_answer_with_a_templated_message_is_built_each_time(app, client, rt):
     work(rt)
     assert client.get(f"/r/{token}/status").json["state"] == "done"
     assert not app.extensions["formrules.finished_views"].known(token)  # may call now()
+
+
+def test_a_poll_leaves_pooled_connections_as_it_found_them(app, client, rt):
+    """The poll's own connection runs in autocommit on PostgreSQL; the pool must hand
+    the next request a connection in the engine's default (transactional) mode."""
+    engine = rt.store.engine
+    with engine.connect() as conn:
+        default = conn.get_isolation_level()
+    token = token_of(submit(client, "demo", GOOD))
+    tag = client.get(f"/r/{token}/status").headers["ETag"]
+    assert client.get(f"/r/{token}/status", headers={"If-None-Match": tag}).status_code == 304
+    with engine.connect() as first, engine.connect() as second:
+        assert first.get_isolation_level() == second.get_isolation_level() == default
