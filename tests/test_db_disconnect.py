@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import create_engine, event, func, select, text
 
 from formrules.config import from_env
+from formrules.store import migrate
 from formrules.store.models import Base, Record
 from formrules.web import create_app
 from tests.helpers import submit, tokens
@@ -33,8 +34,8 @@ def app_name() -> str:
 @pytest.fixture
 def admin_db(pg_url):
     """A separate connection that does the killing (never killed itself)."""
+    migrate.upgrade(pg_url)  # the schema as the app expects it (check_schema)
     engine = create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    Base.metadata.create_all(engine)
     names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
@@ -97,6 +98,20 @@ def test_a_submit_cut_mid_transaction_stores_one_record(app, admin_db, app_name)
                                                  "email": "ann@example.com"})
     assert killed == [1] and response.status_code == 303
     assert admin_db.execute(select(func.count()).select_from(Record)).scalar_one() == 1
+
+
+def test_a_status_poll_whose_connection_is_cut_is_run_again(app, admin_db, app_name):
+    browser = app.test_client()
+    page = browser.get("/forms/demo")
+    done = browser.post("/forms/demo", data={**tokens(page.data), "name": "Ann",
+                                             "email": "ann@example.com"})
+    status = done.headers["Location"] + "/status"
+    killed = cut_next_statements(app, admin_db, app_name, times=1)
+    fresh = browser.get(status)  # its own autocommit connection, not the request's session
+    assert killed == [1] and fresh.status_code == 200
+    killed = cut_next_statements(app, admin_db, app_name, times=1)
+    again = browser.get(status, headers={"If-None-Match": fresh.headers["ETag"]})
+    assert killed == [1] and again.status_code == 304
 
 
 def test_the_error_page_renders_when_the_retry_fails_too(app, rt, admin_db, app_name):

@@ -4,7 +4,9 @@ parent, capped counts on list pages. Counts of SQL statements, never timings."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 
+import time_machine
 from sqlalchemy import event, func, insert, select
 
 from formrules.language.registry import current_rules
@@ -13,9 +15,25 @@ from formrules.store.models import Record, Run, RunEvent, utcnow
 from formrules.web import admin, create_app
 from formrules.web.formbuilder import form_class
 from tests.fixture_actions import read_calls
-from tests.helpers import submit, token_of, tokens
+from tests.helpers import submit, token_of, tokens, work
 
 GOOD = {"name": "Ann", "email": "ann@example.com", "count": "3"}
+PLAIN = """
+form: plain
+title: Plain
+after_submit:
+  message: "All done."
+fields:
+  - {name: name, type: string, required: true}
+  - {name: done, type: boolean, hidden: true, default: false}
+events:
+  submit:
+    - background:
+        title: Work
+        flag: done
+        do:
+          - set: {name: worked}
+"""
 NOISY = """
 form: noisy
 title: Noisy
@@ -139,9 +157,36 @@ def test_admin_list_counts_up_to_a_limit(operator, rt, monkeypatch):
 
 def test_status_polls_do_not_reissue_the_session_cookie(client):
     token = token_of(submit(client, "demo", GOOD))
-    assert "Set-Cookie" in client.get(f"/r/{token}").headers  # the page refreshes it
-    poll = client.get(f"/r/{token}/status")
-    assert poll.status_code == 200 and "Set-Cookie" not in poll.headers
+    with time_machine.travel(datetime.now(UTC) + timedelta(days=2), tick=False):
+        assert "Set-Cookie" in client.get(f"/r/{token}").headers  # the page refreshes it
+        poll = client.get(f"/r/{token}/status")
+        assert poll.status_code == 200 and "Set-Cookie" not in poll.headers
+
+
+def test_an_unchanged_cookie_is_resent_at_most_daily(client):
+    token = token_of(submit(client, "demo", GOOD))
+    assert "Set-Cookie" not in client.get(f"/r/{token}").headers  # signed moments ago
+    with time_machine.travel(datetime.now(UTC) + timedelta(hours=25), tick=False):
+        page = client.get(f"/r/{token}")
+        assert page.status_code == 200 and "Set-Cookie" in page.headers  # a year from now
+        assert "Set-Cookie" not in client.get(f"/r/{token}").headers
+        assert client.get(f"/r/{token}/status").status_code == 200  # the new one is ours
+
+
+def test_a_fresh_poll_is_one_statement_and_tags_as_a_revalidation_does(app, client, rt):
+    token = token_of(submit(client, "demo", GOOD))
+    with statements(app) as seen:
+        fresh = client.get(f"/r/{token}/status")
+    assert fresh.status_code == 200 and len(seen) == 1
+    again = client.get(f"/r/{token}/status", headers={"If-None-Match": fresh.headers["ETag"]})
+    assert again.status_code == 304 and again.headers["ETag"] == fresh.headers["ETag"]
+    with rt.store.session() as s:
+        s.scalar(select(Run)).progress_message = "halfway"
+    moved = client.get(f"/r/{token}/status")
+    assert moved.headers["ETag"] != fresh.headers["ETag"]
+    assert moved.json["runs"][0]["message"] == "halfway"
+    assert client.get(f"/r/{token}/status", headers={"If-None-Match": moved.headers["ETag"]}
+                      ).status_code == 304
 
 
 def test_rule_forms_translate_messages_as_flask_wtf_without_reloading_them(app):
@@ -162,3 +207,49 @@ def test_rule_forms_translate_messages_as_flask_wtf_without_reloading_them(app):
                     "Field must be at least %(min)d character long.",
                     "Field must be at least %(min)d characters long.", 2)
     assert formbuilder._catalogue.cache_info().misses <= 3  # once per locale, not per call
+
+
+def test_a_finished_answer_is_kept_until_its_tag_moves(rt, rules_dir):
+    from formrules.store.db import lock_record
+    (rules_dir / "plain.yaml").write_text(PLAIN)
+    app = create_app({"TESTING": True}, settings=rt.settings)
+    client = app.test_client()
+    token = token_of(submit(client, "plain", {"name": "Ann"}))
+    assert client.get(f"/r/{token}/status").json["state"] == "working"
+    views = app.extensions["formrules.finished_views"]
+    assert not views.known(token)  # working: its ETA moves with the clock, never kept
+    work(rt)
+    first = client.get(f"/r/{token}/status")
+    assert first.json["state"] == "done" and first.json["message"] == "All done."
+    assert views.known(token)
+    with statements(app) as seen:
+        again = client.get(f"/r/{token}/status")
+    assert len(seen) == 1 and seen[0].lstrip().startswith("SELECT records.id, records.owner")
+    assert again.data == first.data and again.headers["ETag"] == first.headers["ETag"]
+    assert app.test_client().get(f"/r/{token}/status").status_code == 404  # owner only
+    with rt.store.session() as s:
+        record = s.scalar(select(Record).where(Record.token == token))
+        lock_record(s, record.id).data = {**record.data, "name": "edited"}
+    edited = client.get(f"/r/{token}/status")
+    assert edited.json["record"]["name"] == "edited"
+    assert edited.headers["ETag"] != first.headers["ETag"]
+
+
+def test_an_answer_with_a_templated_message_is_built_each_time(app, client, rt):
+    token = token_of(submit(client, "demo", GOOD))
+    work(rt)
+    assert client.get(f"/r/{token}/status").json["state"] == "done"
+    assert not app.extensions["formrules.finished_views"].known(token)  # may call now()
+
+
+def test_a_poll_leaves_pooled_connections_as_it_found_them(app, client, rt):
+    """The poll's own connection runs in autocommit on PostgreSQL; the pool must hand
+    the next request a connection in the engine's default (transactional) mode."""
+    engine = rt.store.engine
+    with engine.connect() as conn:
+        default = conn.get_isolation_level()
+    token = token_of(submit(client, "demo", GOOD))
+    tag = client.get(f"/r/{token}/status").headers["ETag"]
+    assert client.get(f"/r/{token}/status", headers={"If-None-Match": tag}).status_code == 304
+    with engine.connect() as first, engine.connect() as second:
+        assert first.get_isolation_level() == second.get_isolation_level() == default

@@ -102,3 +102,23 @@ def test_a_snapshot_stored_when_batches_were_tasks_still_loads():
     node = Snapshot.load(stored).node("tasks/export")  # `response` is allowed there too
     assert node.path == "tasks/export" and node.title == "Export {{ record.note }}"
     assert node.do[0].path == "tasks/export/do/0"
+
+
+def test_retry_jitter_differs_between_forked_processes():
+    """Jitter comes from the module's generator (no reseeding per Run); a forked worker
+    child must still draw its own, or every child would retry in lockstep."""
+    import os
+
+    from formrules.language.tree import RetryPolicy
+    policy = RetryPolicy(attempts=6, backoff=(10_000,), jitter=0.5)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, repr(policy.intervals()).encode())
+        os._exit(0)
+    os.close(write)
+    theirs = os.read(read, 4096).decode()
+    os.waitpid(pid, 0)
+    ours = policy.intervals()
+    assert all(5_000 <= wait <= 15_000 for wait in ours)
+    assert repr(ours) != theirs

@@ -188,6 +188,25 @@ def test_sessions_end_when_idle_and_after_the_absolute_lifetime(app, rt):
             pytest.fail("a session outlived 14 days")
 
 
+def test_a_remembered_cookie_still_expires_and_a_tampered_copy_is_refused(app, client):
+    token = token_of(submit(client, "demo", DEMO))
+    cookie = client.get_cookie("session").value
+    assert client.get(f"/r/{token}/status").status_code == 200  # verified, remembered
+    payload, stamp, signature = cookie.rsplit(".", 2)
+    other = "B" if signature[0] == "A" else "A"  # the first character: no padding bits
+    for forged in (f"{payload}.{stamp}.{other}{signature[1:]}", f"{payload}x.{stamp}.{signature}"):
+        thief = app.test_client()
+        thief.set_cookie("session", forged)
+        assert thief.get(f"/r/{token}/status").status_code == 404
+    later = app.test_client()
+    later.set_cookie("session", cookie)
+    assert later.get(f"/r/{token}/status").status_code == 200
+    with time_machine.travel(utcnow() + timedelta(days=366), tick=False):
+        assert later.get(f"/r/{token}/status").status_code == 404  # past its year
+    app.secret_key = "rotated"  # a key no longer trusted: the remembered cookie is not
+    assert client.get(f"/r/{token}/status").status_code == 404
+
+
 def test_the_operator_role_is_read_from_the_database(app, rt, operator):
     assert "Operations" in operator.get("/").get_data(as_text=True)
     with rt.store.session() as s:

@@ -155,8 +155,10 @@ class RetryPolicy:
 
     def intervals(self, rng: random.Random | None = None) -> list[int]:
         """Seconds to wait before attempt 2, 3, …, with jitter applied (whole seconds)."""
-        rng = rng or random.Random()
-        return [max(0, round(base + rng.uniform(-base * self.jitter, base * self.jitter)))
+        # The module's generator, not a new one per call (seeding one reads os.urandom,
+        # on every Run a submit creates); Python reseeds it in every forked child.
+        uniform = rng.uniform if rng is not None else random.uniform
+        return [max(0, round(base + uniform(-base * self.jitter, base * self.jitter)))
                 for base in self.nominal_waits()]
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, exists, func, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, defer
 
 from formrules.language import sandbox
@@ -158,23 +160,75 @@ STATUS_ROWS = (
     .execution_options(populate_existing=True))
 
 
-def poll_tag(s: Session, token: str) -> tuple[int, str, str, str, bool] | None:
-    """(record id, owner, form id, change tag, form paused) for a record token, in one
-    statement.
+# A fresh poll (no ETag to revalidate): STATUS_ROWS by token, with the form's pause,
+# so the change tag and the view come from one statement and one snapshot.
+STATUS_BY_TOKEN = (
+    select(Record, Run, exists().where(ResultFile.run_id == Run.id),
+           exists().where(FormPause.form_id == Record.form_id))
+    .outerjoin(Run, (Run.record_id == Record.id) & Run.hidden.is_(False)
+               & (Run.owner == Record.owner))
+    .where(Record.token == bindparam("token"))
+    .order_by(Run.created_at, Run.node_path, Run.id)
+    .execution_options(populate_existing=True))
+
+
+@dataclass
+class Polled:
+    """What a status poll read first: enough to check the owner and answer 304, and for
+    `poll_status` also the record and its Runs (with whether each has files)."""
+
+    record_id: int
+    owner: str
+    form_id: str
+    tag: str  # changes whenever the status view can (see `poll_tag`)
+    paused: bool
+    record: Record | None = None
+    runs: list[tuple[Run, bool]] | None = None
+
+
+def _tag(version: int, updated: datetime | None, runs: int, last: datetime | None,
+         paused: bool) -> str:
+    return f"{version}:{updated.timestamp() if updated else ''}:{runs}:" \
+           f"{last.timestamp() if last else ''}:{int(bool(paused))}"
+
+
+def poll_tag(conn: Connection, token: str) -> Polled | None:
+    """The record's id, owner, form, change tag and pause for a token, in one statement.
 
     The tag changes whenever the status view can: every write to a record bumps its
     version (`lock_record`), and every write to a Run bumps its `updated_at` (files are
     added in a step that writes its Run too). An unchanged poll is answered from this
     alone; the tag is read before the view, so a view is never older than its tag.
     """
-    # Built once, run on the connection: no statement building or ORM work per poll.
-    row = s.connection().execute(POLL_TAG, {"token": token}).first()
+    # Built once, run on a connection: no statement building or ORM work per poll.
+    row = conn.execute(POLL_TAG, {"token": token}).first()
     if row is None:
         return None
     record_id, owner, form_id, version, updated, runs, last, paused = row
-    tag = f"{version}:{updated.timestamp() if updated else ''}:{runs}:" \
-          f"{last.timestamp() if last else ''}:{int(bool(paused))}"
-    return record_id, owner, form_id, tag, bool(paused)
+    return Polled(record_id, owner, form_id, _tag(version, updated, runs, last, paused),
+                  bool(paused))
+
+
+def poll_status(s: Session, token: str) -> Polled | None:
+    """`poll_tag` and the rows of the view together, in one statement: for a poll that
+    will be answered in full anyway (it has no ETag to revalidate)."""
+    rows = s.execute(STATUS_BY_TOKEN, {"token": token}).all()
+    if not rows:
+        return None
+    record, paused = rows[0][0], bool(rows[0][3])
+    runs = [(run, bool(files)) for _, run, files, _ in rows if run is not None]
+    last = max((r.updated_at for r, _ in runs if r.updated_at is not None), default=None)
+    return Polled(record.id, record.owner, record.form_id,
+                  _tag(record.version, record.updated_at, len(runs), last, paused), paused,
+                  record, runs)
+
+
+def polled_status(s: Session, polled: Polled, form: Form | None) -> dict[str, Any]:
+    """The status view for a poll: from its rows when `poll_status` read them."""
+    if polled.record is None:
+        return record_status(s, polled.record_id, form, owner=polled.owner,
+                             paused=polled.paused)
+    return _status(s, polled.record, polled.runs or [], form, utcnow(), polled.paused)
 
 
 def etag_for(tag: str, form: Form | None) -> str:
@@ -205,9 +259,14 @@ def record_status(s: Session, record: Record | int, form: Form | None,
     # its flag, so one snapshot never shows "done" with the flag still unset (a copy
     # loaded before the Runs could predate that commit).
     rows = s.execute(STATUS_ROWS, {"record_id": record_id, "owner": owner}).all()
-    record = rows[0][0]
-    runs = [run for _, run, _ in rows if run is not None]
-    files = files_by_run(s, [run for _, run, has_files in rows if has_files])
+    return _status(s, rows[0][0], [(run, bool(f)) for _, run, f in rows if run is not None],
+                   form, now, paused)
+
+
+def _status(s: Session, record: Record, rows: list[tuple[Run, bool]], form: Form | None,
+            now: datetime, paused: bool | None) -> dict[str, Any]:
+    runs = [run for run, _ in rows]
+    files = files_by_run(s, [run for run, has_files in rows if has_files])
     awaited = [r for r in runs if r.awaited in AWAITED]
     done = all(r.is_final for r in awaited)
     failed = any(r.status == RunStatus.DEAD for r in awaited)

@@ -22,8 +22,12 @@ HEADERS = {
 
 def add(response: Response) -> Response:
     """Set the headers unless a view chose its own."""
+    headers = response.headers
+    # One pass over what is set, not one per header (`setdefault` scans them all each time).
+    chosen = {name.lower() for name, _ in headers}
     for name, value in HEADERS.items():
-        response.headers.setdefault(name, value)
+        if name.lower() not in chosen:
+            headers.add(name, value)
     return response
 
 

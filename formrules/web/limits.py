@@ -42,6 +42,24 @@ def check(settings: Settings) -> None:
                 from None
 
 
+def _check_only(app: Flask, limiter: Limiter, blueprints: frozenset[str]) -> None:
+    """Run the limiter's before-request check only for `blueprints`.
+
+    That check is how blueprint limits apply; decorated views (the login) check in their
+    own wrapper. Every other request (a status poll every second or two per open page)
+    has no limit, yet the check resolves limits and exemptions for it each time.
+    """
+    hooks = app.before_request_funcs[None]
+    check = limiter._check_request_limit
+    index = hooks.index(check)  # ValueError: Flask-Limiter changed how it hooks in
+
+    def check_limited() -> None:
+        if request.blueprint in blueprints:
+            check()
+
+    hooks[index] = check_limited
+
+
 def install(app: Flask, settings: Settings) -> Limiter:
     """Rate-limit the login view and the API's token check on `app`."""
     check(settings)
@@ -61,6 +79,7 @@ def install(app: Flask, settings: Settings) -> Limiter:
     # Shared: one count for every API endpoint, not one per endpoint.
     limiter.shared_limit(settings.api_auth_limit, scope="api-auth",
                          deduct_when=_failed_login)(app.blueprints["api"])
+    _check_only(app, limiter, blueprints=frozenset({"api"}))
 
     @app.errorhandler(RateLimitExceeded)
     def too_many(exc: RateLimitExceeded):

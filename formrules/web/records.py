@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, abort, render_template, request
+from flask import Blueprint, Response, abort, current_app, render_template, request
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from formrules.language.fieldtypes import format_size, is_upload
-from formrules.runs.status import etag_for, poll_tag, record_status
+from formrules.runs.status import etag_for, poll_status, poll_tag, polled_status, record_status
 from formrules.store.models import Notification, Record, ResultFile, Run, utcnow
 from formrules.web.auth import is_operator
-from formrules.web.state import current_owner_or_none, db, rules
+from formrules.web.finished_views import FinishedViews
+from formrules.web.state import current_owner_or_none, db, reading, rules
 
 bp = Blueprint("records", __name__)
 
@@ -83,24 +85,42 @@ def part(token: str):
 def status_json(token: str):
     """`{"state", "done", "progress", "runs", …}`; 304 when nothing changed (ETag).
 
-    Polled every second or two by every open waiting page: an unchanged poll costs one
-    statement (`poll_tag`), a changed one builds the view and serialises it once.
+    Polled every second or two by every open waiting page: a revalidation reads the
+    change tag alone first (`poll_tag`: one statement, and all an unchanged poll costs);
+    a poll without an ETag reads the tag and the view in one statement (`poll_status`),
+    or, for finished work already answered, the tag alone (`finished_views`).
+    The JSON is serialised once.
     """
-    found = poll_tag(db(), token) if len(token) <= 64 else None
-    if found is None:
+    if len(token) > 64:
         abort(404)
-    record_id, record_owner, form_id, tag, paused = found
-    if record_owner != current_owner_or_none() and not record_owner.startswith("api:") \
-            and not is_operator():
-        abort(404)  # as `_record`: whether someone else's record exists is not ours to say
-    form = rules().form(form_id)
-    etag = etag_for(tag, form)
-    headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
-    if request.if_none_match.contains(etag):
-        return Response(status=304, headers=headers)
-    status = record_status(db(), record_id, form, owner=record_owner, paused=paused)
-    return Response(json.dumps(status, default=str), mimetype="application/json",
-                    headers=headers)
+    revalidating = bool(request.if_none_match)
+    views = _finished_views()
+    with reading() as conn, Session(bind=conn) as s:  # the session only if a view is read
+        found = poll_tag(conn, token) if revalidating or views.known(token) \
+            else poll_status(s, token)
+        if found is None:
+            abort(404)
+        if found.owner != current_owner_or_none() and not found.owner.startswith("api:") \
+                and not is_operator():
+            abort(404)  # as `_record`: whether someone else's record exists is not ours to say
+        form = rules().form(found.form_id)
+        etag = etag_for(found.tag, form)
+        headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
+        if revalidating and request.if_none_match.contains(etag):
+            return Response(status=304, headers=headers)
+        body = views.get(token, etag, form)
+        if body is None:
+            view = polled_status(s, found, form)
+            body = json.dumps(view, default=str)
+            views.keep(token, etag, form, view, body)
+    return Response(body, mimetype="application/json", headers=headers)
+
+
+def _finished_views() -> FinishedViews:
+    views = current_app.extensions.get("formrules.finished_views")
+    if views is None:
+        views = current_app.extensions["formrules.finished_views"] = FinishedViews()
+    return views
 
 
 @bp.get("/files/<file_id>")

@@ -15,7 +15,8 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from flask import Flask, g, request, session
-from flask.sessions import SecureCookieSessionInterface
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
+from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import delete, update
 
 from formrules.config import Settings
@@ -23,6 +24,11 @@ from formrules.store.models import RevokedSession, User, utcnow
 from formrules.web.state import db, rt
 
 SEEN_EVERY = 60  # seconds: refresh the idle clock (and so the cookie) at most this often
+# An unchanged long-lived cookie is re-signed and re-sent at most this often (seconds),
+# not on every request: its expiry then trails the last visit by a day at most.
+REFRESH_EVERY = 86400
+VERIFIED_MAX = 4096  # cookies whose signature was checked, remembered per app
+_SCALARS = (str, int, float, bool, type(None))
 
 
 def start(user: User) -> None:
@@ -82,9 +88,65 @@ def current_user() -> dict[str, User | None]:
     return {"current_user": g.get("user")}
 
 
+class CookieSession(SecureCookieSession):
+    """A session that knows when its cookie was signed (0: it had none)."""
+
+    signed_at: float = 0.0
+
+
 class SessionInterface(SecureCookieSessionInterface):
     """Signed cookies whose expiry follows the session: a year for the anonymous owner
-    cookie, the idle and absolute limits once logged in."""
+    cookie, the idle and absolute limits once logged in.
+
+    A waiting page polls with the same cookie every second or two, so checking its
+    signature again each time is waste: a cookie that verified once is remembered (its
+    exact text, under the keys that verified it) with its contents and signing time, and
+    its age is still checked on every request. Only sessions of plain values are
+    remembered, so no request can change a remembered one in place.
+    """
+
+    session_class = CookieSession
+
+    def __init__(self) -> None:
+        self._serializers: dict[tuple, URLSafeTimedSerializer] = {}
+        self._verified: dict[tuple[str, URLSafeTimedSerializer],
+                             tuple[int, dict]] = {}
+
+    def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
+        """Flask's serializer, built once per set of keys rather than per request."""
+        if not app.secret_key:
+            return None
+        keys = (app.secret_key, tuple(app.config["SECRET_KEY_FALLBACKS"] or ()))
+        found = self._serializers.get(keys)
+        if found is None:
+            found = self._serializers[keys] = super().get_signing_serializer(app)
+        return found
+
+    def open_session(self, app: Flask, request) -> CookieSession | None:
+        serializer = self.get_signing_serializer(app)
+        if serializer is None:
+            return None
+        value = request.cookies.get(self.get_cookie_name(app))
+        if not value:
+            return self.session_class()
+        max_age = int(app.permanent_session_lifetime.total_seconds())
+        known = self._verified.get((value, serializer))
+        if known is None:
+            try:
+                data, signed = serializer.loads(value, max_age=max_age, return_timestamp=True)
+            except BadSignature:  # expired ones too, as in Flask
+                return self.session_class()
+            known = (int(signed.timestamp()), data)
+            if isinstance(data, dict) and all(type(v) in _SCALARS for v in data.values()):
+                if len(self._verified) >= VERIFIED_MAX:
+                    self._verified.clear()
+                self._verified[(value, serializer)] = known
+        signed_at, data = known
+        if not 0 <= int(time.time()) - signed_at <= max_age:  # itsdangerous' age check
+            return self.session_class()
+        opened = self.session_class(data)  # a copy: the remembered dict stays as signed
+        opened.signed_at = signed_at
+        return opened
 
     def get_expiration_time(self, app: Flask, session) -> datetime | None:
         expires = super().get_expiration_time(app, session)
@@ -101,9 +163,12 @@ class SessionInterface(SecureCookieSessionInterface):
     quiet = frozenset({"records.status_json"})
 
     def should_set_cookie(self, app: Flask, session) -> bool:
-        if request.endpoint in self.quiet and not session.modified:
+        if session.modified:
+            return True
+        if request.endpoint in self.quiet:
             return False
-        return super().should_set_cookie(app, session)
+        return super().should_set_cookie(app, session) and \
+            time.time() - getattr(session, "signed_at", 0.0) >= REFRESH_EVERY
 
 
 def install(app: Flask) -> None:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from flask import current_app, g, session
+from sqlalchemy.engine import Connection
 
-from formrules.language.registry import RulesStatus, current_rules, rules_status
+from formrules.language.registry import RuleRegistry, RulesStatus
 from formrules.language.tree import RuleSet
 from formrules.process.runtime import Runtime
 
@@ -23,15 +26,21 @@ def rt() -> Runtime:
     return current_app.extensions["formrules"]
 
 
+def _registry() -> RuleRegistry:
+    # The app's registry, found once at start: `registry(dir)` resolves the path on every
+    # call, which costs a status poll more than the freshness check itself.
+    return current_app.extensions["formrules.rules"]
+
+
 def rules() -> RuleSet:
     """The rules now: files edited on disk show within a second, broken ones keep their
     last good version (`formrules.language.registry`)."""
-    return current_rules(rt().settings.rules_dir)
+    return _registry().rules()
 
 
 def rules_health() -> RulesStatus:
     """Which rule files are broken (for the operator banner and a readiness check)."""
-    return rules_status(rt().settings.rules_dir)
+    return _registry().status()
 
 
 def owner() -> str:
@@ -67,3 +76,20 @@ def discard_db() -> None:
             session.close()
         except Exception as exc:
             log.warning("closing the request's database session failed: %s", exc)
+
+
+@contextmanager
+def reading() -> Iterator[Connection]:
+    """A connection for a request that only reads (a status poll), apart from `db()`:
+    no ORM session to set up for a statement that needs none (`Session(bind=conn)` when
+    one does).
+
+    On PostgreSQL it runs in autocommit: no BEGIN before its first statement and no
+    ROLLBACK after the last, two round trips fewer; each statement still reads one
+    consistent snapshot. SQLite keeps the default (switching it costs more than it saves).
+    """
+    store = rt().store
+    with store.engine.connect() as conn:
+        if not store.is_sqlite:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn
