@@ -146,7 +146,7 @@ class Record(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     token: Mapped[str] = mapped_column(String(64), unique=True, default=new_token)
-    form_id: Mapped[str] = mapped_column(String(100), index=True)
+    form_id: Mapped[str] = mapped_column(String(100))
     owner: Mapped[str] = mapped_column(String(100), index=True)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     version: Mapped[int] = mapped_column(Integer, default=1)
@@ -184,8 +184,10 @@ class Run(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     record_id: Mapped[int | None] = mapped_column(ForeignKey("records.id", ondelete="CASCADE"),
                                                   index=True)
-    form_id: Mapped[str] = mapped_column(String(100), index=True)
-    owner: Mapped[str] = mapped_column(String(100), index=True)
+    # form_id and owner: searched through the composite indexes above (revision 0008
+    # dropped their single-column ones), which lead with them.
+    form_id: Mapped[str] = mapped_column(String(100))
+    owner: Mapped[str] = mapped_column(String(100))
     # background | delay | batch | schedule (migration 0004 renamed "task" to "batch")
     kind: Mapped[str] = mapped_column(String(20))
     node_path: Mapped[str] = mapped_column(String(300))
