@@ -38,10 +38,12 @@ CHILD = textwrap.dedent('''
     if mode == "jobs":
         for _ in range(3):
             say("B 60"); say("E")
-    if mode == "fat":
+    if mode == "fat":                     # a job that leaks
+        say("B 60")
         ballast = bytearray(80 * 1024 * 1024)
         for i in range(0, len(ballast), 4096):
             ballast[i] = 1
+        say("E")
     while True:
         time.sleep(0.05)
 ''')

@@ -10,9 +10,10 @@ starts the in-process worker as its child and
 - starts it again when it dies (a crash, the kernel's OOM killer), after a backoff that
   grows while it keeps dying and resets once it has run a minute;
 - replaces it, between jobs, after `max_jobs` jobs or once its memory passes
-  `max_memory` MiB (a leak in an action stays bounded);
-- kills it when a job outlives its hard time limit by `KILL_GRACE` seconds (RQ's alarm
-  cannot interrupt C code; the child reports each job's limit through a pipe);
+  `max_memory` MiB at the end of a job (a leak in an action stays bounded);
+- kills it, and what it started, when a job outlives its hard time limit by
+  `KILL_GRACE` seconds (RQ's alarm cannot interrupt C code; the child reports each
+  job's limit through a pipe);
 - passes a stop on (SIGTERM, SIGINT: warm, the job finishes; a second one: cold).
 
 A Run cut short by any of these is resumed from its last checkpoint by the reconciler
@@ -64,6 +65,8 @@ class Guard:
     def on_signal(self, signum: int, _frame) -> None:
         """Warm stop first, cold on a second signal (RQ's own rule), for the child."""
         self.stops += 1
+        if self.retiring and self.stops == 1:
+            return  # being replaced, it was told to stop warm already: a second would be cold
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGTERM)
 
@@ -76,7 +79,7 @@ class Guard:
             started = time.monotonic()
             code, ready = self.run_child()
             if self.stops or self.once:
-                return 0 if code in (0, -signal.SIGTERM) else code
+                return 0 if code in (0, -signal.SIGTERM) else exit_code(code)
             if not ready and code > 0:  # it gave up before working (bad settings, a
                 self.log(f"the worker could not start (exit code {code})")  # schema behind)
                 return code
@@ -104,6 +107,8 @@ class Guard:
         self.child = subprocess.Popen(self.command, env=env, pass_fds=(write_end,),
                                       start_new_session=True, preexec_fn=die_with_parent)
         os.close(write_end)
+        if self.stops:  # a stop came while it was being started: it has not seen it
+            self.child.send_signal(signal.SIGTERM)
         self.deadline, self.jobs, ready = None, 0, False
         buffer = b""
         try:
@@ -134,27 +139,44 @@ class Guard:
         elif kind == "E":
             self.deadline = None
             self.jobs += 1
-            if self.max_jobs and self.jobs >= self.max_jobs and not self.retiring:
+            if self.retiring:
+                pass
+            elif self.max_jobs and self.jobs >= self.max_jobs:
                 self.retire(f"after {self.jobs} jobs")
+            elif self.max_memory:  # between jobs: what a job leaked shows now
+                used = rss_mib(self.child.pid)
+                if used > self.max_memory:
+                    self.retire(f"at {used:.0f} MiB (limit {self.max_memory} MiB)")
         return kind == "R"
 
     def check(self) -> None:
-        """Kill a child stuck in a job past its limit; retire one using too much memory."""
+        """Kill a child stuck in a job past its limit, with what it started (its session)."""
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.log("a job outlived its time limit; killing the worker (its Run resumes "
                      "elsewhere from its last checkpoint)")
             self.deadline = None
-            self.child.kill()
-        elif self.max_memory and not self.retiring:
-            used = rss_mib(self.child.pid)
-            if used > self.max_memory:
-                self.retire(f"at {used:.0f} MiB (limit {self.max_memory} MiB)")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child.pid, signal.SIGKILL)
 
     def retire(self, why: str) -> None:
         """Ask the child to stop after its current job; a fresh one replaces it."""
         self.log(f"replacing the worker {why}")
         self.retiring = True
         self.child.send_signal(signal.SIGTERM)
+
+
+def exit_code(code: int) -> int:
+    """A child's return code as a shell would say it (killed by signal N: 128 + N)."""
+    return 128 - code if code < 0 else code
+
+
+def setting(name: str, default: float) -> float:
+    """A number from the environment; unset or empty: `default`."""
+    value = os.environ.get(name) or ""
+    try:
+        return float(value) if value.strip() else default
+    except ValueError:
+        sys.exit(f"formrules guard: {name}={value!r} is not a number")
 
 
 def rss_mib(pid: int) -> float:
@@ -203,9 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m formrules.process.guard [worker options]`: guard an in-process worker
     started with the same options."""
     args = list(sys.argv[1:] if argv is None else argv)
-    max_jobs = int(os.environ.get("FORMRULES_WORKER_MAX_JOBS", "0") or 0)
-    max_memory = int(os.environ.get("FORMRULES_WORKER_MAX_MEMORY", "1024") or 0)
-    grace = float(os.environ.get("FORMRULES_WORKER_KILL_GRACE", KILL_GRACE))
+    max_jobs = int(setting("FORMRULES_WORKER_MAX_JOBS", 0))
+    max_memory = int(setting("FORMRULES_WORKER_MAX_MEMORY", 1024))
+    grace = setting("FORMRULES_WORKER_KILL_GRACE", KILL_GRACE)
     command = [sys.executable, "-m", "formrules.process.worker", "--in-process", *args]
     try:
         code = Guard(command, max_jobs=max_jobs, max_memory=max_memory,

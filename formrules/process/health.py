@@ -1,13 +1,14 @@
 """A worker's /healthz and /metrics, served by a small child process beside it.
 
-`formrules worker --health-port 9101` starts it. It runs in its own (spawned) process
-for the reason the reconciler does: RQ forks a work-horse per job, and forking a process
-with a busy server thread can copy held locks. It dies with the worker (PR_SET_PDEATHSIG),
-so a dead worker's port stops answering. /healthz is 200 while the worker process lives
-and RQ lists a worker of that process in Redis (a registration expires when its heartbeat
-stops; the worker re-registers after riding out a Redis outage); /metrics sums the
-worker's processes (the process itself with its leader thread, and its work-horses) from
-its PROMETHEUS_MULTIPROC_DIR.
+`formrules worker --health-port 9101` starts it. It runs in its own (spawned) process:
+a `--fork` worker forks a work-horse per job, and forking a process with a busy server
+thread can copy held locks. It dies with the worker (PR_SET_PDEATHSIG), so a dead
+worker's port stops answering (the guard's next worker serves it again). /healthz is 200
+while the worker process lives and RQ lists a worker of that process in Redis (a
+registration expires when its heartbeat stops; the worker re-registers after riding out
+a Redis outage); /metrics sums the worker's processes (the worker with its leader
+thread, earlier workers of the same guard, `--fork` work-horses) from its
+PROMETHEUS_MULTIPROC_DIR.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ from formrules.language.tree import ActionNode, CallNode, DeferNode, ProgressNod
 from formrules.language.variables import form_title_of, run_info
 from formrules.process import runtime as runtime_mod
 from formrules.runs import control, lifecycle, notifications, observe, pause
-from formrules.runs.engine import Walker, call_action, call_of, new_run
+from formrules.runs.engine import Walker, call_action, call_of, new_run, writes_fields_only
 from formrules.runs.heartbeat import heartbeats
 from formrules.runs.slots import FULL, TAKEN, Slots
 from formrules.runs.snapshot import Snapshot
@@ -148,10 +148,18 @@ class Execution:
     # -- ownership ---------------------------------------------------------------------
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A transaction of this execution's, knowing what the claim read of the record."""
-        with self.store.session() as s:
-            s.info[KNOWN_RECORDS] = dict(self.facts)
-            yield s
+        """A transaction of this execution's, knowing what the claim read of the record.
+
+        Rolled back, it leaves the steps not saved yet (and the record as last written)
+        as they were before it: the next transaction saves them."""
+        kept = (list(self.unsaved_steps), dict(self.unsaved), dict(self.data), self.version)
+        try:
+            with self.store.session() as s:
+                s.info[KNOWN_RECORDS] = dict(self.facts)
+                yield s
+        except BaseException:
+            self.unsaved_steps, self.unsaved, self.data, self.version = kept
+            raise
 
     def claim(self) -> Run | None:
         """Take the Run if it is due and pending; wait out a slightly early start."""
@@ -390,6 +398,8 @@ class Execution:
                 self.data, self.version = claimed.data, claimed.version
                 self.snapshot = Snapshot.load(run.snapshot)
                 node = self.snapshot.node(run.node_path)
+                if not writes_fields_only(node):  # as this worker's actions say, not the job
+                    raise _NotAtOnce()
                 self.steps(run, node.do)  # fields only: kept for `save_unsaved`, no session
                 self.trace_unsaved(s, run)
                 ended = lifecycle.succeed(s, run.id, self.lease)
@@ -638,6 +648,7 @@ class RunWalker(Walker):
                         parent_id=run.id, inputs=ex.snapshot.inputs,
                         call=call_of(self.tree, scope))
         with ex.session() as s:
+            ex.trace_unsaved(s, run)  # the sets before it, traced before it
             # The owner as of now: a login may have adopted this Run meanwhile.
             owned = ex.checkpoint(s, run, node.path, f"started run {child.id}")
             ex.save_unsaved(s, owned)
@@ -678,6 +689,7 @@ class RunWalker(Walker):
         ex, run = self.ex, self.run
         path = node.path + CATCH
         with ex.session() as s:
+            ex.trace_unsaved(s, run)  # the sets before the failure, traced before the catch
             owned = ex.checkpoint(s, run, path, f"caught {error['step']}: {error['message']}")
             if owned.cancel_requested:  # a cancel asked for meanwhile wins: nothing caught
                 raise Cancelled()

@@ -1,7 +1,8 @@
 """Redis transport: putting Runs on RQ queues, and asking RQ about them.
 
-A Run's RQ job id is the Run id; the job's only argument is that id (JSON serializer), so
-`rq info`, `rq worker` and rq-dashboard see ordinary jobs. The database decides what
+A Run's RQ job id is the Run id; the job's argument is that id, with what its claim would
+otherwise read (`job_kwargs`; JSON serializer), so `rq info`, `rq worker` and
+rq-dashboard see ordinary jobs. The database decides what
 runs; RQ only carries it, so every call here may fail without losing work.
 
 What RQ does on its own, and how each is kept from doing harm here (through RQ's public
@@ -197,7 +198,8 @@ class Dispatcher:
             if not self._remove(run.id, state.status, run.queue):
                 return False  # it changed under us: another dispatcher or a worker has it
         queue = self.lane(run.queue)
-        kwargs = dict(job_id=run.id, timeout=self.job_timeout(run),
+        snapshot = Snapshot.load(run.snapshot)
+        kwargs = dict(job_id=run.id, timeout=self.job_timeout(snapshot),
                       description=f"{run.form_id} {run.node_path}: {run.title}"[:200],
                       meta={"run": run.id, "path": run.node_path})
         due = run.due_at if run.due_at.tzinfo else run.due_at.replace(tzinfo=UTC)
@@ -205,7 +207,7 @@ class Dispatcher:
             if due > datetime.now(UTC):
                 # `enqueue_at` ignores unique=True (RQ 2.12); `schedule_job` honours it.
                 job = queue.create_job(JOB_FUNCTION, args=(run.id,),
-                                       kwargs=self.job_kwargs(run),
+                                       kwargs=self.job_kwargs(run, snapshot),
                                        status=JobStatus.SCHEDULED, **kwargs)
                 # RQ scores it by the whole second: the next one (never early), then the
                 # exact time (`enqueue_due_scheduled` moves it to the millisecond).
@@ -215,25 +217,24 @@ class Dispatcher:
                                 {job.id: due.timestamp()}, xx=True)
             else:
                 job = queue.create_job(JOB_FUNCTION, args=(run.id,),
-                                       kwargs=self.job_kwargs(run), **kwargs)
+                                       kwargs=self.job_kwargs(run, snapshot), **kwargs)
                 queue.enqueue_job(job, at_front=state.exists, unique=True)
         except DuplicateJobError:
             return False  # another dispatcher won the race: one job is what we want
         return True
 
-    def job_timeout(self, run: Run) -> int:
+    def job_timeout(self, snapshot: Snapshot) -> int:
         """RQ's hard limit: the node's `timeout:` (or the default) plus a grace period."""
-        timeout = Snapshot.load(run.snapshot).timeout_seconds(self.default_timeout)
-        return int(timeout + GRACE_SECONDS)
+        return int(snapshot.timeout_seconds(self.default_timeout) + GRACE_SECONDS)
 
     @staticmethod
-    def job_kwargs(run: Run) -> dict[str, int | bool]:
+    def job_kwargs(run: Run, snapshot: Snapshot) -> dict[str, int | bool]:
         """What the job is told besides the Run id: its node's `concurrency:` (0: none),
         so a Run without a limit is not read before its claim, and whether its steps
         only write fields (`at_once`: claim, steps and end in one transaction)."""
         from formrules.runs.engine import writes_fields_only
         try:
-            node = Snapshot.load(run.snapshot).node(run.node_path)
+            node = snapshot.node(run.node_path)
         except RuleError:  # a snapshot this code cannot rebuild: the job finds out
             return {}
         return {"concurrency": node.concurrency or 0, "at_once": writes_fields_only(node)}

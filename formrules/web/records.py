@@ -19,7 +19,7 @@ from formrules.runs.status import etag_for, poll_status, poll_tag, polled_status
 from formrules.store.models import Notification, Record, ResultFile, Run, utcnow
 from formrules.web.auth import is_operator
 from formrules.web.finished_views import FinishedViews
-from formrules.web.state import current_owner_or_none, db, reading, rules
+from formrules.web.state import current_owner_or_none, db, discard_db, reading, rules
 
 bp = Blueprint("records", __name__)
 
@@ -95,6 +95,9 @@ def status_json(token: str):
         abort(404)
     revalidating = bool(request.if_none_match)
     views = _finished_views()
+    # The login check may have read through the request's session: its connection goes
+    # back to the pool first, so a poll never holds two.
+    discard_db()
     with reading() as conn, Session(bind=conn) as s:  # the session only if a view is read
         found = poll_tag(conn, token) if revalidating or views.known(token) \
             else poll_status(s, token)
