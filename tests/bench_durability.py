@@ -11,8 +11,8 @@ after Redis loses its data, and the resident memory of an idle worker (every pro
 
 It starts a private Redis and a SQLite database in a temporary folder, submits N Runs of
 three checkpointed steps (the outbox path the web uses), runs W real worker processes,
-and every few seconds SIGKILLs a random worker (preferring a busy one: work-horse and
-reconciler die with it) and starts a replacement. When every Run is finished (or a limit
+and every few seconds SIGKILLs a random worker (preferring a busy one: its guard, the
+worker running the job and its leader thread die together) and starts a replacement. When every Run is finished (or a limit
 passes) it prints: runs, kills, lost Runs, duplicated steps and recovery times (kill →
 the interrupted Run claimed again by another worker). Figures vary with the machine.
 """
@@ -119,10 +119,10 @@ def bench(rt: Runtime, env: dict[str, str], args: argparse.Namespace,
     try:
         while len(kills) < args.kills and unfinished(rt):
             time.sleep(rng.uniform(2.0, 5.0))
-            busy = current_jobs(rt)
-            candidates = [w for w in workers if w.process.pid in busy] or workers
+            busy = current_jobs(rt)  # by the pid of the process running jobs: the guard's child
+            candidates = [w for w in workers if w.child() in busy] or workers
             victim = rng.choice(candidates)
-            running = busy.get(victim.process.pid)
+            running = busy.get(victim.child())
             victim.kill()
             kills.append((utcnow().timestamp(), running))
             victim.stop()
@@ -224,22 +224,23 @@ def figures(rt: Runtime, total: int, kills: list[tuple[float, str | None]],
         events = list(s.execute(select(RunEvent.run_id, RunEvent.path, RunEvent.event,
                                        RunEvent.at).order_by(RunEvent.id)))
     executions = Counter(line.split()[1] for line in read_calls(rt.settings.instance_dir))
-    starts, dones = Counter(), Counter()
+    dones = Counter()
     claims: dict[str, list[float]] = {}
     recovered: dict[str, list[float]] = {}
     for run_id, path, event, at in events:
-        if path and event in ("start", "done"):
-            (starts if event == "start" else dones)[f"{run_id}:{path}"] += 1
+        if path and event == "checkpoint":
+            dones[f"{run_id}:{path}"] += 1
         elif not path and event == "start":
             claims.setdefault(run_id, []).append(at.timestamp())
         elif event == "recover":
             recovered.setdefault(run_id, []).append(at.timestamp())
     recoveries = sum(len(times) for times in recovered.values())
-    # A step may run again only if an execution of it was cut off (started, never done).
+    # A step may run again only if an execution of it was cut off by a kill (it ran, its
+    # checkpoint never came): at most one step per kill. More re-runs than that, or a step
+    # checkpointed twice, would be a completed step run again.
     rerun = sum(n - 1 for n in executions.values() if n > 1)
-    duplicated = sum(max(0, n - 1 - (starts[key] - dones[key]))
-                     for key, n in executions.items())
-    duplicated += sum(n - 1 for n in dones.values() if n > 1)  # a step checkpointed twice
+    duplicated = max(0, rerun - len(kills))
+    duplicated += sum(n - 1 for n in dones.values() if n > 1)
     requeued, resumed = [], []
     for killed_at, run_id in kills:
         for found, into in ((recovered, requeued), (claims, resumed)):

@@ -125,6 +125,7 @@ def main() -> None:
 
     from formrules.config import from_env
     from formrules.process.redis_server import RedisServer, free_port
+    from formrules.store.db import Store
     from formrules.web import create_app
 
     tmp = Path(tempfile.mkdtemp(prefix="formrules-bench-"))
@@ -136,6 +137,7 @@ def main() -> None:
     env = {**os.environ, "REDIS_URL": redis.url, "FORMRULES_RULES": str(rules),
            "FORMRULES_INSTANCE": str(tmp / "instance"), "SECRET_KEY": "bench"}
     settings = from_env(env)
+    Store(settings.sqlalchemy_url).upgrade()  # a fresh database: the app refuses an empty one
     app = create_app(settings=settings)
     port = free_port()
     server = make_server("127.0.0.1", port, app, threaded=True)
