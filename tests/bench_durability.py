@@ -12,9 +12,10 @@ after Redis loses its data, and the resident memory of an idle worker (every pro
 It starts a private Redis and a SQLite database in a temporary folder, submits N Runs of
 three checkpointed steps (the outbox path the web uses), runs W real worker processes,
 and every few seconds SIGKILLs a random worker (preferring a busy one: its guard, the
-worker running the job and its leader thread die together) and starts a replacement. When every Run is finished (or a limit
-passes) it prints: runs, kills, lost Runs, duplicated steps and recovery times (kill →
-the interrupted Run claimed again by another worker). Figures vary with the machine.
+worker running the job and its leader thread die together) and starts a replacement.
+When every Run is finished (or a limit passes) it prints: runs, kills, lost Runs,
+duplicated steps and recovery times (kill → the interrupted Run claimed again by another
+worker). Figures vary with the machine.
 """
 
 from __future__ import annotations
