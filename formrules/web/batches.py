@@ -131,10 +131,16 @@ def cancel(batch_id: str):
 @operator_required
 def download(batch_id: str):
     """Every child's result files in one zip."""
-    item = _batch(batch_id)
+    return results_response(_batch(batch_id))
+
+
+def results_response(item: Batch) -> Response:
+    """A batch's result files in one zip download (404 when it has none yet); for the
+    operator's page and the owner's alike, each checking who may ask first."""
     data, count = batches.results_zip(db(), item)
     if not count:
         abort(404)
     filename = f"{item.form_id}-{item.name}-{item.id[:8]}.zip"
     return Response(data, mimetype="application/zip", headers={
-        "Content-Disposition": f'attachment; filename="{filename}"'})
+        "Content-Disposition": f'attachment; filename="{filename}"',
+        "Cache-Control": "private, no-store"})

@@ -30,6 +30,7 @@ from formrules.language.values import typed_record
 from formrules.runs import batch as batches
 from formrules.runs.status import run_view
 from formrules.store.models import Batch, Notification, Record, Run, utcnow
+from formrules.web.batches import results_response
 from formrules.web.state import current_owner_or_none, db, rt, rules
 
 bp = Blueprint("my_batches", __name__, url_prefix="/tasks/batches")
@@ -185,11 +186,4 @@ def cancel(batch_id: str):
 @bp.get("/<batch_id>/results.zip")
 def download(batch_id: str):
     """Every item's result files in one zip, for the batch's owner only."""
-    item = _own_batch(batch_id)
-    data, count = batches.results_zip(db(), item)
-    if not count:
-        abort(404)
-    filename = f"{item.form_id}-{item.name}-{item.id[:8]}.zip"
-    return Response(data, mimetype="application/zip", headers={
-        "Content-Disposition": f'attachment; filename="{filename}"',
-        "X-Content-Type-Options": "nosniff", "Cache-Control": "private, no-store"})
+    return results_response(_own_batch(batch_id))
