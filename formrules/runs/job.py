@@ -178,9 +178,7 @@ class Execution:
                     self.done_paths = {path for path, _ in done}
                     self.caught = {path: detail or "" for path, detail in done
                                    if path.endswith(CATCH)}
-                    self.data, self.version = claimed.data, claimed.version
-                    self.facts = dict(s.info.get(KNOWN_RECORDS, {}))
-                    return run
+                    return self.adopt(s, claimed)
                 run = s.get(Run, self.run_id)
                 if run is None:
                     log.warning("run %s: no such run", self.run_id)
@@ -196,6 +194,12 @@ class Execution:
                 if wait > EARLY_WAIT_LIMIT:
                     return None  # the reconciler re-dispatches it when due
             time.sleep(max(0.01, wait))
+
+    def adopt(self, s: Session, claimed: lifecycle.Claimed) -> Run:
+        """Take on what the claim read: the record as of then, and its facts."""
+        self.data, self.version = claimed.data, claimed.version
+        self.facts = dict(s.info.get(KNOWN_RECORDS, {}))
+        return claimed.run
 
     def read_record(self, s: Session, run: Run) -> dict[str, Any]:
         """The record's data in `s`'s transaction ({} for a Run without a record); notes
@@ -393,9 +397,7 @@ class Execution:
                 claimed = lifecycle.claim(s, self.run_id, self.lease, now)
                 if claimed is None or claimed.run.started_at != now:
                     raise _NotAtOnce()
-                run = claimed.run
-                self.facts = dict(s.info.get(KNOWN_RECORDS, {}))
-                self.data, self.version = claimed.data, claimed.version
+                run = self.adopt(s, claimed)
                 self.snapshot = Snapshot.load(run.snapshot)
                 node = self.snapshot.node(run.node_path)
                 if not writes_fields_only(node):  # as this worker's actions say, not the job

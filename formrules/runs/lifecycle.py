@@ -137,6 +137,19 @@ def move(s: Session, t: Transition, where: Iterable[Any], *,
     timestamps and notices written in the same transaction.
     """
     now = now or utcnow()
+    statement = _update(t, where, now, target, **values)
+    moved = list(s.scalars(statement.returning(Run).execution_options(**_FRESH)))
+    return _moved(s, t, moved, detail=detail, path=path, now=now)
+
+
+_FRESH = dict(synchronize_session=False, populate_existing=True)
+
+
+def _update(t: Transition, where: Iterable[Any], now: Any, target: RunStatus | None = None,
+            **values: Any) -> Any:
+    """The guarded UPDATE of transition `t` (`now`: a time, or a bound parameter for a
+    statement built once): its from-states, its target, and what ending or releasing
+    the lease writes."""
     target = target or t.target
     if target is not None:
         values["status"] = target.value
@@ -145,12 +158,7 @@ def move(s: Session, t: Transition, where: Iterable[Any], *,
     if t.releases:
         values["lease"] = None
     values.setdefault("updated_at", now)
-    statement = update(Run).where(Run.status.in_(sorted(t.sources)), *where).values(**values)
-    moved = list(s.scalars(statement.returning(Run).execution_options(**_FRESH)))
-    return _moved(s, t, moved, detail=detail, path=path, now=now)
-
-
-_FRESH = dict(synchronize_session=False, populate_existing=True)
+    return update(Run).where(Run.status.in_(sorted(t.sources)), *where).values(**values)
 
 
 def _moved(s: Session, t: Transition, moved: list[Run], *,
@@ -189,13 +197,10 @@ def _moved(s: Session, t: Transition, moved: list[Run], *,
 def _claim_statement() -> Any:
     from formrules.runs.pause import not_paused
     now = bindparam("p_now")
-    return (update(Run)
-            .where(Run.status.in_(sorted(PENDING)), Run.id == bindparam("p_run"),
-                   Run.due_at <= now, Run.cancel_requested.is_(False), not_paused())
-            .values(status=RunStatus.RUNNING.value, lease=bindparam("p_lease"),
-                    heartbeat_at=now, attempt=Run.attempt + 1,
-                    started_at=func.coalesce(Run.started_at, now), waiting_for=None,
-                    updated_at=now)
+    return (_update(CLAIM, [Run.id == bindparam("p_run"), Run.due_at <= now,
+                            Run.cancel_requested.is_(False), not_paused()], now,
+                    lease=bindparam("p_lease"), heartbeat_at=now, attempt=Run.attempt + 1,
+                    started_at=func.coalesce(Run.started_at, now), waiting_for=None)
             # The record's facts in the same statement (subqueries of its RETURNING): the
             # notices and the execution's later transactions need not ask again.
             .returning(Run, *_RECORD_FACTS).execution_options(**_FRESH))
@@ -205,11 +210,9 @@ def _claim_statement() -> Any:
 def _succeed_statement() -> Any:
     now = bindparam("p_now")
     full = case((Run.progress_total <= 0, 1), else_=Run.progress_total)
-    return (update(Run)
-            .where(Run.status.in_(sorted(RUNNING)), Run.id == bindparam("p_run"),
-                   Run.lease == bindparam("p_lease"), Run.cancel_requested.is_(False))
-            .values(status=RunStatus.DONE.value, finished_at=now, lease=None,
-                    updated_at=now, progress_total=full, progress_done=full)
+    return (_update(SUCCEED, [Run.id == bindparam("p_run"), Run.lease == bindparam("p_lease"),
+                              Run.cancel_requested.is_(False)], now,
+                    progress_total=full, progress_done=full)
             .returning(Run).execution_options(**_FRESH))
 
 
