@@ -154,10 +154,10 @@ class WorkerProcess:
     def runner(self) -> int | None:
         """The process executing the current job: RQ's work-horse for `--fork` (the
         child in a process group of its own), else the in-process worker."""
-        if "--fork" not in self.args:
-            return self.child() if "--simple" not in self.args else self.process.pid
-        return next((pid for pid, (ppid, group) in processes().items()
-                     if ppid == self.process.pid and group == pid), None)
+        if "--fork" in self.args:
+            return next((pid for pid, (ppid, group) in processes().items()
+                         if ppid == self.process.pid and group == pid), None)
+        return self.process.pid if "--simple" in self.args else self.child()
 
     def kill(self) -> None:
         """SIGKILL the worker and everything it started (work-horse included)."""
