@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -122,11 +120,8 @@ def test_closing_the_terminal_stops_everything_in_order_without_tracebacks(tmp_p
         wait_until(serving, timeout=60, interval=0.2)
         tree = set(descendants(process.pid))
         def worker_up():  # the worker process is running before the hangup
-            lines = []
-            for pid in descendants(process.pid):
-                with contextlib.suppress(OSError):  # it may end while we look
-                    lines.append(Path(f"/proc/{pid}/cmdline").read_bytes())
-            return any(b"formrules.process.worker" in line for line in lines)
+            return any(b"formrules.process.worker" in cmdline(pid)
+                       for pid in descendants(process.pid))
 
         wait_until(worker_up, timeout=60)
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import alive, descendants, wait_until
+from tests.helpers import alive, cmdline, wait_until
 from tests.web_helpers import workers_alive
 
 pytestmark = pytest.mark.integration  # real processes
@@ -150,16 +150,11 @@ def test_the_default_worker_is_a_guard_with_an_in_process_child(rt, subprocess_e
     """A real default worker: its child is SIGKILLed, a new one takes over by itself."""
     from tests.helpers import WorkerProcess
     with WorkerProcess(subprocess_env) as worker:
-        def child():
-            found = [p for p in descendants(worker.process.pid)
-                     if b"--in-process" in Path(f"/proc/{p}/cmdline").read_bytes()]
-            return found[0] if found else None
         wait_until(lambda: workers_alive(rt.settings.redis_url) >= 1, 60)
-        first = wait_until(child, 10)
-        assert b"formrules.process.guard" in Path(
-            f"/proc/{worker.process.pid}/cmdline").read_bytes()
+        first = wait_until(worker.child, 10)
+        assert b"formrules.process.guard" in cmdline(worker.process.pid)
         os.kill(first, signal.SIGKILL)
-        second = wait_until(lambda: (c := child()) not in (None, first) and c, 30)
+        second = wait_until(lambda: (c := worker.child()) not in (None, first) and c, 30)
         from redis import Redis
         from rq import Worker
         redis = Redis.from_url(rt.settings.redis_url)

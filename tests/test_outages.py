@@ -19,7 +19,6 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -32,6 +31,7 @@ from tests.helpers import (
     ROOT,
     WorkerProcess,
     alive,
+    cmdline,
     descendants,
     events_of,
     finishes,
@@ -239,17 +239,10 @@ def test_delay_is_on_time_after_the_leader_is_killed(on_own_redis):
     assert names(rt) == Counter(later=1)
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return b""
-
-
 def _child(process, needle: bytes) -> int | None:
     """A live descendant of `process` whose command line holds `needle`."""
     return next((p for p in descendants(process.pid)
-                 if needle in _cmdline(p) and alive(p)), None)
+                 if needle in cmdline(p).replace(b"\0", b" ") and alive(p)), None)
 
 
 @pytest.mark.slow
