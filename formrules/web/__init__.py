@@ -100,6 +100,7 @@ def create_app(test_config: dict[str, Any] | None = None,
         my_batches,
         ops,
         records,
+        revalidate,
         sessions,
         tasks,
         updates,
@@ -113,6 +114,7 @@ def create_app(test_config: dict[str, Any] | None = None,
     sessions.install(app)
     headers.install(app)
     limits.install(app, settings)
+    revalidate.install(app)
     # Every request's session is closed here, whichever blueprint served it.
     app.teardown_request(lambda _exc: discard_db())
 

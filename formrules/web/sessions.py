@@ -129,24 +129,36 @@ class SessionInterface(SecureCookieSessionInterface):
         value = request.cookies.get(self.get_cookie_name(app))
         if not value:
             return self.session_class()
+        known = self.verified(app, value, serializer)
+        if known is None:
+            return self.session_class()
+        signed_at, data = known
+        opened = self.session_class(data)  # a copy: the remembered dict stays as signed
+        opened.signed_at = signed_at
+        return opened
+
+    def verified(self, app: Flask, value: str,
+                 serializer: URLSafeTimedSerializer | None = None) -> tuple[int, dict] | None:
+        """A cookie's signing time and contents if it is genuine and unexpired, else None.
+        The contents are the remembered ones: read them, never change them."""
+        serializer = serializer or self.get_signing_serializer(app)
+        if serializer is None:
+            return None
         max_age = int(app.permanent_session_lifetime.total_seconds())
         known = self._verified.get((value, serializer))
         if known is None:
             try:
                 data, signed = serializer.loads(value, max_age=max_age, return_timestamp=True)
             except BadSignature:  # expired ones too, as in Flask
-                return self.session_class()
+                return None
             known = (int(signed.timestamp()), data)
             if isinstance(data, dict) and all(type(v) in _SCALARS for v in data.values()):
                 if len(self._verified) >= VERIFIED_MAX:
                     self._verified.clear()
                 self._verified[(value, serializer)] = known
-        signed_at, data = known
-        if not 0 <= int(time.time()) - signed_at <= max_age:  # itsdangerous' age check
-            return self.session_class()
-        opened = self.session_class(data)  # a copy: the remembered dict stays as signed
-        opened.signed_at = signed_at
-        return opened
+        if not 0 <= int(time.time()) - known[0] <= max_age:  # itsdangerous' age check
+            return None
+        return known
 
     def get_expiration_time(self, app: Flask, session) -> datetime | None:
         expires = super().get_expiration_time(app, session)

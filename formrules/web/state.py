@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 from formrules.language.registry import RuleRegistry, RulesStatus
 from formrules.language.tree import RuleSet
 from formrules.process.runtime import Runtime
+from formrules.store.db import Store
 
 log = logging.getLogger("formrules.web")
 
@@ -79,7 +80,7 @@ def discard_db() -> None:
 
 
 @contextmanager
-def reading() -> Iterator[Connection]:
+def reading(store: Store | None = None) -> Iterator[Connection]:
     """A connection for a request that only reads (a status poll), apart from `db()`:
     no ORM session to set up for a statement that needs none (`Session(bind=conn)` when
     one does).
@@ -88,7 +89,7 @@ def reading() -> Iterator[Connection]:
     ROLLBACK after the last, two round trips fewer; each statement still reads one
     consistent snapshot. SQLite keeps the default (switching it costs more than it saves).
     """
-    store = rt().store
+    store = store or rt().store
     with store.engine.connect() as conn:
         if not store.is_sqlite:
             conn.execution_options(isolation_level="AUTOCOMMIT")

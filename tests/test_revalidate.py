@@ -1,0 +1,117 @@
+"""Unchanged status polls answered below Flask (`formrules.web.revalidate`): the same
+answer the view gives, and the view for everything the middleware cannot decide alone."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+from flask import request_started
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from formrules.store.models import Run
+from formrules.web import revalidate
+from tests.helpers import submit, token_of
+
+GOOD = {"name": "Ann", "email": "ann@example.com", "count": "3"}
+
+
+@contextmanager
+def views(app):
+    """The requests that reached Flask's dispatch (not answered by the middleware)."""
+    seen: list[str] = []
+
+    def note(sender, **extra):
+        from flask import request
+        seen.append(request.path)
+
+    request_started.connect(note, app)
+    try:
+        yield seen
+    finally:
+        request_started.disconnect(note, app)
+
+
+def polled(client, token: str) -> str:
+    first = client.get(f"/r/{token}/status")
+    assert first.status_code == 200
+    return first.headers["ETag"]
+
+
+def test_an_unchanged_anonymous_poll_is_answered_below_flask_as_the_view_would(
+        app, client, monkeypatch):
+    token = token_of(submit(client, "demo", GOOD))
+    etag = polled(client, token)
+    with views(app) as seen:
+        fast = client.get(f"/r/{token}/status", headers={"If-None-Match": etag})
+    assert fast.status_code == 304 and seen == [] and fast.data == b""
+    monkeypatch.setattr(revalidate.RevalidatedPolls, "unchanged", lambda *a: None)
+    with views(app) as seen:
+        slow = client.get(f"/r/{token}/status", headers={"If-None-Match": etag})
+    assert slow.status_code == 304 and seen == [f"/r/{token}/status"]
+    assert sorted(fast.headers.items()) == sorted(slow.headers.items())
+    assert "Set-Cookie" not in fast.headers
+
+
+def test_a_changed_status_goes_to_the_view(app, client, rt):
+    token = token_of(submit(client, "demo", GOOD))
+    etag = polled(client, token)
+    with rt.store.session() as s:
+        s.scalar(select(Run)).progress_message = "halfway"
+    with views(app) as seen:
+        moved = client.get(f"/r/{token}/status", headers={"If-None-Match": etag})
+    assert moved.status_code == 200 and moved.json["runs"][0]["message"] == "halfway"
+    assert seen and moved.headers["ETag"] != etag
+
+
+@pytest.mark.parametrize("who", ["stranger", "tampered", "none"])
+def test_someone_elses_poll_with_the_right_etag_is_404(app, client, who):
+    token = token_of(submit(client, "demo", GOOD))
+    etag = polled(client, token)
+    other = app.test_client()
+    if who == "stranger":
+        submit(other, "demo", GOOD)  # a cookie of its own
+    elif who == "tampered":
+        value = client.get_cookie("session").value
+        other.set_cookie("session", value[:-2] + ("AA" if value[-2:] != "AA" else "BB"))
+    with views(app) as seen:
+        answer = other.get(f"/r/{token}/status", headers={"If-None-Match": etag})
+    assert answer.status_code == 404 and seen
+
+
+def test_a_logged_in_browser_is_checked_by_the_view(app, operator, client):
+    """Its session may have been revoked: only the view reads that from the database."""
+    token = token_of(submit(client, "demo", GOOD))
+    etag = polled(operator, token)
+    with views(app) as seen:
+        assert operator.get(f"/r/{token}/status",
+                            headers={"If-None-Match": etag}).status_code == 304
+    assert seen == [f"/r/{token}/status"]
+
+
+def test_odd_tokens_and_methods_go_to_the_view(app, client):
+    token = token_of(submit(client, "demo", GOOD))
+    etag = polled(client, token)
+    with views(app) as seen:
+        assert client.get("/r/" + "a" * 65 + "/status",
+                          headers={"If-None-Match": etag}).status_code == 404
+        assert client.get(f"/r/{token}%2E/status",
+                          headers={"If-None-Match": etag}).status_code == 404
+        assert client.head(f"/r/{token}/status",
+                           headers={"If-None-Match": etag}).status_code == 304
+    assert len(seen) == 3
+
+
+def test_a_database_error_leaves_the_answer_to_the_view(app, client, monkeypatch, caplog):
+    token = token_of(submit(client, "demo", GOOD))
+    etag = polled(client, token)
+
+    def broken(conn, token):
+        raise OperationalError("SELECT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(revalidate, "poll_tag", broken)
+    with views(app) as seen:
+        answer = client.get(f"/r/{token}/status", headers={"If-None-Match": etag})
+    assert answer.status_code == 304 and seen
+    assert "the view answers" in caplog.text
