@@ -8,6 +8,7 @@ fails, the error page still renders (the error handler never trips over the dead
 from __future__ import annotations
 
 import random
+import select as select_module
 import threading
 import uuid
 
@@ -166,3 +167,45 @@ def test_no_500s_while_a_killer_loop_cuts_connections(app, rt, admin_db, app_nam
     assert sum(kills) > 0
     assert 500 not in statuses, statuses
     assert admin_db.execute(select(func.count()).select_from(Record)).scalar_one() == submitted
+
+
+def pings(rt, monkeypatch) -> list[int]:
+    """Count the pool's pings of this store's connections."""
+    dialect, seen = rt.store.engine.dialect, []
+    real = dialect.do_ping
+
+    def counted(dbapi_connection):
+        seen.append(1)
+        return real(dbapi_connection)
+
+    monkeypatch.setattr(dialect, "do_ping", counted)
+    return seen
+
+
+def test_a_connection_returned_a_moment_ago_is_not_pinged(rt, monkeypatch):
+    seen = pings(rt, monkeypatch)
+    for _ in range(5):
+        with rt.store.session() as s:
+            assert s.scalar(select(func.count()).select_from(Record)) == 0
+    assert seen == []
+    monkeypatch.setattr("formrules.store.db.PING_AFTER_IDLE", 0.0)  # all of them idle now
+    with rt.store.session() as s:
+        s.scalar(select(func.count()).select_from(Record))
+    assert seen == [1]
+
+
+def test_a_connection_terminated_while_pooled_is_replaced_before_use(rt, admin_db, app_name,
+                                                                     monkeypatch):
+    """Within the no-ping window too: the server's notice on its socket gives it away."""
+    monkeypatch.setattr("formrules.store.db.PING_AFTER_IDLE", 600.0)  # never idle enough
+    seen = pings(rt, monkeypatch)
+    with rt.store.session() as s:
+        s.scalar(select(func.count()).select_from(Record))
+    (pooled,) = list(rt.store.engine.pool._pool.queue)
+    assert kill_backends(admin_db, app_name) == 1
+    poller = select_module.poll()
+    poller.register(pooled.dbapi_connection.fileno(), select_module.POLLIN)
+    assert poller.poll(5000), "the terminated backend's notice never arrived"
+    with rt.store.session() as s:  # no error: the pool pinged it, and took a fresh one
+        assert s.scalar(select(func.count()).select_from(Record)) == 0
+    assert seen == [1]

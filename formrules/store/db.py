@@ -6,6 +6,8 @@ share the file; PostgreSQL is used when DATABASE_URL names it.
 
 from __future__ import annotations
 
+import select
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -14,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, create_engine, event, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from formrules.store import migrate
@@ -33,7 +36,8 @@ class Store:
             self.engine: Engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True)
+            self.engine = create_engine(url)
+            _ping_when_idle(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def upgrade(self) -> tuple[str | None, str]:
@@ -71,6 +75,52 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+# A pooled connection is pinged before use only when it sat in the pool this long (as
+# HikariCP's "alive bypass window"), or when the server has written to it while it sat
+# there (a backend that is terminated sends a notice, then closes: seen without a round
+# trip). A busy process mostly takes back connections it returned a moment ago, and a
+# ping on every checkout (`pool_pre_ping`) is a round trip more than a status poll's one
+# statement. A connection that dies silently within the window fails its first statement
+# as invalidated; the pool then drops every connection older than it, and the caller's
+# retry takes a fresh one (a web request runs once more, a job is retried).
+PING_AFTER_IDLE = 1.0  # seconds
+_RETURNED = "formrules.returned_at"
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "connect")
+    def connected(dbapi_connection, record) -> None:
+        record.info[_RETURNED] = time.monotonic()  # new: alive, nothing to ask
+
+    @event.listens_for(engine, "checkin")
+    def returned(dbapi_connection, record) -> None:
+        if dbapi_connection is not None:  # None: it was invalidated
+            record.info[_RETURNED] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def ping(dbapi_connection, record, proxy) -> None:
+        if time.monotonic() - record.info.get(_RETURNED, 0.0) < PING_AFTER_IDLE \
+                and not _server_wrote(dbapi_connection):
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the pool replaces it, and tries again
+            raise DisconnectionError(f"a pooled connection failed its ping: {exc}") from exc
+
+
+def _server_wrote(dbapi_connection: Any) -> bool:
+    """Is there something to read on an idle connection's socket (a termination notice,
+    or its end)? True when that cannot be told: then it is pinged."""
+    try:
+        poller = select.poll()
+        poller.register(dbapi_connection.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
 
 
 KNOWN_RECORDS = "formrules.known_records"  # Session.info: facts of records read already
