@@ -182,22 +182,33 @@ def pings(rt, monkeypatch) -> list[int]:
     return seen
 
 
-def test_a_connection_returned_a_moment_ago_is_not_pinged(rt, monkeypatch):
+def test_the_web_app_pings_a_connection_only_after_it_sat_idle(rt, monkeypatch):
+    assert rt.store.ping_after_idle > 0  # the web app's store (workers ping always)
+    rt.store.ping_after_idle = 600.0  # this test's clock: "a moment ago" is within it
     seen = pings(rt, monkeypatch)
     for _ in range(5):
         with rt.store.session() as s:
             assert s.scalar(select(func.count()).select_from(Record)) == 0
     assert seen == []
-    monkeypatch.setattr("formrules.store.db.PING_AFTER_IDLE", 0.0)  # all of them idle now
+    rt.store.ping_after_idle = 1e-9  # every pooled one has sat idle longer now
     with rt.store.session() as s:
         s.scalar(select(func.count()).select_from(Record))
     assert seen == [1]
 
 
+def test_a_worker_store_pings_on_every_checkout(pg_url):
+    from formrules.store.db import Store
+    store = Store(pg_url)
+    try:
+        assert store.ping_after_idle == 0 and store.engine.pool._pre_ping
+    finally:
+        store.dispose()
+
+
 def test_a_connection_terminated_while_pooled_is_replaced_before_use(rt, admin_db, app_name,
                                                                      monkeypatch):
     """Within the no-ping window too: the server's notice on its socket gives it away."""
-    monkeypatch.setattr("formrules.store.db.PING_AFTER_IDLE", 600.0)  # never idle enough
+    rt.store.ping_after_idle = 600.0  # never idle enough: only the socket can tell
     seen = pings(rt, monkeypatch)
     with rt.store.session() as s:
         s.scalar(select(func.count()).select_from(Record))

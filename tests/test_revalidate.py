@@ -3,9 +3,12 @@ answer the view gives, and the view for everything the middleware cannot decide 
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 
 import pytest
+import time_machine
 from flask import request_started
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
@@ -111,7 +114,27 @@ def test_a_database_error_leaves_the_answer_to_the_view(app, client, monkeypatch
         raise OperationalError("SELECT", {}, Exception("server closed the connection"))
 
     monkeypatch.setattr(revalidate, "poll_tag", broken)
+    caplog.set_level(logging.DEBUG, "formrules.web")
     with views(app) as seen:
         answer = client.get(f"/r/{token}/status", headers={"If-None-Match": etag})
     assert answer.status_code == 304 and seen
-    assert "the view answers" in caplog.text
+    assert [r.levelname for r in caplog.records if "the view answers" in r.message] == ["DEBUG"]
+
+
+def test_a_bug_is_logged_loudly_and_the_view_answers(app, client, monkeypatch, caplog):
+    token = token_of(submit(client, "demo", GOOD))
+    etag = polled(client, token)
+    monkeypatch.setattr(revalidate, "etag_for", lambda *a: 1 / 0)
+    with views(app) as seen:
+        answer = client.get(f"/r/{token}/status", headers={"If-None-Match": etag})
+    assert answer.status_code == 304 and seen
+    assert any(r.levelname == "ERROR" and r.exc_info for r in caplog.records)
+
+
+def test_an_expired_cookie_goes_to_the_view(app, client):
+    token = token_of(submit(client, "demo", GOOD))
+    etag = polled(client, token)  # its cookie is remembered as verified
+    with time_machine.travel(datetime.now(UTC) + timedelta(days=366), tick=False), \
+            views(app) as seen:
+        answer = client.get(f"/r/{token}/status", headers={"If-None-Match": etag})
+    assert answer.status_code == 404 and seen

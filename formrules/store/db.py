@@ -26,8 +26,12 @@ from formrules.store.models import Record, utcnow
 class Store:
     """The database: `session()` for a unit of work; the schema is Alembic's (`migrate`)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, ping_after_idle: float = 0.0):
+        """`ping_after_idle` (PostgreSQL): a pooled connection is pinged before use unless
+        it was returned less than this many seconds ago and nothing arrived on it since
+        (0: always, as `pool_pre_ping`). See `_ping_when_idle` for who may skip pings."""
         self.url = url
+        self.ping_after_idle = ping_after_idle
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             path = url.split("///", 1)[-1]
@@ -35,9 +39,11 @@ class Store:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        else:
+        elif ping_after_idle > 0:
             self.engine = create_engine(url)
-            _ping_when_idle(self.engine)
+            _ping_when_idle(self)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def upgrade(self) -> tuple[str | None, str]:
@@ -77,19 +83,21 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-# A pooled connection is pinged before use only when it sat in the pool this long (as
-# HikariCP's "alive bypass window"), or when the server has written to it while it sat
-# there (a backend that is terminated sends a notice, then closes: seen without a round
-# trip). A busy process mostly takes back connections it returned a moment ago, and a
-# ping on every checkout (`pool_pre_ping`) is a round trip more than a status poll's one
-# statement. A connection that dies silently within the window fails its first statement
-# as invalidated; the pool then drops every connection older than it, and the caller's
-# retry takes a fresh one (a web request runs once more, a job is retried).
-PING_AFTER_IDLE = 1.0  # seconds
+# The web app's pooled PostgreSQL connections are pinged before use only when one sat in
+# the pool a while (`Store(ping_after_idle=…)`, as HikariCP's "alive bypass window"), or
+# when its server wrote to it meanwhile (a terminated backend sends a notice, then closes:
+# seen on the socket without a round trip). A busy web process mostly takes back a
+# connection it returned a moment ago, and a ping on every checkout (`pool_pre_ping`) is a
+# round trip more than a status poll's one statement. One that dies silently within the
+# window fails its first statement as invalidated; the pool drops every connection older
+# than it and the request runs once more on a fresh one (`FormrulesFlask`). Workers keep
+# pinging on every checkout: a job's transaction after an outside action has no such
+# retry, and its ping is a hundredth of a job.
 _RETURNED = "formrules.returned_at"
 
 
-def _ping_when_idle(engine: Engine) -> None:
+def _ping_when_idle(store: Store) -> None:
+    engine = store.engine
     dialect = engine.dialect
 
     @event.listens_for(engine, "connect")
@@ -103,8 +111,8 @@ def _ping_when_idle(engine: Engine) -> None:
 
     @event.listens_for(engine, "checkout")
     def ping(dbapi_connection, record, proxy) -> None:
-        if time.monotonic() - record.info.get(_RETURNED, 0.0) < PING_AFTER_IDLE \
-                and not _server_wrote(dbapi_connection):
+        idle = time.monotonic() - record.info.get(_RETURNED, 0.0)
+        if idle < store.ping_after_idle and not _server_wrote(dbapi_connection):
             return
         try:
             dialect.do_ping(dbapi_connection)
@@ -119,7 +127,7 @@ def _server_wrote(dbapi_connection: Any) -> bool:
         poller = select.poll()
         poller.register(dbapi_connection.fileno(), select.POLLIN)
         return bool(poller.poll(0))
-    except (AttributeError, OSError, ValueError):
+    except Exception:  # no socket to look at (closed, lost): ask it
         return True
 
 

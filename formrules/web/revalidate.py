@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Iterable
 
 from flask import Flask
+from sqlalchemy.exc import DBAPIError
 from werkzeug.http import parse_cookie, parse_etags
 
 from formrules.runs.status import etag_for, poll_tag
@@ -39,7 +40,6 @@ class RevalidatedPolls:
     def __init__(self, app: Flask, wsgi_app: WSGIApp) -> None:
         self.app = app
         self.wsgi_app = wsgi_app
-        self.cookie_name = app.config["SESSION_COOKIE_NAME"]
         # As Flask's 304 from the view: the change headers, the app's, and Vary (the
         # answer depends on the session cookie).
         self.fixed = [("Cache-Control", "no-cache"), *HEADERS.items(), ("Vary", "Cookie")]
@@ -51,9 +51,11 @@ class RevalidatedPolls:
             if match is not None:
                 try:
                     etag = self.unchanged(environ, match[1], tags)
-                except Exception:  # the view answers, with the app's error handling
-                    log.warning("revalidating a status poll failed; the view answers",
-                                exc_info=True)
+                except DBAPIError as exc:  # the view answers (and retries a cut connection)
+                    log.debug("revalidating a status poll failed; the view answers: %s", exc)
+                    etag = None
+                except Exception:  # a bug: loud, and the view answers
+                    log.exception("revalidating a status poll failed; the view answers")
                     etag = None
                 if etag is not None:
                     start_response("304 NOT MODIFIED", [("ETag", f'"{etag}"'), *self.fixed])
@@ -75,9 +77,13 @@ class RevalidatedPolls:
 
     def _anonymous_owner(self, environ: dict) -> str | None:
         """`anon:<id>` from a genuine, unexpired session cookie without a login."""
-        value = parse_cookie(environ.get("HTTP_COOKIE", "")).get(self.cookie_name)
-        verified = getattr(self.app.session_interface, "verified", None)
-        if not value or verified is None:
+        interface = self.app.session_interface
+        verified = getattr(interface, "verified", None)
+        if verified is None:
+            return None
+        value = parse_cookie(environ.get("HTTP_COOKIE", "")).get(
+            interface.get_cookie_name(self.app))
+        if not value:
             return None
         known = verified(self.app, value)
         if known is None or not isinstance(known[1], dict) or "user_id" in known[1] \
