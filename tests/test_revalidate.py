@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import time_machine
 from flask import request_started
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
@@ -138,3 +140,50 @@ def test_an_expired_cookie_goes_to_the_view(app, client):
             views(app) as seen:
         answer = client.get(f"/r/{token}/status", headers={"If-None-Match": etag})
     assert answer.status_code == 404 and seen
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(who=st.sampled_from(["owner", "stranger", "none", "garbage"]),
+       tag=st.sampled_from(["same", "weak", "list", "star", "other", "junk"]),
+       path=st.sampled_from(["token", "longer", "upper", "slash", "missing"]))
+def test_the_middleware_answers_as_the_view_would(app, client, who, tag, path):
+    """Generated polls: the app with the middleware and the view alone agree."""
+    from werkzeug.test import Client
+    token = _token(app, client)
+    etag = polled(client, token)
+    cookies = {"owner": client.get_cookie("session").value, "none": None,
+               "garbage": "eyJhbm9uIjoieCJ9.AAAA.BBBB",
+               "stranger": _stranger_cookie(app)}
+    headers = {"If-None-Match": {"same": etag, "weak": f"W/{etag}",
+                                 "list": f'"x", {etag}', "star": "*",
+                                 "other": '"0123"', "junk": "nonsense"}[tag]}
+    if cookies[who]:
+        headers["Cookie"] = f"session={cookies[who]}"
+    url = {"token": f"/r/{token}/status", "longer": f"/r/{token}x/status",
+           "upper": f"/r/{token.upper()}/status", "slash": f"/r/{token}/status/",
+           "missing": "/r/nothing-here/status"}[path]
+    both = [Client(wsgi, use_cookies=False).get(url, headers=headers)  # our Cookie header
+            for wsgi in (app, app.wsgi_app.wsgi_app)]  # with the middleware, the view alone
+    assert both[0].status_code == both[1].status_code
+    if who == "owner" and path == "token":
+        assert both[0].status_code == (200 if tag in ("other", "junk") else 304)
+    assert both[0].headers.get("ETag") == both[1].headers.get("ETag")
+    assert both[0].get_data() == both[1].get_data()
+
+
+def _token(app, client) -> str:
+    """One submitted record per app (Hypothesis runs examples on one fixture set)."""
+    found = app.extensions.get("test.token")
+    if found is None:
+        found = app.extensions["test.token"] = token_of(submit(client, "demo", GOOD))
+    return found
+
+
+def _stranger_cookie(app) -> str:
+    found = app.extensions.get("test.stranger")
+    if found is None:
+        other = app.test_client()
+        submit(other, "demo", GOOD)
+        found = app.extensions["test.stranger"] = other.get_cookie("session").value
+    return found
