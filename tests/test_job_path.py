@@ -126,6 +126,8 @@ def test_a_run_that_only_writes_fields_is_one_transaction_with_its_whole_trace(c
                       ("checkpoint", f"{path}/do/1"), ("finish", "")]
     assert seen["commits"] == 1
     assert "SELECT" not in seen["statements"]  # the claim read the record with the Run
+    # Claim, ending, the whole trace in one INSERT, the record, the owner's notice.
+    assert seen["statements"] == ["UPDATE", "UPDATE", "INSERT", "UPDATE", "INSERT"]
 
 
 def test_a_failure_at_once_leaves_nothing_and_the_ordinary_path_records_it(client, rt):

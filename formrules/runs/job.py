@@ -232,13 +232,14 @@ class Execution:
         if writes and run.record_id is not None:
             self.write_record(s, run, writes)
 
-    def trace_unsaved(self, s: Session, run: Run) -> None:
+    def trace_unsaved(self, s: Session, run: Run, lines: lifecycle.Lines | None = None
+                      ) -> None:
         """The checkpoint lines of the steps not committed yet (before an ending's own
-        line: they happened first)."""
+        line: they happened first). `lines`: see `lifecycle.trace_line`."""
         for path, action, duration_ms, at in self.unsaved_steps:
-            s.add(RunEvent(run_id=run.id, attempt=run.attempt, path=path, at=at,
-                           event=EventKind.CHECKPOINT.value, detail=action,
-                           duration_ms=duration_ms))
+            lifecycle.trace_line(s, lines, run_id=run.id, attempt=run.attempt, path=path,
+                                 event=EventKind.CHECKPOINT.value, detail=action, at=at,
+                                 duration_ms=duration_ms)
         self.unsaved_steps = []
 
     def beat(self) -> None:
@@ -394,7 +395,8 @@ class Execution:
         now = utcnow()
         try:
             with self.store.session() as s, s.no_autoflush:  # every INSERT at the end
-                claimed = lifecycle.claim(s, self.run_id, self.lease, now)
+                lines: lifecycle.Lines = []  # its whole trace, in one INSERT
+                claimed = lifecycle.claim(s, self.run_id, self.lease, now, lines)
                 if claimed is None or claimed.run.started_at != now:
                     raise _NotAtOnce()
                 run = self.adopt(s, claimed)
@@ -403,8 +405,9 @@ class Execution:
                 if not writes_fields_only(node):  # as this worker's actions say, not the job
                     raise _NotAtOnce()
                 self.steps(run, node.do)  # fields only: kept for `save_unsaved`, no session
-                self.trace_unsaved(s, run)
-                ended = lifecycle.succeed(s, run.id, self.lease)
+                self.trace_unsaved(s, run, lines)
+                ended = lifecycle.succeed(s, run.id, self.lease, lines)
+                lifecycle.write_lines(s, lines)
                 self.save_unsaved(s, ended, {node.flag: True} if node.flag else None)
         except Exception as exc:  # noqa: BLE001 — rolled back; the ordinary path decides
             if not isinstance(exc, _NotAtOnce):
@@ -546,8 +549,10 @@ class Execution:
             # Raises Cancelled (rolling the flag back) when a cancel came during the last
             # step: the Run row is written first, so a cancel racing us waits or loses.
             # The steps not committed yet go with it, in the same record write.
-            self.trace_unsaved(s, run)
-            ended = lifecycle.succeed(s, run.id, self.lease)
+            lines: lifecycle.Lines = []  # the last steps' lines and its ending's: one INSERT
+            self.trace_unsaved(s, run, lines)
+            ended = lifecycle.succeed(s, run.id, self.lease, lines)
+            lifecycle.write_lines(s, lines)
             self.save_unsaved(s, ended, {node.flag: True} if node.flag else None)
 
     def fail(self, run: Run, node: DeferNode | None, exc: BaseException) -> str:

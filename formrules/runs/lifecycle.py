@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, case, exists, func, select, update
+from sqlalchemy import bindparam, case, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from formrules.errors import GENERIC_FAILURE, Cancelled, LeaseLost
@@ -161,18 +161,44 @@ def _update(t: Transition, where: Iterable[Any], now: Any, target: RunStatus | N
     return update(Run).where(Run.status.in_(sorted(t.sources)), *where).values(**values)
 
 
+Lines = list[dict[str, Any]]  # trace lines gathered for one INSERT (`write_lines`)
+
+
+def trace_line(s: Session, lines: Lines | None, **row: Any) -> None:
+    """A trace line (every RunEvent column but its id): added to `s`, or, given `lines`,
+    kept there for `write_lines`. Every column given: lines of one transaction have one
+    shape, so they go in one multi-row INSERT either way."""
+    if lines is None:
+        s.add(RunEvent(**row))
+    else:
+        lines.append(row)
+
+
+_INSERT_LINES = insert(RunEvent.__table__)
+
+
+def write_lines(s: Session, lines: Lines) -> None:
+    """The gathered trace lines, in order, in one INSERT. Objects added to a session are
+    inserted one statement each on SQLite (the ORM reads back each new id); these are
+    never read back in the transaction that writes them."""
+    if lines:
+        # Core on the session's connection: the ORM's bulk INSERT costs more than the
+        # statements it saves here.
+        s.connection().execute(_INSERT_LINES, lines)
+        lines.clear()
+
+
 def _moved(s: Session, t: Transition, moved: list[Run], *,
-           detail: str | Callable[[Run], str], path: str | None, now: datetime) -> list[Run]:
-    """What goes with a transition, in its transaction: trace lines, notices, the live
-    event, a record's callbacks."""
+           detail: str | Callable[[Run], str], path: str | None, now: datetime,
+           lines: Lines | None = None) -> list[Run]:
+    """What goes with a transition, in its transaction: trace lines (into `lines` when
+    given), notices, the live event, a record's callbacks."""
     for run in moved:
         if t.event is not None:
             text = detail(run) if callable(detail) else detail
-            # Every column given: the trace lines of one transaction have the same shape,
-            # so the ORM writes them in one multi-row INSERT.
-            s.add(RunEvent(run_id=run.id, attempt=run.attempt, event=t.event.value,
-                           path=run.node_path if path is None else path,
-                           detail=text[:20000], at=now, duration_ms=None))
+            trace_line(s, lines, run_id=run.id, attempt=run.attempt, event=t.event.value,
+                       path=run.node_path if path is None else path, detail=text[:20000],
+                       at=now, duration_ms=None)
         if t is CLAIM:
             notifications.run_started(s, run)
         if t.notice is not None:
@@ -239,10 +265,11 @@ class Claimed:
     version: int | None
 
 
-def claim(s: Session, run_id: str, lease: str, now: datetime) -> Claimed | None:
+def claim(s: Session, run_id: str, lease: str, now: datetime,
+          lines: Lines | None = None) -> Claimed | None:
     """Take a due, pending Run for the execution holding `lease`; None if not claimable
     (a paused form's Run among them: it stays pending, its attempt unused). One
-    statement takes it and reads its record."""
+    statement takes it and reads its record. `lines`: see `trace_line`."""
     row = s.execute(_claim_statement(), {"p_run": run_id, "p_now": now,
                                          "p_lease": lease}).first()
     if row is None:
@@ -250,7 +277,8 @@ def claim(s: Session, run_id: str, lease: str, now: datetime) -> Claimed | None:
     run, token, waiting, data, version = row
     if run.record_id is not None and token is not None:
         remember_record(s, run.record_id, RecordFacts(token, bool(waiting)))
-    _moved(s, CLAIM, [run], detail=lambda run: f"attempt {run.attempt}", path="", now=now)
+    _moved(s, CLAIM, [run], detail=lambda run: f"attempt {run.attempt}", path="", now=now,
+           lines=lines)
     return Claimed(run, dict(data) if data else {}, version)
 
 
@@ -317,14 +345,15 @@ def _owned(s: Session, t: Transition, run_id: str, lease: str, *, detail: str,
     return moved[0]
 
 
-def succeed(s: Session, run_id: str, lease: str) -> Run:
-    """Every step done: status done, progress full, owner told; a cancel asked for wins."""
+def succeed(s: Session, run_id: str, lease: str, lines: Lines | None = None) -> Run:
+    """Every step done: status done, progress full, owner told; a cancel asked for wins.
+    `lines`: see `trace_line`."""
     now = utcnow()
     run = s.scalar(_succeed_statement(), {"p_run": run_id, "p_lease": lease, "p_now": now})
     if run is None:
         hold(s, run_id, lease)  # raises LeaseLost; holding it means a cancel was asked for
         raise Cancelled()
-    return _moved(s, SUCCEED, [run], detail="done", path="", now=now)[0]
+    return _moved(s, SUCCEED, [run], detail="done", path="", now=now, lines=lines)[0]
 
 
 def skip_at_fire(s: Session, run_id: str, lease: str, detail: str, path: str) -> Run:
