@@ -142,7 +142,7 @@ def test_an_expired_cookie_goes_to_the_view(app, client):
     assert answer.status_code == 404 and seen
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(who=st.sampled_from(["owner", "stranger", "none", "garbage"]),
        tag=st.sampled_from(["same", "weak", "list", "star", "other", "junk"]),
@@ -187,3 +187,18 @@ def _stranger_cookie(app) -> str:
         submit(other, "demo", GOOD)
         found = app.extensions["test.stranger"] = other.get_cookie("session").value
     return found
+
+
+def test_a_record_whose_deletion_is_pending_is_gone_for_polls_too(app, client, rt):
+    """As for its page: 404 at once, with or without an ETag (the delete changes no tag)."""
+    from sqlalchemy import update
+
+    from formrules.store.models import Record
+    token = token_of(submit(client, "demo", GOOD))
+    etag = polled(client, token)
+    assert client.get(f"/r/{token}").status_code == 200
+    with rt.store.session() as s:
+        s.execute(update(Record).where(Record.token == token).values(delete_requested=True))
+    assert client.get(f"/r/{token}").status_code == 404
+    assert client.get(f"/r/{token}/status").status_code == 404
+    assert client.get(f"/r/{token}/status", headers={"If-None-Match": etag}).status_code == 404

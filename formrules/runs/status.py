@@ -145,7 +145,8 @@ POLL_TAG = (
            exists().where(FormPause.form_id == Record.form_id))
     .outerjoin(Run, (Run.record_id == Record.id) & Run.hidden.is_(False)
                & (Run.owner == Record.owner))
-    .where(Record.token == bindparam("token"))
+    # A record its owner asked to delete is gone for its page already (`_record`).
+    .where(Record.token == bindparam("token"), Record.delete_requested.is_(False))
     .group_by(Record.id, Record.owner, Record.form_id, Record.version, Record.updated_at))
 
 
@@ -167,7 +168,7 @@ STATUS_BY_TOKEN = (
            exists().where(FormPause.form_id == Record.form_id))
     .outerjoin(Run, (Run.record_id == Record.id) & Run.hidden.is_(False)
                & (Run.owner == Record.owner))
-    .where(Record.token == bindparam("token"))
+    .where(Record.token == bindparam("token"), Record.delete_requested.is_(False))
     .order_by(Run.created_at, Run.node_path, Run.id)
     .execution_options(populate_existing=True))
 

@@ -152,7 +152,7 @@ def part(batch_id: str):
     view, items = _view(item), _items(item)
     etag = hashlib.sha256(json.dumps([view, items], sort_keys=True, default=str)
                           .encode()).hexdigest()[:32]
-    if request.if_none_match.contains(etag):
+    if request.if_none_match.contains_weak(etag):
         return Response(status=304, headers={"ETag": f'"{etag}"'})
     response = make_response(render_template("tasks/_batch.html", batch=view, items=items))
     response.set_etag(etag)

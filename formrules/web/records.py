@@ -109,7 +109,7 @@ def status_json(token: str):
         form = rules().form(found.form_id)
         etag = etag_for(found.tag, form)
         headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
-        if revalidating and request.if_none_match.contains(etag):
+        if revalidating and request.if_none_match.contains_weak(etag):
             return Response(status=304, headers=headers)
         body = views.get(token, etag, form)
         if body is None:

@@ -73,7 +73,8 @@ class RevalidatedPolls:
             return None
         form = self.app.extensions["formrules.rules"].rules().form(found.form_id)
         etag = etag_for(found.tag, form)
-        return etag if parse_etags(tags).contains(etag) else None
+        # If-None-Match compares weakly (RFC 9110 13.1.2): W/"x" matches "x".
+        return etag if parse_etags(tags).contains_weak(etag) else None
 
     def _anonymous_owner(self, environ: dict) -> str | None:
         """`anon:<id>` from a genuine, unexpired session cookie without a login."""
