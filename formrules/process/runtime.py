@@ -29,12 +29,11 @@ class Runtime:
 
     settings: Settings
     bounded: bool = True
-    ping_after_idle: float = 0.0  # see `Store`; the web app's requests may skip pings
 
     @cached_property
     def store(self) -> Store:
         """The database."""
-        return Store(self.settings.sqlalchemy_url, ping_after_idle=self.ping_after_idle)
+        return Store(self.settings.sqlalchemy_url)
 
     @cached_property
     def redis(self):

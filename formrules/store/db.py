@@ -6,8 +6,6 @@ share the file; PostgreSQL is used when DATABASE_URL names it.
 
 from __future__ import annotations
 
-import select
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -16,7 +14,6 @@ from typing import Any
 
 from sqlalchemy import bindparam, create_engine, event, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from formrules.store import migrate
@@ -26,12 +23,8 @@ from formrules.store.models import Record, utcnow
 class Store:
     """The database: `session()` for a unit of work; the schema is Alembic's (`migrate`)."""
 
-    def __init__(self, url: str, *, ping_after_idle: float = 0.0):
-        """`ping_after_idle` (PostgreSQL): a pooled connection is pinged before use unless
-        it was returned less than this many seconds ago and nothing arrived on it since
-        (0: always, as `pool_pre_ping`). See `_ping_when_idle` for who may skip pings."""
+    def __init__(self, url: str):
         self.url = url
-        self.ping_after_idle = ping_after_idle
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             path = url.split("///", 1)[-1]
@@ -39,9 +32,6 @@ class Store:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        elif ping_after_idle > 0:
-            self.engine = create_engine(url)
-            _ping_when_idle(self)
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -81,54 +71,6 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
-
-
-# The web app's pooled PostgreSQL connections are pinged before use only when one sat in
-# the pool a while (`Store(ping_after_idle=…)`, as HikariCP's "alive bypass window"), or
-# when its server wrote to it meanwhile (a terminated backend sends a notice, then closes:
-# seen on the socket without a round trip). A busy web process mostly takes back a
-# connection it returned a moment ago, and a ping on every checkout (`pool_pre_ping`) is a
-# round trip more than a status poll's one statement. One that dies silently within the
-# window fails its first statement as invalidated; the pool drops every connection older
-# than it and the request runs once more on a fresh one (`FormrulesFlask`). Workers keep
-# pinging on every checkout: a job's transaction after an outside action has no such
-# retry, and its ping is a hundredth of a job.
-_RETURNED = "formrules.returned_at"
-
-
-def _ping_when_idle(store: Store) -> None:
-    engine = store.engine
-    dialect = engine.dialect
-
-    @event.listens_for(engine, "connect")
-    def connected(dbapi_connection, record) -> None:
-        record.info[_RETURNED] = time.monotonic()  # new: alive, nothing to ask
-
-    @event.listens_for(engine, "checkin")
-    def returned(dbapi_connection, record) -> None:
-        if dbapi_connection is not None:  # None: it was invalidated
-            record.info[_RETURNED] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def ping(dbapi_connection, record, proxy) -> None:
-        idle = time.monotonic() - record.info.get(_RETURNED, 0.0)
-        if idle < store.ping_after_idle and not _server_wrote(dbapi_connection):
-            return
-        try:
-            dialect.do_ping(dbapi_connection)
-        except Exception as exc:  # the pool replaces it, and tries again
-            raise DisconnectionError(f"a pooled connection failed its ping: {exc}") from exc
-
-
-def _server_wrote(dbapi_connection: Any) -> bool:
-    """Is there something to read on an idle connection's socket (a termination notice,
-    or its end)? True when that cannot be told: then it is pinged."""
-    try:
-        poller = select.poll()
-        poller.register(dbapi_connection.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
-    except Exception:  # no socket to look at (closed, lost): ask it
-        return True
 
 
 KNOWN_RECORDS = "formrules.known_records"  # Session.info: facts of records read already

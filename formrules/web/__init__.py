@@ -31,9 +31,6 @@ def template_folder() -> Path:
 
 
 csrf = CSRFProtect()
-# Seconds a pooled PostgreSQL connection may sit idle and still be used without a ping: a
-# request cut by a dead one runs once more (`FormrulesFlask`; see `formrules.store.db`).
-PING_AFTER_IDLE = 1.0
 log = logging.getLogger("formrules.web")
 FALLBACK_500 = ("<!doctype html><meta charset='utf-8'><title>Something went wrong</title>"
                 "<h1>Something went wrong</h1><p>Something went wrong on our side. Please try "
@@ -79,7 +76,7 @@ def create_app(test_config: dict[str, Any] | None = None,
     )
     if test_config:
         app.config.update(test_config)
-    rt = runtime_mod.install(runtime_mod.Runtime(settings, ping_after_idle=PING_AFTER_IDLE))
+    rt = runtime_mod.install(runtime_mod.Runtime(settings))
     rt.store.check_schema()  # behind: refuse, saying which command upgrades it
     app.extensions["formrules"] = rt
     app.extensions["formrules.rules"] = registry(settings.rules_dir)  # loads, logs problems
