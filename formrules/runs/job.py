@@ -232,6 +232,24 @@ class Execution:
         if writes and run.record_id is not None:
             self.write_record(s, run, writes)
 
+    def hold(self, s: Session, run: Run) -> Run:
+        """Prove the lease in `s` (`lifecycle.hold`), then save the steps not saved yet."""
+        owned = lifecycle.hold(s, run.id, self.lease)
+        self.save_unsaved(s, owned)
+        return owned
+
+    def end_done(self, s: Session, run: Run, node: DeferNode,
+                 lines: lifecycle.Lines | None = None) -> Run:
+        """In `s`: the steps not saved yet, then status done and the flag (`lifecycle.
+        succeed`; a cancel asked for wins); their trace lines and its own go in one
+        INSERT, after `lines` (gathered earlier in `s`)."""
+        lines = [] if lines is None else lines
+        self.trace_unsaved(s, run, lines)
+        ended = lifecycle.succeed(s, run.id, self.lease, lines)
+        lifecycle.write_lines(s, lines)
+        self.save_unsaved(s, ended, {node.flag: True} if node.flag else None)
+        return ended
+
     def trace_unsaved(self, s: Session, run: Run, lines: lifecycle.Lines | None = None
                       ) -> None:
         """The checkpoint lines of the steps not committed yet (before an ending's own
@@ -395,7 +413,7 @@ class Execution:
         now = utcnow()
         try:
             with self.store.session() as s, s.no_autoflush:  # every INSERT at the end
-                lines: lifecycle.Lines = []  # its whole trace, in one INSERT
+                lines: lifecycle.Lines = []  # the claim's line, written with the rest
                 claimed = lifecycle.claim(s, self.run_id, self.lease, now, lines)
                 if claimed is None or claimed.run.started_at != now:
                     raise _NotAtOnce()
@@ -405,10 +423,7 @@ class Execution:
                 if not writes_fields_only(node):  # as this worker's actions say, not the job
                     raise _NotAtOnce()
                 self.steps(run, node.do)  # fields only: kept for `save_unsaved`, no session
-                self.trace_unsaved(s, run, lines)
-                ended = lifecycle.succeed(s, run.id, self.lease, lines)
-                lifecycle.write_lines(s, lines)
-                self.save_unsaved(s, ended, {node.flag: True} if node.flag else None)
+                self.end_done(s, run, node, lines)  # its whole trace in one INSERT
         except Exception as exc:  # noqa: BLE001 — rolled back; the ordinary path decides
             if not isinstance(exc, _NotAtOnce):
                 log.info("run %s: not at once (%s); taking the ordinary path", self.run_id,
@@ -482,8 +497,7 @@ class Execution:
         fields_only = spec is not None and spec.fields_only
         if not fields_only and (self.unsaved_steps or self.unsaved):
             with self.session() as s:  # what ran before this step is visible while it runs
-                owned = lifecycle.hold(s, run.id, self.lease)
-                self.save_unsaved(s, owned)
+                owned = self.hold(s, run)
             if owned.cancel_requested:  # read with that save, as with any checkpoint
                 self.cancel_seen.set()
                 raise Cancelled()
@@ -549,11 +563,7 @@ class Execution:
             # Raises Cancelled (rolling the flag back) when a cancel came during the last
             # step: the Run row is written first, so a cancel racing us waits or loses.
             # The steps not committed yet go with it, in the same record write.
-            lines: lifecycle.Lines = []  # the last steps' lines and its ending's: one INSERT
-            self.trace_unsaved(s, run, lines)
-            ended = lifecycle.succeed(s, run.id, self.lease, lines)
-            lifecycle.write_lines(s, lines)
-            self.save_unsaved(s, ended, {node.flag: True} if node.flag else None)
+            self.end_done(s, run, node)
 
     def fail(self, run: Run, node: DeferNode | None, exc: BaseException) -> str:
         """Classify a failure: cancelled, retry later, or dead (after on_error)."""
@@ -566,8 +576,7 @@ class Execution:
         step = self.current_action or None
         safe = user_message(exc, step)
         with self.session() as s:
-            owned = lifecycle.hold(s, run.id, self.lease)
-            self.save_unsaved(s, owned)  # the steps before the failure did complete
+            owned = self.hold(s, run)  # the steps before the failure did complete
             # A cancel asked for while this step ran wins over any retry: a cancelled Run
             # must end cancelled, not wait for an attempt nothing will ever claim.
             if isinstance(exc, Cancelled) or owned.cancel_requested:
@@ -602,9 +611,7 @@ class Execution:
                 raise
             except Exception as branch_exc:  # noqa: BLE001 — record it, still go dead
                 with self.session() as s:
-                    owned = lifecycle.hold(s, run.id, self.lease)
-                    self.save_unsaved(s, owned)
-                    lifecycle.note(s, owned, EventKind.ERROR,
+                    lifecycle.note(s, self.hold(s, run), EventKind.ERROR,
                                    "".join(traceback.format_exception(branch_exc)),
                                    f"{node.path}/on_error")
         with self.session() as s:
@@ -678,9 +685,8 @@ class RunWalker(Walker):
             return
         detail = f"call tree {node.tree} with {json.dumps(inputs, default=str, sort_keys=True)}"
         with self.ex.session() as s:
-            owned = lifecycle.hold(s, self.run.id, self.ex.lease)
-            self.ex.save_unsaved(s, owned)
-            lifecycle.note(s, owned, EventKind.CALL, detail[:2000], node.path)
+            lifecycle.note(s, self.ex.hold(s, self.run), EventKind.CALL, detail[:2000],
+                           node.path)
 
     def catches(self, exc: Exception) -> bool:
         ex = self.ex
